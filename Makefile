@@ -1,0 +1,43 @@
+# Show, Attend and Tell: every target sets up its own virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install test lint format demo bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its test extra
+
+test: $(STAMP) ## Run the test suite (a few minutes on 2 cores)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP) ## Generate a dataset, extract, train, evaluate and caption (~10 min)
+	bash scripts/demo.sh $(DEMO_DIR)
+
+bench: $(STAMP) ## Throughput benchmarks, printed as ratios to the bare model
+	$(PY) -m benchmarks.extract
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.caption
+
+clean: ## Remove the virtualenv and demo output
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

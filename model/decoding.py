@@ -1,0 +1,129 @@
+"""Batched greedy decoding, compiled into one graph call per batch.
+
+Each row stops at `<end>`; the whole batch stops when every row is done or
+`max_length` tokens were produced. Deterministic (argmax, no sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from model.captioner import ShowAttendTell
+from model.vocab import END_ID, PAD_ID, START_ID, Vocabulary
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Greedy decoding results for a batch, as numpy arrays.
+
+    Attributes:
+      token_ids: (B, max_length) generated ids; `<end>` included, `<pad>` after it.
+      log_probs: (B, max_length) log-probability of each generated token, 0 after `<end>`.
+      lengths: (B,) number of words, i.e. tokens before `<end>`.
+      hit_max_length: (B,) True where no `<end>` came within `max_length` steps.
+      attention: (B, max_length, L) attention weights of each step.
+    """
+
+    token_ids: np.ndarray
+    log_probs: np.ndarray
+    lengths: np.ndarray
+    hit_max_length: np.ndarray
+    attention: np.ndarray
+
+    def words(self, i: int) -> list[int]:
+        return [int(t) for t in self.token_ids[i, : self.lengths[i]]]
+
+    def sequence_log_prob(self, i: int) -> float:
+        """Log-probability of the words and the closing `<end>` (if produced)."""
+        return float(self.log_probs[i].sum())
+
+    def captions(self, vocab: Vocabulary) -> list[str]:
+        return [vocab.decode(self.words(i)) for i in range(len(self.lengths))]
+
+
+def greedy_decode_graph(
+    model: ShowAttendTell, features: tf.Tensor, max_length: int
+) -> dict[str, tf.Tensor]:
+    """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`)."""
+    batch = tf.shape(features)[0]
+    encoded, projected = model.encode(features)
+    decoder = model.decoder
+    num_locations = tf.shape(features)[1]
+
+    def cond(t, token, hidden, done, ids, logps, alphas):
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
+
+    def body(t, token, hidden, done, ids, logps, alphas):
+        logits, hidden, alpha = decoder.step(token, hidden, encoded, projected)
+        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
+        next_logp = tf.gather(log_probs, next_token, batch_dims=1)
+        next_token = tf.where(done, PAD_ID, next_token)
+        next_logp = tf.where(done, 0.0, next_logp)
+        alpha = tf.where(done[:, None], 0.0, tf.cast(alpha, tf.float32))
+        done = tf.logical_or(done, tf.equal(next_token, END_ID))
+        return (
+            t + 1,
+            next_token,
+            hidden,
+            done,
+            ids.write(t, next_token),
+            logps.write(t, next_logp),
+            alphas.write(t, alpha),
+        )
+
+    loop_vars = (
+        tf.constant(0),
+        tf.fill([batch], START_ID),
+        decoder.initial_state(batch),
+        tf.zeros([batch], tf.bool),
+        tf.TensorArray(tf.int32, size=0, dynamic_size=True),
+        tf.TensorArray(tf.float32, size=0, dynamic_size=True),
+        tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None]),
+    )
+    steps, _, _, done, ids, logps, alphas = tf.while_loop(
+        cond, body, loop_vars, maximum_iterations=max_length
+    )
+
+    def stacked(ta: tf.TensorArray, empty_shape: list) -> tf.Tensor:
+        # (steps, B, ...) -> (B, max_length, ...), padded with zeros (= <pad>).
+        x = tf.cond(steps > 0, ta.stack, lambda: tf.zeros(empty_shape, ta.dtype))
+        x = tf.transpose(x, tf.concat([[1, 0], tf.range(2, tf.rank(x))], 0))
+        pad = [[0, 0], [0, max_length - steps]] + [[0, 0]] * (len(empty_shape) - 2)
+        return tf.pad(x, pad)
+
+    token_ids = stacked(ids, [0, batch])
+    is_word = tf.logical_and(tf.not_equal(token_ids, END_ID), tf.not_equal(token_ids, PAD_ID))
+    return {
+        "token_ids": token_ids,
+        "log_probs": stacked(logps, [0, batch]),
+        "lengths": tf.reduce_sum(tf.cast(is_word, tf.int32), axis=1),
+        "hit_max_length": tf.logical_not(done),
+        "attention": stacked(alphas, [0, batch, num_locations]),
+    }
+
+
+def make_greedy_decoder(
+    model: ShowAttendTell, max_length: int
+) -> tf.types.experimental.ConcreteFunction:
+    """A tf.function over features of any batch size: one graph call per batch."""
+    feature_shape = list(model.config.feature_shape)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *feature_shape], tf.float32)])
+    def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return greedy_decode_graph(model, features, max_length)
+
+    return decode
+
+
+def to_decoded(outputs: dict[str, tf.Tensor]) -> Decoded:
+    return Decoded(**{k: np.asarray(v) for k, v in outputs.items()})
+
+
+def greedy_decode(model: ShowAttendTell, features: np.ndarray, max_length: int) -> Decoded:
+    """Convenience wrapper: decode a numpy batch with a freshly traced function."""
+    decode = make_greedy_decoder(model, max_length)
+    return to_decoded(decode(tf.convert_to_tensor(features, tf.float32)))

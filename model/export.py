@@ -1,0 +1,121 @@
+"""Writes and loads `MODEL_DIR/export/`: everything the captioner needs, and nothing else.
+
+Layout (see `model.formats.export_paths`): `captioner.keras` (config + weights),
+`vocab.txt`, `manifest.json` (embeds the features manifest, so stage 3
+computes features exactly as training saw them, plus decoding defaults and a
+model id), and `extractor.weights.h5` when the features came from a weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import keras
+
+from model import formats
+from model.captioner import ShowAttendTell
+from model.extractor import local_weights_file
+from model.vocab import Vocabulary
+
+DEFAULT_MAX_LENGTH = 20
+
+
+@dataclass
+class Export:
+    """A loaded export: the model, its vocabulary and manifest."""
+
+    model: ShowAttendTell
+    vocab: Vocabulary
+    manifest: dict[str, Any]
+    path: str
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["decoding"]["max_length"])
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return self.manifest["features"]
+
+    def extractor_weights(self) -> str:
+        """The --weights value that rebuilds the training-time feature extractor."""
+        weights = self.features["weights"]
+        if weights in ("imagenet", "none"):
+            return weights
+        return formats.export_paths(self.path)["extractor_weights"]
+
+
+def _put(local: str, remote: str) -> None:
+    with open(local, "rb") as src, fsspec.open(remote, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def save_export(
+    model: ShowAttendTell,
+    vocab: Vocabulary,
+    features_manifest: dict[str, Any],
+    export_dir: str,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Saves a float32 copy of `model` with its vocabulary and manifest."""
+    if len(vocab) != model.config.vocab_size:
+        raise formats.FormatError(
+            f"vocabulary has {len(vocab)} tokens but the model was built for {model.config.vocab_size}"
+        )
+    paths = formats.export_paths(export_dir)
+    fs, root = fsspec.core.url_to_fs(export_dir)
+    fs.makedirs(root, exist_ok=True)
+    # Export in float32 whatever the training policy, so any machine can serve it.
+    serving = ShowAttendTell(**model.config.to_dict(), dtype="float32", name="show_attend_tell")
+    serving.set_weights(model.get_weights())
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, formats.EXPORT_MODEL_FILE)
+        serving.save(local)
+        with open(local, "rb") as f:
+            model_id = hashlib.sha256(f.read()).hexdigest()[:16]
+        _put(local, paths["model"])
+    vocab.save(paths["vocab"])
+    weights = features_manifest.get("weights", "none")
+    if weights not in ("imagenet", "none"):
+        _put(local_weights_file(weights), paths["extractor_weights"])
+    body = {
+        "model_id": model_id,
+        "model": model.config.to_dict(),
+        "vocab_size": len(vocab),
+        "decoding": {"strategy": "greedy", "max_length": int(max_length)},
+        "features": features_manifest,
+        "training": training or {},
+    }
+    return formats.write_manifest(paths["manifest"], formats.KIND_EXPORT, body)
+
+
+def load_export(export_dir: str) -> Export:
+    """Loads an export, failing with one line if it is incomplete or incompatible."""
+    paths = formats.export_paths(export_dir)
+    manifest = formats.read_manifest(paths["manifest"], formats.KIND_EXPORT)
+    formats.check_backbone(manifest["features"], paths["manifest"])
+    vocab = Vocabulary.load(paths["vocab"])
+    if len(vocab) != manifest["vocab_size"]:
+        raise formats.FormatError(
+            f"{paths['vocab']}: {len(vocab)} tokens but the manifest says {manifest['vocab_size']}"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, formats.EXPORT_MODEL_FILE)
+        try:
+            with fsspec.open(paths["model"], "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        except FileNotFoundError:
+            raise formats.FormatError(f"{paths['model']}: model file missing from export") from None
+        model = keras.models.load_model(local, safe_mode=True, compile=False)
+    return Export(model=model, vocab=vocab, manifest=manifest, path=export_dir.rstrip("/"))

@@ -1,0 +1,75 @@
+"""InceptionV3 `mixed10` feature extractor: (N, 299, 299, 3) -> (N, 64, 2048).
+
+`weights` is "imagenet" (Keras downloads and caches it), "none" (random init
+from a fixed seed, so every worker and every stage builds the same network),
+or a local or remote (gs://, ...) weights file such as Keras's
+`inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import fsspec
+import keras
+
+from model.formats import FEATURE_SHAPE
+from model.preprocess import IMAGE_SIZE
+
+# Random init must be identical in stage 1 and stage 3, or features differ.
+NONE_WEIGHTS_SEED = 1234
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def check_weights(weights: str) -> str:
+    """Normalises the --weights flag; fails at start with one line if a file is missing."""
+    if weights.lower() in ("imagenet", "none"):
+        return weights.lower()
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--weights: no weights file at {weights}")
+    return weights
+
+
+def local_weights_file(weights: str) -> str:
+    """Returns a local path for a weights file, copying remote files to a temp dir once."""
+    if "://" not in weights or weights.startswith("file://"):
+        return weights.removeprefix("file://")
+    local = os.path.join(tempfile.mkdtemp(prefix="sat-weights-"), os.path.basename(weights))
+    with fsspec.open(weights, "rb") as src, open(local, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    return local
+
+
+def build_feature_extractor(weights: str = "imagenet", precision: str = "float32") -> keras.Model:
+    """InceptionV3 up to `mixed10`, reshaped to (N, 64, 2048) float32 locations.
+
+    Args:
+      weights: "imagenet", "none" or a weights file path/URL.
+      precision: compute dtype; "bfloat16" runs much faster on CPUs with AMX or
+        AVX512-BF16 and on GPUs. The output is float32 either way.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    weights = check_weights(weights)
+    if weights == "none":
+        keras.utils.set_random_seed(NONE_WEIGHTS_SEED)
+        source = None
+    elif weights == "imagenet":
+        source = "imagenet"
+    else:
+        source = local_weights_file(weights)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+    try:
+        inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
+        backbone = keras.applications.InceptionV3(
+            include_top=False, weights=source, input_tensor=inputs
+        )
+        x = keras.layers.Reshape(FEATURE_SHAPE, name="locations")(backbone.output)
+        x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return keras.Model(inputs, x, name="inception_v3_mixed10")

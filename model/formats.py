@@ -1,0 +1,207 @@
+"""The one definition of every on-disk contract between the stages.
+
+Features (TFRecord Example per image), manifests (versioned JSON), the model
+export layout, and the Parquet captions/errors schemas. Every reader goes
+through `read_manifest`, which fails with one line on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+# --- Features (stage 1 -> stage 2) -------------------------------------------
+BACKBONE = "inception_v3"
+BACKBONE_LAYER = "mixed10"
+FEATURE_SHAPE = (64, 2048)  # mixed10 is 8x8x2048; stored flattened over locations
+FEATURE_DTYPE = "float16"
+VOCAB_FILE = "vocab.txt"
+MANIFEST_FILE = "manifest.json"
+SHARD_SUFFIX = ".tfrecord.gz"  # .gz means GZIP on both the Beam and tf.data side
+
+KEY_ID = "image/id"
+KEY_FILE = "image/file_name"
+KEY_FEATURES = "image/features"
+KEY_SHAPE = "image/feature_shape"
+KEY_CAPTIONS = "image/captions"
+KEY_WIDTH = "image/width"
+KEY_HEIGHT = "image/height"
+
+
+class FormatError(ValueError):
+    """An artifact does not match the contract this code reads (one-line message)."""
+
+
+def shard_prefix(output_dir: str, split: str) -> str:
+    """Prefix handed to WriteToTFRecord; Beam appends -SSSSS-of-NNNNN."""
+    return posixpath.join(output_dir, split) if "://" in output_dir else f"{output_dir}/{split}"
+
+
+def shard_pattern(data_dir: str, split: str) -> str:
+    return f"{data_dir.rstrip('/')}/{split}-*-of-*{SHARD_SUFFIX}"
+
+
+def feature_spec() -> dict[str, Any]:
+    """tf.io.parse_example spec for one feature record (imports TF lazily)."""
+    import tensorflow as tf
+
+    return {
+        KEY_ID: tf.io.FixedLenFeature([], tf.int64),
+        KEY_FILE: tf.io.FixedLenFeature([], tf.string),
+        KEY_FEATURES: tf.io.FixedLenFeature([], tf.string),
+        KEY_SHAPE: tf.io.FixedLenFeature([2], tf.int64),
+        KEY_CAPTIONS: tf.io.VarLenFeature(tf.string),
+        KEY_WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+        KEY_HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    }
+
+
+def make_example(
+    image_id: int,
+    file_name: str,
+    features: np.ndarray,
+    captions: Sequence[str],
+    width: int = 0,
+    height: int = 0,
+) -> bytes:
+    """Serialises one image's record: float16 little-endian features + raw captions."""
+    import tensorflow as tf
+
+    feats = np.ascontiguousarray(features, dtype="<f2").reshape(FEATURE_SHAPE)
+
+    def b(values: Sequence[bytes]) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+    def i(values: Sequence[int]) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                KEY_ID: i([int(image_id)]),
+                KEY_FILE: b([file_name.encode("utf-8")]),
+                KEY_FEATURES: b([feats.tobytes()]),
+                KEY_SHAPE: i(list(FEATURE_SHAPE)),
+                KEY_CAPTIONS: b([c.encode("utf-8") for c in captions]),
+                KEY_WIDTH: i([int(width)]),
+                KEY_HEIGHT: i([int(height)]),
+            }
+        )
+    )
+    return example.SerializeToString()
+
+
+def parse_example(serialized: bytes) -> dict[str, Any]:
+    """Python-side parse of one record (tests, tools); the trainer uses `feature_spec`."""
+    import tensorflow as tf
+
+    f = tf.train.Example.FromString(serialized).features.feature
+    shape = tuple(f[KEY_SHAPE].int64_list.value)
+    return {
+        "image_id": f[KEY_ID].int64_list.value[0],
+        "file_name": f[KEY_FILE].bytes_list.value[0].decode("utf-8"),
+        "features": np.frombuffer(f[KEY_FEATURES].bytes_list.value[0], "<f2").reshape(shape),
+        "captions": [c.decode("utf-8") for c in f[KEY_CAPTIONS].bytes_list.value],
+        "width": f[KEY_WIDTH].int64_list.value[0],
+        "height": f[KEY_HEIGHT].int64_list.value[0],
+    }
+
+
+# --- Manifests ---------------------------------------------------------------
+KIND_FEATURES = "features"
+KIND_EXPORT = "model_export"
+KIND_CAPTIONS = "captions"
+
+
+def write_manifest(path: str, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    manifest = {"kind": kind, "format_version": FORMAT_VERSION, **body}
+    with fsspec.open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return manifest
+
+
+def read_manifest(path: str, kind: str) -> dict[str, Any]:
+    """Reads and checks a manifest; raises FormatError with a one-line reason."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no {kind} manifest here") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
+    if manifest.get("kind") != kind:
+        raise FormatError(f"{path}: expected a {kind} manifest, found {manifest.get('kind')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format version {manifest.get('format_version')} "
+            f"but this code reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def check_backbone(manifest: Mapping[str, Any], where: str) -> None:
+    """Fails if a features manifest describes another backbone or feature shape."""
+    got = (
+        manifest.get("backbone"),
+        manifest.get("layer"),
+        tuple(manifest.get("feature_shape", ())),
+    )
+    want = (BACKBONE, BACKBONE_LAYER, FEATURE_SHAPE)
+    if got != want:
+        raise FormatError(f"{where}: features from {got}, but this code uses {want}")
+
+
+def features_manifest_path(data_dir: str) -> str:
+    return f"{data_dir.rstrip('/')}/{MANIFEST_FILE}"
+
+
+# --- Model export (stage 2 -> stages 3 and evaluation) ----------------------
+EXPORT_DIR = "export"
+EXPORT_MODEL_FILE = "captioner.keras"
+EXPORT_EXTRACTOR_WEIGHTS = "extractor.weights.h5"
+
+
+def export_paths(export_dir: str) -> dict[str, str]:
+    d = export_dir.rstrip("/")
+    return {
+        "model": f"{d}/{EXPORT_MODEL_FILE}",
+        "vocab": f"{d}/{VOCAB_FILE}",
+        "manifest": f"{d}/{MANIFEST_FILE}",
+        "extractor_weights": f"{d}/{EXPORT_EXTRACTOR_WEIGHTS}",
+    }
+
+
+# --- Captions (stage 3 output) -----------------------------------------------
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("log_prob", pa.float32()),
+        ("length", pa.int32()),
+        ("hit_max_length", pa.bool_()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("model_id", pa.string()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+PARQUET_CODEC = "zstd"

@@ -1,0 +1,155 @@
+"""Show, Attend and Tell layers: CNN encoder, Bahdanau attention, attentive GRU decoder.
+
+Every hyper-parameter is a constructor argument and every layer implements
+`get_config`, so a saved `.keras` model reloads with `safe_mode=True`.
+Shapes: B batch, L locations (64), D feature depth (2048), E embedding, U units,
+T time steps, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+PACKAGE = "show_attend_tell"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CNNEncoder(keras.layers.Layer):
+    """Dense + ReLU over each of the L feature locations: (B, L, D) -> (B, L, E)."""
+
+    def __init__(self, embedding_dim: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.embedding_dim = embedding_dim
+        self.fc = keras.layers.Dense(embedding_dim, activation="relu", name="fc")
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        self.fc.build(input_shape)
+
+    def call(self, features: tf.Tensor) -> tf.Tensor:
+        return self.fc(features)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "embedding_dim": self.embedding_dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BahdanauAttention(keras.layers.Layer):
+    """Additive attention: score_i = V^T tanh(W1 f_i + W2 h).
+
+    `project` computes W1 f once per sequence; `call` then costs one (B, U) x
+    (U, U) matmul per step instead of re-projecting all L locations.
+    """
+
+    def __init__(self, units: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.units = units
+        self.W1 = keras.layers.Dense(units, name="W1")
+        self.W2 = keras.layers.Dense(units, name="W2")
+        self.V = keras.layers.Dense(1, name="V")
+
+    def build(self, features_shape: tuple[int | None, ...], hidden_dim: int | None = None) -> None:
+        self.W1.build(features_shape)
+        self.W2.build((None, hidden_dim or self.units))
+        self.V.build((None, None, self.units))
+
+    def project(self, features: tf.Tensor) -> tf.Tensor:
+        """(B, L, E) -> (B, L, U), once per sequence."""
+        return self.W1(features)
+
+    def call(
+        self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns the context (B, E) and the attention weights alpha (B, L)."""
+        score = self.V(ops.tanh(projected + ops.expand_dims(self.W2(hidden), 1)))  # (B, L, 1)
+        alpha = ops.softmax(score, axis=1)
+        context = ops.sum(alpha * features, axis=1)  # (B, E)
+        return context, ops.squeeze(alpha, -1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionGRUDecoder(keras.layers.Layer):
+    """GRU decoder that reads an attention context at every step.
+
+    x_t = [context_t ; embed(y_{t-1})], h_t = GRU(x_t, h_{t-1}),
+    logits_t = fc2(fc1(h_t)), as in TensorFlow's classic tutorial.
+    """
+
+    def __init__(
+        self, vocab_size: int, embedding_dim: int, units: int, dropout: float = 0.0, **kwargs: Any
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.dropout = dropout
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        self.attention = BahdanauAttention(units, name="attention")
+        self.gru = keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform", name="gru")
+        self.fc1 = keras.layers.Dense(units, name="fc1")
+        self.fc2 = keras.layers.Dense(vocab_size, name="fc2")
+        self.drop = keras.layers.Dropout(dropout, name="dropout")
+
+    def build(self, features_shape: tuple[int | None, ...] = (None, None, None)) -> None:
+        e, u = self.embedding_dim, self.units
+        self.embedding.build((None, None))
+        self.attention.build((None, None, e), hidden_dim=u)
+        self.gru.build((None, 2 * e))
+        self.fc1.build((None, None, u))
+        self.fc2.build((None, None, u))
+
+    def initial_state(self, batch_size: tf.Tensor) -> tf.Tensor:
+        return ops.zeros((batch_size, self.units), dtype=self.compute_dtype)
+
+    def step(
+        self,
+        token: tf.Tensor,
+        hidden: tf.Tensor,
+        features: tf.Tensor,
+        projected: tf.Tensor,
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """One inference step: token (B,) -> logits (B, V), hidden (B, U), alpha (B, L)."""
+        context, alpha = self.attention(features, projected, hidden)
+        x = ops.concatenate([context, self.embedding(token)], axis=-1)
+        hidden, _ = self.gru(x, [hidden])
+        logits = self.fc2(self.fc1(hidden))
+        return logits, hidden, alpha
+
+    def call(
+        self, features: tf.Tensor, tokens: tf.Tensor, training: bool = False
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Teacher forcing over decoder inputs (B, T): returns logits (B, T, V), alpha (B, T, L)."""
+        projected = self.attention.project(features)  # (B, L, U), once per sequence
+        embedded = self.drop(self.embedding(tokens), training=training)  # (B, T, E)
+        hidden0 = self.initial_state(ops.shape(tokens)[0])
+
+        def one_step(carry: tuple[tf.Tensor, tf.Tensor], x_t: tf.Tensor):
+            hidden, _ = carry
+            context, alpha = self.attention(features, projected, hidden)
+            hidden, _ = self.gru(ops.concatenate([context, x_t], axis=-1), [hidden])
+            return hidden, alpha
+
+        alpha0 = ops.zeros(ops.shape(features)[:2], dtype=self.compute_dtype)
+        hiddens, alphas = tf.scan(
+            one_step, tf.transpose(embedded, [1, 0, 2]), initializer=(hidden0, alpha0)
+        )  # (T, B, U), (T, B, L)
+        hiddens = ops.transpose(hiddens, [1, 0, 2])
+        alphas = ops.transpose(alphas, [1, 0, 2])
+        # The vocabulary projection runs once over all steps: one big matmul.
+        logits = self.fc2(self.drop(self.fc1(hiddens), training=training))
+        return logits, alphas
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "dropout": self.dropout,
+        }

@@ -1,0 +1,35 @@
+"""Packaging for the Show-Attend-Tell captioning system.
+
+Dataflow workers install the code with ``--setup_file ./setup.py``.
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.15,<4",
+    # The [tfrecord] extra brings crcmod etc. that WriteToTFRecord needs since 2.70.
+    "apache-beam[tfrecord]>=2.77,<2.78",
+    "pyarrow>=17",
+    "pillow>=10",
+    "numpy>=1.26,<3",
+    "fsspec>=2024.1",
+    "pycocoevalcap>=1.2,<2",
+    "matplotlib>=3.8",
+]
+
+EXTRAS_REQUIRE = {
+    "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs"],
+    "test": ["pytest>=8", "pytest-timeout", "duckdb>=1.0", "ruff>=0.6"],
+}
+
+setup(
+    name="show-attend-tell",
+    version="0.1.0",
+    description="Show, Attend and Tell image captioning: Beam feature extraction, "
+    "tf.distribute training and bulk captioning to Parquet.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["model", "model.*", "beam_jobs", "beam_jobs.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from model.captioner import ShowAttendTell
+from model.decoding import greedy_decode
+from model.vocab import END_ID, PAD_ID, Vocabulary
+
+WORD = 5
+
+
+def forced_model() -> ShowAttendTell:
+    """A model that says <end> at once when feature channel 0 is on, else WORD forever.
+
+    encoder: channel 0 -> embedding dim 0; GRU: hidden_0 = tanh(10 * context_0);
+    fc1 = identity; fc2: hidden_0 -> <end> logit 5, bias 1 on WORD.
+    """
+    m = ShowAttendTell(vocab_size=8, embedding_dim=4, units=4)
+    enc_k = np.zeros((2048, 4), np.float32)
+    enc_k[0, 0] = 1.0
+    m.encoder.fc.set_weights([enc_k, np.zeros(4, np.float32)])
+    gru = m.decoder.gru
+    kernel = np.zeros(gru.kernel.shape, np.float32)  # (2E, 3U), gates z | r | h
+    kernel[0, 2 * 4 + 0] = 10.0
+    bias = np.zeros(gru.bias.shape, np.float32)
+    bias[:, :4] = -20.0  # update gate ~0: the new state is the candidate
+    gru.set_weights([kernel, np.zeros(gru.recurrent_kernel.shape, np.float32), bias])
+    m.decoder.fc1.set_weights([np.eye(4, dtype=np.float32), np.zeros(4, np.float32)])
+    fc2_k = np.zeros((4, 8), np.float32)
+    fc2_k[0, END_ID] = 5.0
+    fc2_b = np.zeros(8, np.float32)
+    fc2_b[WORD] = 1.0
+    m.decoder.fc2.set_weights([fc2_k, fc2_b])
+    return m
+
+
+def test_rows_stop_at_end_and_respect_max_length():
+    feats = np.zeros((2, 64, 2048), np.float32)
+    feats[0, :, 0] = 1.0  # row 0 ends immediately; row 1 never does
+    out = greedy_decode(forced_model(), feats, max_length=6)
+    assert out.token_ids[0].tolist() == [END_ID] + [PAD_ID] * 5
+    assert out.token_ids[1].tolist() == [WORD] * 6
+    assert out.lengths.tolist() == [0, 6]
+    assert out.hit_max_length.tolist() == [False, True]
+    assert np.all(out.log_probs[0, 1:] == 0) and out.log_probs[0, 0] < 0
+    assert np.all(out.attention[0, 1:] == 0)
+    np.testing.assert_allclose(out.attention[1].sum(-1), 1.0, rtol=1e-5)
+    assert out.sequence_log_prob(0) == pytest.approx(float(out.log_probs[0, 0]))
+
+
+def test_all_rows_done_stops_the_batch():
+    feats = np.zeros((3, 64, 2048), np.float32)
+    feats[:, :, 0] = 1.0
+    out = greedy_decode(forced_model(), feats, max_length=4)
+    assert (out.token_ids[:, 0] == END_ID).all() and (out.token_ids[:, 1:] == PAD_ID).all()
+
+
+def test_captions_are_decoded_with_the_vocabulary():
+    vocab = Vocabulary(("<pad>", "<unk>", "<start>", "<end>", "a", "dog", "x", "y"))
+    feats = np.zeros((2, 64, 2048), np.float32)
+    feats[0, :, 0] = 1.0
+    out = greedy_decode(forced_model(), feats, max_length=3)
+    assert out.captions(vocab) == ["", "dog dog dog"]
+
+
+def test_batch_equals_each_image_alone_and_is_deterministic():
+    model = ShowAttendTell(vocab_size=30, embedding_dim=16, units=16)
+    feats = np.random.RandomState(1).rand(6, 64, 2048).astype(np.float32)
+    batch = greedy_decode(model, feats, max_length=12)
+    again = greedy_decode(model, feats, max_length=12)
+    np.testing.assert_array_equal(batch.token_ids, again.token_ids)
+    for i in range(len(feats)):
+        alone = greedy_decode(model, feats[i : i + 1], max_length=12)
+        np.testing.assert_array_equal(alone.token_ids[0], batch.token_ids[i])
+        assert alone.lengths[0] == batch.lengths[i]
+        np.testing.assert_allclose(alone.log_probs[0], batch.log_probs[i], atol=1e-5)
+    # Invariants: after <end> only <pad>; hit_max_length iff no <end>.
+    for ids, length, hit in zip(batch.token_ids, batch.lengths, batch.hit_max_length):
+        has_end = END_ID in ids.tolist()
+        assert hit == (not has_end)
+        if has_end:
+            assert ids[length] == END_ID and (ids[length + 1 :] == PAD_ID).all()
