@@ -1,0 +1,87 @@
+"""Caption annotation files to per-image records: COCO captions JSON and the Karpathy split.
+
+Pure functions over parsed JSON, so the launcher can validate and count at
+start and the pipeline can re-read the same file on a worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and all of its reference captions."""
+
+    image_id: int
+    file_name: str  # relative to --images_dir
+    captions: tuple[str, ...]
+    split: str
+
+
+@dataclass(frozen=True)
+class Parsed:
+    records: list[ImageRecord]
+    orphan_annotations: int  # captions whose image id is not in the file's image list
+
+
+def load_json(path: str) -> Any:
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {path}") from None
+    except OSError as e:
+        if "not found" in str(e).lower() or "no such file" in str(e).lower():
+            raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def parse_coco(data: dict[str, Any], split: str) -> Parsed:
+    """COCO captions format: {"images": [{id, file_name}], "annotations": [{image_id, caption}]}."""
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError("not a COCO captions file: needs 'images' and 'annotations'")
+    captions: dict[int, list[str]] = defaultdict(list)
+    for ann in data["annotations"]:
+        captions[int(ann["image_id"])].append(str(ann["caption"]).strip())
+    known = {int(img["id"]) for img in data["images"]}
+    orphans = sum(len(c) for i, c in captions.items() if i not in known)
+    records = [
+        ImageRecord(int(img["id"]), img["file_name"], tuple(captions.get(int(img["id"]), ())), split)
+        for img in sorted(data["images"], key=lambda i: int(i["id"]))
+    ]
+    return Parsed(records, orphans)
+
+
+def parse_karpathy(data: dict[str, Any]) -> Parsed:
+    """Karpathy split (dataset_coco.json): restval goes to train."""
+    if not isinstance(data, dict) or "images" not in data:
+        raise ValueError("not a Karpathy split file: needs 'images'")
+    records = []
+    for img in data["images"]:
+        split = KARPATHY_SPLITS.get(img.get("split", ""))
+        if split is None:
+            continue
+        image_id = int(img.get("cocoid", img.get("imgid")))
+        rel = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else img["filename"]
+        caps = tuple(s.get("raw", " ".join(s.get("tokens", []))).strip() for s in img["sentences"])
+        records.append(ImageRecord(image_id, rel, caps, split))
+    records.sort(key=lambda r: (r.split, r.image_id))
+    return Parsed(records, 0)
+
+
+def parse_file(path: str, karpathy: bool, split: str | None) -> Parsed:
+    data = load_json(path)
+    try:
+        return parse_karpathy(data) if karpathy else parse_coco(data, split or "train")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,130 @@
+"""Pieces both Beam jobs share: option parsing, file reads, preprocessing DoFns, error rows, summaries."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from model.preprocess import MAX_PIXELS, ImageError, preprocess_image
+
+ERRORS_TAG = "errors"
+LOG = logging.getLogger("show_attend_tell")
+
+
+def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam flags pass straight through. With no --runner we use the in-process
+    FnApiRunner: DirectRunner would first try to download Prism, which fails offline."""
+    options = PipelineOptions(list(beam_args))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "FnApiRunner"
+    return options
+
+
+class UsageError(ValueError):
+    """A bad argument found at start; printed as one line by `main`."""
+
+
+def exit_on_usage_error(run_fn, argv: Sequence[str] | None = None) -> Any:
+    """Runs a job's `run`, turning start-up errors into one line and exit status 2."""
+    from model.formats import FormatError
+
+    try:
+        return run_fn(argv)
+    except (UsageError, FormatError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="images per model call (RunInference batch)"
+    )
+    parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="images with more pixels are refused as decompression bombs",
+    )
+
+
+def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
+    """A row of the errors table (model.formats.ERRORS_SCHEMA)."""
+    return {"uri": uri, "error_type": kind, "message": message[:2000]}
+
+
+def read_file(path: str) -> bytes:
+    with FileSystems.open(path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+        return f.read()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An input file's bytes; `key` is whatever the job carries through (record or uri)."""
+
+    key: Any
+    uri: str
+    data: bytes
+
+
+class Meta(NamedTuple):
+    """What travels beside the pixels through RunInference (a KeyedModelHandler key)."""
+
+    key: Any
+    width: int
+    height: int
+
+
+class PreprocessFn(beam.DoFn):
+    """Loaded -> (Meta, pixels) for RunInference, or (key, error row) on the errors output."""
+
+    def __init__(self, namespace: str, max_pixels: int = MAX_PIXELS):
+        self.namespace = namespace
+        self.max_pixels = max_pixels
+
+    def setup(self) -> None:
+        self.decoded = Metrics.counter(self.namespace, "images_decoded")
+        self.failed = Metrics.counter(self.namespace, "images_failed")
+        self.bytes_read = Metrics.counter(self.namespace, "bytes_read")
+
+    def process(self, item: Loaded) -> Iterator[Any]:
+        self.bytes_read.inc(len(item.data))
+        try:
+            decoded = preprocess_image(item.data, max_pixels=self.max_pixels)
+        except ImageError as e:
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, (item.key, error_row(item.uri, e.kind, str(e))))
+            return
+        self.decoded.inc()
+        yield Meta(item.key, decoded.width, decoded.height), decoded.pixels
+
+
+def counter_values(result: Any, namespace: str) -> dict[str, int]:
+    """Committed counter totals of a finished pipeline (attempted where committed is absent)."""
+    values: dict[str, int] = {}
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners do not report metrics
+        return values
+    for c in counters:
+        if c.key.metric.namespace != namespace:
+            continue
+        value = c.committed if c.committed is not None else c.attempted
+        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + int(value or 0)
+    return values
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,405 @@
+"""Stage 1: COCO images -> InceptionV3 `mixed10` float16 TFRecord shards + vocab.txt + manifest.
+
+    python -m beam_jobs.extract_features --split train --captions_json ANN.json \
+        --images_dir DIR --output_dir FEATURES_DIR [--weights imagenet|none|PATH] [Beam flags]
+    python -m beam_jobs.extract_features --karpathy_json dataset_coco.json \
+        --images_dir COCO_ROOT --output_dir FEATURES_DIR
+
+Writes FEATURES_DIR/{split}-SSSSS-of-NNNNN.tfrecord.gz (one Example per image),
+errors-{split}-*.parquet (one row per image that could not be read or decoded),
+vocab.txt (built from the train split) and manifest.json (counts per split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import posixpath
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from beam_jobs.annotations import ImageRecord, parse_file
+from beam_jobs.common import (
+    ERRORS_TAG,
+    LOG,
+    Loaded,
+    Meta,
+    PreprocessFn,
+    Timer,
+    UsageError,
+    add_common_flags,
+    counter_values,
+    error_row,
+    exit_on_usage_error,
+    pipeline_options,
+    read_file,
+)
+from beam_jobs.inference import FeatureExtractorHandler
+from model import formats
+from model.extractor import NONE_WEIGHTS_SEED, PRECISIONS, check_weights
+from model.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
+
+NAMESPACE = "extract_features"
+IMAGES_PER_SHARD = 600  # ~150 MB of float16 features per shard at full scale
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions_json", help="COCO captions file (annotations/captions_*.json)")
+    src.add_argument("--karpathy_json", help="Karpathy split file (dataset_coco.json)")
+    p.add_argument("--split", help="split name for --captions_json (train, val, ...)")
+    p.add_argument("--images_dir", required=True, help="image folder (COCO root for Karpathy)")
+    p.add_argument("--output_dir", required=True, help="FEATURES_DIR, local or gs://")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | weights file")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="extractor compute")
+    p.add_argument("--vocab_size", type=int, default=5000, help="tokens incl. 4 reserved")
+    p.add_argument("--vocab", help="vocab.txt for non-train runs (default FEATURES_DIR/vocab.txt)")
+    p.add_argument("--num_shards", type=int, default=0, help="shards per split (0: ~600 images each)")
+    p.add_argument("--model_copies", type=int, default=None, help="models per worker machine")
+    add_common_flags(p)
+    args, beam_args = p.parse_known_args(argv)
+    if args.captions_json and not args.split:
+        raise UsageError("--split is required with --captions_json")
+    return args, beam_args
+
+
+def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
+    """What the features are: every field a reader must match to reuse them."""
+    return {
+        "backbone": formats.BACKBONE,
+        "layer": formats.BACKBONE_LAYER,
+        "weights": args.weights,
+        "weights_seed": NONE_WEIGHTS_SEED if args.weights == "none" else None,
+        "image_size": IMAGE_SIZE,
+        "preprocessing": PREPROCESSING,
+        "precision": args.precision,
+        "feature_shape": list(formats.FEATURE_SHAPE),
+        "feature_dtype": formats.FEATURE_DTYPE,
+    }
+
+
+def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Fails at start if FEATURES_DIR holds features computed another way."""
+    path = formats.features_manifest_path(output_dir)
+    if not FileSystems.exists(path):
+        return None
+    existing = formats.read_manifest(path, formats.KIND_FEATURES)
+    for key in ("backbone", "layer", "weights", "image_size", "preprocessing", "feature_shape"):
+        if existing.get(key) != body[key]:
+            raise UsageError(
+                f"{output_dir} holds features with {key}={existing.get(key)!r}; this run uses "
+                f"{body[key]!r} (use another --output_dir)"
+            )
+    return existing
+
+
+def image_path(images_dir: str, file_name: str) -> str:
+    return posixpath.join(images_dir, file_name) if "://" in images_dir else f"{images_dir.rstrip('/')}/{file_name}"
+
+
+class ReadImageFn(beam.DoFn):
+    """ImageRecord -> Loaded bytes, or (record, error row) when the file is missing/unreadable."""
+
+    def __init__(self, images_dir: str):
+        self.images_dir = images_dir
+
+    def setup(self) -> None:
+        self.read = Metrics.counter(NAMESPACE, "images_read")
+        self.failed = Metrics.counter(NAMESPACE, "images_failed")
+
+    def process(self, record: ImageRecord) -> Iterator[Any]:
+        path = image_path(self.images_dir, record.file_name)
+        try:
+            data = read_file(path)
+        except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
+            self.failed.inc()
+            kind = "missing_file" if not FileSystems.exists(path) else "read_error"
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, (record, error_row(path, kind, str(e))))
+            return
+        self.read.inc()
+        yield Loaded(record, path, data)
+
+
+class ToExampleFn(beam.DoFn):
+    """(Meta, float16 features) -> (split, serialized Example, caption count)."""
+
+    def setup(self) -> None:
+        self.embedded = Metrics.counter(NAMESPACE, "images_embedded")
+
+    def process(self, element: tuple[Meta, Any]) -> Iterator[tuple[str, bytes, int]]:
+        meta, features = element
+        record: ImageRecord = meta.key
+        self.embedded.inc()
+        yield (
+            record.split,
+            formats.make_example(
+                record.image_id, record.file_name, features, record.captions, meta.width, meta.height
+            ),
+            len(record.captions),
+        )
+
+
+class WordCountFn(beam.CombineFn):
+    """Word frequencies of captions, merged associatively across workers."""
+
+    def create_accumulator(self) -> collections.Counter:
+        return collections.Counter()
+
+    def add_input(self, acc: collections.Counter, caption: str) -> collections.Counter:
+        acc.update(count_words([caption]))
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[collections.Counter]) -> collections.Counter:
+        total: collections.Counter = collections.Counter()
+        for acc in accs:
+            total.update(acc)
+        return total
+
+    def extract_output(self, acc: collections.Counter) -> dict[str, int]:
+        return dict(acc)
+
+
+def write_vocab(counts: dict[str, int], path: str, size: int) -> int:
+    vocab = Vocabulary(tuple(top_k_words(counts, size)))
+    vocab.save(path)
+    return len(vocab)
+
+
+def write_manifest(
+    output_dir: str,
+    body: dict[str, Any],
+    split_stats: dict[str, tuple[int, int]],
+    error_stats: dict[str, int],
+    shards: list[str],
+    vocab: dict[str, Any],
+    splits: Sequence[str],
+    orphans: dict[str, int],
+) -> str:
+    """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
+    path = formats.features_manifest_path(output_dir)
+    existing = (
+        formats.read_manifest(path, formats.KIND_FEATURES) if FileSystems.exists(path) else {}
+    )
+    all_splits = dict(existing.get("splits", {}))
+    for split in splits:
+        images, captions = split_stats.get(split, (0, 0))
+        all_splits[split] = {
+            "images": images,
+            "captions": captions,
+            "errors": error_stats.get(split, 0),
+            "orphan_annotations": orphans.get(split, 0),
+            "shards": sorted(
+                posixpath.basename(s) for s in shards if posixpath.basename(s).startswith(f"{split}-")
+            ),
+        }
+    formats.write_manifest(
+        path,
+        formats.KIND_FEATURES,
+        {**body, "splits": all_splits, "vocab": vocab, "created_by": "beam_jobs.extract_features"},
+    )
+    return path
+
+
+def sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    a = b = 0
+    for x, y in pairs:
+        a, b = a + x, b + y
+    return a, b
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    splits: Sequence[str],
+    num_shards: dict[str, int],
+    orphans: dict[str, int],
+    vocab_info: dict[str, Any],
+) -> None:
+    source = args.karpathy_json or args.captions_json
+    body = features_manifest_body(args)
+    records = (
+        p
+        | "AnnotationFile" >> beam.Create([source])
+        | "ParseAnnotations"
+        >> beam.FlatMap(lambda path: parse_file(path, bool(args.karpathy_json), args.split).records)
+        | "SpreadRecords" >> beam.Reshuffle()
+    )
+    read = records | "ReadImages" >> beam.ParDo(ReadImageFn(args.images_dir)).with_outputs(
+        ERRORS_TAG, main="images"
+    )
+    decoded = read.images | "Preprocess" >> beam.ParDo(
+        PreprocessFn(NAMESPACE, args.max_pixels)
+    ).with_outputs(ERRORS_TAG, main="pixels")
+    handler = FeatureExtractorHandler(
+        args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
+    )
+    examples = (
+        decoded.pixels
+        | "InceptionV3" >> RunInference(KeyedModelHandler(handler))
+        | "ToExamples" >> beam.ParDo(ToExampleFn())
+    )
+    errors = (
+        (read[ERRORS_TAG], decoded[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
+    ) | "ErrorSplit" >> beam.Map(lambda kv: (kv[0].split, kv[1]))
+
+    if "train" in splits:
+        vocab_size = (
+            records
+            | "TrainOnly" >> beam.Filter(lambda r: r.split == "train")
+            | "TrainCaptions" >> beam.FlatMap(lambda r: r.captions)
+            | "CountWords" >> beam.CombineGlobally(WordCountFn())
+            | "WriteVocab"
+            >> beam.Map(write_vocab, f"{args.output_dir}/{formats.VOCAB_FILE}", args.vocab_size)
+        )
+        vocab_info = {**vocab_info, "size": beam.pvalue.AsSingleton(vocab_size)}
+
+    written = []
+    for split in splits:
+        written.append(
+            examples
+            | f"Select[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+            | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
+            | f"WriteShards[{split}]"
+            >> beam.io.WriteToTFRecord(
+                formats.shard_prefix(args.output_dir, split),
+                file_name_suffix=formats.SHARD_SUFFIX,
+                num_shards=num_shards[split],
+            )
+        )
+        written.append(
+            errors
+            | f"SelectErrors[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+            | f"ErrorRows[{split}]" >> beam.Map(lambda e: e[1])
+            | f"WriteErrors[{split}]"
+            >> beam.io.WriteToParquet(
+                f"{args.output_dir.rstrip('/')}/errors-{split}",
+                formats.ERRORS_SCHEMA,
+                codec=formats.PARQUET_CODEC,
+                file_name_suffix=".parquet",
+                num_shards=1,
+            )
+        )
+    split_stats = (
+        examples
+        | "PerSplit" >> beam.Map(lambda e: (e[0], (1, e[2])))
+        | "CountPerSplit" >> beam.CombinePerKey(sum_pairs)
+    )
+    error_stats = errors | "ErrorsPerSplit" >> beam.combiners.Count.PerKey()
+    shard_files = written | "AllWritten" >> beam.Flatten()
+    # The vocabulary size is a side input when this run builds it, a constant otherwise.
+    vocab_static = {k: v for k, v in vocab_info.items() if k != "size"}
+
+    def manifest(_: None, split_stats, error_stats, shards, size) -> str:
+        vocab = {**vocab_static, "size": size}
+        return write_manifest(
+            args.output_dir, body, split_stats, error_stats, shards, vocab, splits, orphans
+        )
+
+    _ = (
+        p
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest"
+        >> beam.Map(
+            manifest,
+            split_stats=beam.pvalue.AsDict(split_stats),
+            error_stats=beam.pvalue.AsDict(error_stats),
+            shards=beam.pvalue.AsList(shard_files),
+            size=vocab_info["size"],
+        )
+    )
+
+
+def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, Any]:
+    """Describes the vocabulary; non-train runs must find one at start."""
+    target = f"{args.output_dir.rstrip('/')}/{formats.VOCAB_FILE}"
+    info = {
+        "file": formats.VOCAB_FILE,
+        "built_from": "train",
+        "requested_size": args.vocab_size,
+        "reserved": list(RESERVED),
+        "standardization": f"lowercase; replace {PUNCTUATION!r} with spaces; split on whitespace",
+        "order": "frequency descending, ties alphabetical",
+    }
+    if "train" in splits:
+        return info
+    source = args.vocab or target
+    if not FileSystems.exists(source):
+        raise UsageError(
+            f"no vocabulary for split {','.join(splits)}: {source} does not exist "
+            "(run the train split first or pass --vocab PATH)"
+        )
+    vocab = Vocabulary.load(source)
+    if source != target:
+        vocab.save(target)
+    return {**info, "size": len(vocab)}
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the job; returns a summary dict (counts, seconds, images/s)."""
+    args, beam_args = parse_args(argv)
+    args.weights = check_weights(args.weights)
+    if not FileSystems.exists(args.images_dir.rstrip("/") + "/") and not FileSystems.exists(
+        args.images_dir
+    ):
+        raise UsageError(f"--images_dir does not exist: {args.images_dir}")
+    source = args.karpathy_json or args.captions_json
+    parsed = parse_file(source, bool(args.karpathy_json), args.split)
+    per_split = collections.Counter(r.split for r in parsed.records)
+    splits = sorted(per_split) if args.karpathy_json else [args.split]
+    if not parsed.records:
+        raise UsageError(f"{source}: no images listed")
+    check_existing_manifest(args.output_dir, features_manifest_body(args))
+    FileSystems.mkdirs(args.output_dir) if not FileSystems.exists(args.output_dir) else None
+    vocab_info = prepare_vocab(args, splits)
+    num_shards = {
+        s: args.num_shards or max(1, math.ceil(per_split[s] / IMAGES_PER_SHARD)) for s in splits
+    }
+    orphans = {splits[0]: parsed.orphan_annotations} if parsed.orphan_annotations else {}
+    if parsed.orphan_annotations:
+        LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)
+    print(
+        f"extract_features: {len(parsed.records)} images in {', '.join(f'{s}={per_split[s]}' for s in splits)}"
+        f" -> {args.output_dir} (weights={args.weights}, batch={args.batch_size})",
+        flush=True,
+    )
+    options = pipeline_options(beam_args)
+    with Timer() as timer:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, args, splits, num_shards, orphans, vocab_info)
+        result = p.run()
+        result.wait_until_finish()
+    counts = counter_values(result, NAMESPACE)
+    images = len(parsed.records)
+    summary = {
+        "images": images,
+        "embedded": counts.get("images_embedded", 0),
+        "failed": counts.get("images_failed", 0),
+        "bytes_read": counts.get("bytes_read", 0),
+        "seconds": round(timer.seconds, 2),
+        "images_per_second": round(images / timer.seconds, 2) if timer.seconds else 0.0,
+        "output_dir": args.output_dir,
+    }
+    print(
+        f"extract_features: done: {summary['embedded']} embedded, {summary['failed']} failed "
+        f"of {images} images in {summary['seconds']}s ({summary['images_per_second']} images/s)",
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    exit_on_usage_error(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""RunInference model handlers of our own: InceptionV3 features, and features + greedy captions.
+
+Beam's built-in TensorFlow handler imports tensorflow_hub and cannot load Keras 3
+models, hence these. Each loads once per worker (`load_model`), runs one
+compiled call per batch with a `None` batch dimension (BatchElements makes
+batches of any size), and counts bytes from array sizes rather than pickling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+from model.preprocess import IMAGE_SIZE
+
+
+def _batching(batch_size: int) -> dict[str, int]:
+    return {"min_batch_size": 1, "max_batch_size": batch_size}
+
+
+def _nbytes(batch: Sequence[np.ndarray]) -> int:
+    return int(sum(x.nbytes for x in batch))
+
+
+class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
+    """pixels (299, 299, 3) float32 -> features (64, 2048) float16."""
+
+    def __init__(
+        self,
+        weights: str,
+        precision: str = "float32",
+        batch_size: int = 32,
+        model_copies: int | None = None,
+        namespace: str = "extract_features",
+    ):
+        super().__init__(**_batching(batch_size), model_copies=model_copies)
+        self.weights = weights
+        self.precision = precision
+        self.namespace = namespace
+
+    def load_model(self) -> Callable:
+        import tensorflow as tf
+
+        from model.extractor import build_feature_extractor
+
+        extractor = build_feature_extractor(self.weights, self.precision)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)])
+        def embed(pixels: tf.Tensor) -> tf.Tensor:
+            return tf.cast(extractor(pixels, training=False), tf.float16)
+
+        return embed
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Callable, inference_args: dict | None = None
+    ) -> Iterable[np.ndarray]:
+        return list(model(np.stack(batch)).numpy())
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return _nbytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self.namespace
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """Greedy decoding of one image (token ids exclude `<end>`)."""
+
+    caption: str
+    token_ids: list[int]
+    log_prob: float
+    hit_max_length: bool
+    attention: np.ndarray  # (length + 1 if <end> was produced, L)
+
+
+@dataclass
+class LoadedCaptioner:
+    caption_batch: Callable  # pixels (B, 299, 299, 3) -> dict of decoded tensors
+    export: Any
+
+
+def build_caption_fn(export: Any, precision: str = "float32") -> Callable:
+    """One compiled graph per batch: InceptionV3 -> float16 round trip -> greedy decode.
+
+    The float16 round trip reproduces the features exactly as stage 1 stored them,
+    so bulk captions equal what evaluation decodes from the shards.
+    """
+    import tensorflow as tf
+
+    from model.decoding import greedy_decode_graph
+    from model.extractor import build_feature_extractor
+
+    extractor = build_feature_extractor(export.extractor_weights(), precision)
+    model, max_length = export.model, export.max_length
+
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)])
+    def caption_batch(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        features = tf.cast(tf.cast(extractor(pixels, training=False), tf.float16), tf.float32)
+        return greedy_decode_graph(model, features, max_length)
+
+    return caption_batch
+
+
+def split_results(outputs: dict[str, Any], vocab: Any) -> list[CaptionResult]:
+    """Per-image results from one decoded batch."""
+    from model.decoding import to_decoded
+
+    decoded = to_decoded(outputs)
+    results = []
+    for i in range(len(decoded.lengths)):
+        words = decoded.words(i)
+        steps = len(words) + (0 if decoded.hit_max_length[i] else 1)
+        results.append(
+            CaptionResult(
+                caption=vocab.decode(words),
+                token_ids=words,
+                log_prob=decoded.sequence_log_prob(i),
+                hit_max_length=bool(decoded.hit_max_length[i]),
+                attention=decoded.attention[i, :steps].astype(np.float16),
+            )
+        )
+    return results
+
+
+class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner]):
+    """pixels (299, 299, 3) float32 -> CaptionResult, with the export loaded once per worker."""
+
+    def __init__(
+        self,
+        export_dir: str,
+        precision: str = "float32",
+        batch_size: int = 32,
+        model_copies: int | None = None,
+        large_model: bool = False,
+    ):
+        super().__init__(**_batching(batch_size), model_copies=model_copies, large_model=large_model)
+        self.export_dir = export_dir
+        self.precision = precision
+
+    def load_model(self) -> LoadedCaptioner:
+        from model.export import load_export
+
+        export = load_export(self.export_dir)
+        return LoadedCaptioner(build_caption_fn(export, self.precision), export)
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: LoadedCaptioner, inference_args: dict | None = None
+    ) -> Iterable[CaptionResult]:
+        return split_results(model.caption_batch(np.stack(batch)), model.export.vocab)
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return _nbytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "caption_images"
