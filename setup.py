@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.15,<4",
+    "tensorboard>=2.19",  # tf.summary needs it; TF 2.21 no longer pulls it in
     # The [tfrecord] extra brings crcmod etc. that WriteToTFRecord needs since 2.70.
     "apache-beam[tfrecord]>=2.77,<2.78",
     "pyarrow>=17",

@@ -183,6 +183,7 @@ def write_manifest(
     vocab: dict[str, Any],
     splits: Sequence[str],
     orphans: dict[str, int],
+    images_dir: str = "",
 ) -> str:
     """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
     path = formats.features_manifest_path(output_dir)
@@ -197,6 +198,7 @@ def write_manifest(
             "captions": captions,
             "errors": error_stats.get(split, 0),
             "orphan_annotations": orphans.get(split, 0),
+            "images_dir": images_dir,
             "shards": sorted(
                 posixpath.basename(s) for s in shards if posixpath.basename(s).startswith(f"{split}-")
             ),
@@ -301,7 +303,8 @@ def build_pipeline(
     def manifest(_: None, split_stats, error_stats, shards, size) -> str:
         vocab = {**vocab_static, "size": size}
         return write_manifest(
-            args.output_dir, body, split_stats, error_stats, shards, vocab, splits, orphans
+            args.output_dir, body, split_stats, error_stats, shards, vocab, splits, orphans,
+            args.images_dir,
         )
 
     _ = (

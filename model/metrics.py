@@ -1,0 +1,96 @@
+"""Corpus-level COCO caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+
+Scores are computed once over the whole split (CIDEr's IDF is corpus-level;
+never average per-shard scores). pycocoevalcap's PTB tokenizer and METEOR need
+Java; without it we say so once, tokenise in Python, omit METEOR and mark the
+result as not comparable with published numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from model.vocab import standardize
+
+METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+LOG = logging.getLogger(__name__)
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def _tokenize(captions: Mapping[Any, Sequence[str]], use_java: bool) -> dict[Any, list[str]]:
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize(
+            {k: [{"caption": c} for c in v] for k, v in captions.items()}
+        )
+    return {k: [standardize(c) for c in v] for k, v in captions.items()}
+
+
+def score_captions(
+    references: Mapping[Any, Sequence[str]],
+    predictions: Mapping[Any, str],
+    use_java: bool | None = None,
+) -> dict[str, Any]:
+    """Scores one prediction per image against all of its references.
+
+    Returns the metrics under pycocoevalcap's key names plus `comparable`
+    (True when the PTB tokenizer and METEOR ran, as in the literature).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = sorted(predictions)
+    missing = [i for i in ids if not references.get(i)]
+    if missing:
+        raise ValueError(f"{len(missing)} predicted images have no reference captions, e.g. {missing[0]}")
+    if use_java is None:
+        use_java = java_available()
+        if not use_java:
+            LOG.warning("Java not found: Python tokenizer, no METEOR; scores are not comparable")
+    gts = _tokenize({i: list(references[i]) for i in ids}, use_java)
+    res = _tokenize({i: [predictions[i]] for i in ids}, use_java)
+    scorers: list[tuple[Any, Any]] = [
+        (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+        (Rouge(), "ROUGE_L"),
+        (Cider(), "CIDEr"),
+    ]
+    if use_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorers.insert(1, (Meteor(), "METEOR"))
+    out: dict[str, Any] = {}
+    for scorer, names in scorers:
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internals
+            score, _ = scorer.compute_score(gts, res)
+        if isinstance(names, list):
+            out.update({n: float(s) for n, s in zip(names, score, strict=True)})
+        else:
+            out[names] = float(score)
+    out["comparable"] = use_java
+    out["tokenizer"] = "ptb (Stanford CoreNLP)" if use_java else "python (model.vocab.standardize)"
+    out["images"] = len(ids)
+    return out
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Metrics as a text table, one column per named result (e.g. model vs baseline)."""
+    names = list(rows)
+    lines = [f"{'metric':<10}" + "".join(f"{n:>16}" for n in names)]
+    for key in METRIC_KEYS:
+        cells = [rows[n].get(key) for n in names]
+        if all(c is None for c in cells):
+            continue
+        lines.append(
+            f"{key:<10}" + "".join(f"{c * 100:>16.2f}" if c is not None else f"{"-":>16}" for c in cells)
+        )
+    return "\n".join(lines)
