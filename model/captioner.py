@@ -27,6 +27,7 @@ class ModelConfig:
     units: int = 512
     dropout: float = 0.0
     attention_penalty: float = 1.0  # lambda of the doubly stochastic regulariser; 0 = off
+    normalize_features: bool = True  # per-channel standardisation from train statistics
     feature_shape: tuple[int, int] = field(default=FEATURE_SHAPE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,14 +52,21 @@ class ShowAttendTell(keras.Model):
         units: int = 512,
         dropout: float = 0.0,
         attention_penalty: float = 1.0,
+        normalize_features: bool = True,
         feature_shape: tuple[int, int] | list[int] = FEATURE_SHAPE,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.config = ModelConfig(
-            vocab_size, embedding_dim, units, dropout, attention_penalty, tuple(feature_shape)
+            vocab_size,
+            embedding_dim,
+            units,
+            dropout,
+            attention_penalty,
+            normalize_features,
+            tuple(feature_shape),
         )
-        self.encoder = CNNEncoder(embedding_dim, name="encoder")
+        self.encoder = CNNEncoder(embedding_dim, normalize=normalize_features, name="encoder")
         self.decoder = AttentionGRUDecoder(
             vocab_size, embedding_dim, units, dropout, name="decoder"
         )

@@ -149,3 +149,18 @@ def image_records(files: list[str], batch_size: int) -> tf.data.Dataset:
 
     ds = records(files, shuffle_files=False, seed=None).batch(batch_size)
     return ds.map(parse_batch).map(to_float).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_stats(files: list[str], max_images: int = 2000) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-channel mean and variance over the locations of the first `max_images` images."""
+    total = total_sq = None
+    count = 0
+    for batch in image_records(files, 256).take(max(1, max_images // 256)):
+        x = tf.reshape(tf.cast(batch["features"], tf.float64), [-1, formats.FEATURE_SHAPE[1]])
+        s, sq = tf.reduce_sum(x, 0), tf.reduce_sum(tf.square(x), 0)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += int(x.shape[0])
+    mean = total / count
+    variance = tf.maximum(total_sq / count - tf.square(mean), 0.0)
+    return tf.cast(mean, tf.float32), tf.cast(variance, tf.float32)

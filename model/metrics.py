@@ -91,6 +91,6 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         if all(c is None for c in cells):
             continue
         lines.append(
-            f"{key:<10}" + "".join(f"{c * 100:>16.2f}" if c is not None else f"{"-":>16}" for c in cells)
+            f"{key:<10}" + "".join(f"{c * 100:>16.2f}" if c is not None else " " * 15 + "-" for c in cells)
         )
     return "\n".join(lines)

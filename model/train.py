@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from model import formats
 from model.captioner import PRESETS, LossParts, ShowAttendTell, combine_loss, loss_parts
-from model.data import caption_pairs, check_data_dir, split_info
+from model.data import caption_pairs, check_data_dir, feature_stats, split_info
 from model.export import DEFAULT_MAX_LENGTH, save_export
 from model.vocab import PAD_ID
 
@@ -42,6 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--units", type=int, help="overrides the preset")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention_penalty", type=float, default=1.0, help="lambda; 0 turns it off")
+    p.add_argument(
+        "--no_feature_norm", action="store_true", help="feed raw features (no per-channel standardisation)"
+    )
     p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--decay", default="cosine", choices=["cosine", "constant"])
@@ -163,6 +166,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
         "units": args.units or preset["units"],
         "dropout": args.dropout,
         "attention_penalty": args.attention_penalty,
+        "normalize_features": not args.no_feature_norm,
     }
 
 
@@ -236,13 +240,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if not chief:
         ckpt_dir = os.path.join(args.model_dir, "tmp", f"worker-{strategy.cluster_resolver.task_id}")
     manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=3)
-    if manager.latest_checkpoint:
+    if manager.latest_checkpoint:  # the checkpoint also restores the feature statistics
         ckpt.restore(manager.latest_checkpoint).expect_partial()
         print(
             f"train: resumed from {manager.latest_checkpoint} at step {int(step)} "
             f"(epoch {int(epoch) + 1}, batch {int(position)})",
             flush=True,
         )
+    elif model.config.normalize_features:
+        mean, variance = feature_stats(train_info.files)
+        model.encoder.set_feature_stats(mean, variance)
     fns = make_step_fns(strategy, model, optimizer, args.attention_penalty, args.jit_compile)
     writer = tf.summary.create_file_writer(os.path.join(args.model_dir, "logs" if chief else "tmp/logs"))
     best_path = os.path.join(args.model_dir, "best.weights.h5")

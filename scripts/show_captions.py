@@ -1,0 +1,38 @@
+"""Prints bulk captions next to the reference captions of the same images.
+
+    python -m scripts.show_captions --captions_dir CAPTIONS_DIR --captions_json ANN.json [--count 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import pyarrow.parquet as pq
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--captions_dir", required=True)
+    p.add_argument("--captions_json", required=True, help="COCO captions file with the references")
+    p.add_argument("--count", type=int, default=8)
+    a = p.parse_args(argv)
+    coco = json.load(open(a.captions_json))
+    names = {img["id"]: img["file_name"] for img in coco["images"]}
+    refs: dict[str, list[str]] = {}
+    for ann in coco["annotations"]:
+        refs.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    table = pq.read_table(sorted(glob.glob(os.path.join(a.captions_dir, "captions-*.parquet"))))
+    rows = sorted(table.select(["uri", "caption"]).to_pylist(), key=lambda r: r["uri"])
+    shown = [r for r in rows if "!/" not in r["uri"]][: a.count]
+    for r in shown:
+        name = os.path.basename(r["uri"])
+        print(f"{name}\n  model:     {r['caption']}\n  reference: {refs.get(name, ['?'])[0]}")
+    errors = pq.read_table(sorted(glob.glob(os.path.join(a.captions_dir, "errors-*.parquet"))))
+    print(f"\n{table.num_rows} captions and {errors.num_rows} error rows in {a.captions_dir}")
+
+
+if __name__ == "__main__":
+    main()

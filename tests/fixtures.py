@@ -1,0 +1,75 @@
+"""Builders for tiny artifacts: features dirs written directly, and tiny exports."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from model import formats
+from model.captioner import ShowAttendTell
+from model.export import save_export
+from model.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.vocab import Vocabulary
+
+WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
+
+
+def features_body(weights: str = "none") -> dict:
+    return {
+        "backbone": formats.BACKBONE,
+        "layer": formats.BACKBONE_LAYER,
+        "weights": weights,
+        "weights_seed": 1234,
+        "image_size": IMAGE_SIZE,
+        "preprocessing": PREPROCESSING,
+        "precision": "float32",
+        "feature_shape": list(formats.FEATURE_SHAPE),
+        "feature_dtype": formats.FEATURE_DTYPE,
+    }
+
+
+def caption_for(i: int) -> str:
+    return f"a {WORDS[i % 3]} {WORDS[3 + i % 2]} on the {WORDS[5 + (i // 2) % 2]}"
+
+
+def write_features_dir(path: str, splits: dict[str, int], shards: int = 2, seed: int = 0) -> Vocabulary:
+    """Features whose content predicts the caption, so a model can learn it."""
+    rng = np.random.RandomState(seed)
+    os.makedirs(path, exist_ok=True)
+    all_caps = [caption_for(i) for i in range(12)]
+    vocab = Vocabulary.build(all_caps, size=30)
+    vocab.save(os.path.join(path, formats.VOCAB_FILE))
+    split_entries = {}
+    for split, count in splits.items():
+        names = []
+        writers = []
+        for s in range(shards):
+            name = f"{split}-{s:05d}-of-{shards:05d}{formats.SHARD_SUFFIX}"
+            names.append(name)
+            writers.append(tf.io.TFRecordWriter(os.path.join(path, name), options="GZIP"))
+        n_caps = 0
+        for i in range(count):
+            feats = rng.rand(*formats.FEATURE_SHAPE).astype(np.float32) * 0.1
+            feats[:, i % 12] += 1.0  # the caption's class is written into the features
+            caps = [caption_for(i % 12)] * (1 + i % 2)
+            n_caps += len(caps)
+            writers[i % shards].write(formats.make_example(i, f"img{i}.jpg", feats, caps, 32, 32))
+        for w in writers:
+            w.close()
+        split_entries[split] = {"images": count, "captions": n_caps, "errors": 0, "shards": names}
+    formats.write_manifest(
+        os.path.join(path, formats.MANIFEST_FILE),
+        formats.KIND_FEATURES,
+        {**features_body(), "splits": split_entries, "vocab": {"size": len(vocab)}},
+    )
+    return vocab
+
+
+def write_tiny_export(path: str, vocab_size: int = 12, max_length: int = 6) -> str:
+    """A random tiny captioner exported as stage 2 would (weights=none features)."""
+    vocab = Vocabulary(("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)]))
+    model = ShowAttendTell(vocab_size=vocab_size, embedding_dim=8, units=8)
+    save_export(model, vocab, features_body(), path, max_length=max_length)
+    return path

@@ -1,0 +1,176 @@
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from beam_jobs.caption_images import run
+from beam_jobs.common import UsageError
+from model.formats import FormatError
+from tests.fixtures import write_tiny_export
+from tests.helpers import bad_images, encode, good_images, noise
+
+RUNNER = ["--runner", "FnApiRunner"]
+
+
+def _tar(path, mode, members):
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+        folder = tarfile.TarInfo("subdir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A folder of good and bad images, and tar, tar.gz and zip archives; expected outcome per uri."""
+    root = tmp_path_factory.mktemp("inputs")
+    folder = root / "images"
+    (folder / "nested").mkdir(parents=True)
+    expected = {}
+    for name, data in good_images().items():
+        (folder / name).write_bytes(data)
+        expected[str(folder / name)] = "ok"
+    for name, (data, kind) in bad_images().items():
+        (folder / name).write_bytes(data)
+        expected[str(folder / name)] = kind
+    odd = folder / "nested" / "photo of a café — ünïcode.JPG"
+    odd.write_bytes(encode(noise(7), "JPEG"))
+    expected[str(odd)] = "ok"
+    (folder / "notes.txt").write_text("not matched: not an image extension")
+    members = {"a.jpg": encode(noise(8), "JPEG"), "dir/b.png": encode(noise(9), "PNG"),
+               "../evil.jpg": encode(noise(10), "JPEG"), "/abs.jpg": encode(noise(11), "JPEG"),
+               "bad.jpg": b"nope"}
+    outcome = {"a.jpg": "ok", "dir/b.png": "ok", "../evil.jpg": "unsafe_path", "/abs.jpg": "unsafe_path",
+               "bad.jpg": "not_an_image", "link.jpg": "not_a_file", "subdir": "not_a_file"}
+    for name, mode in (("batch.tar", "w"), ("batch.tar.gz", "w:gz")):
+        _tar(root / name, mode, members)
+        expected.update({f"{root / name}!/{m}": k for m, k in outcome.items()})
+    with zipfile.ZipFile(root / "batch.zip", "w") as z:
+        for m, data in members.items():
+            z.writestr(m, data)
+        z.writestr("zdir/", b"")
+    zip_outcome = {k: v for k, v in outcome.items() if k not in ("link.jpg", "subdir")}
+    zip_outcome["zdir/"] = "not_a_file"
+    expected.update({f"{root / 'batch.zip'}!/{m}": k for m, k in zip_outcome.items()})
+    export = write_tiny_export(str(root / "export"))
+    return root, expected, export
+
+
+def caption(inputs, out, *extra):
+    root, _, export = inputs
+    args = ["--model", export, "--input", str(root / "images"), "--input", str(root / "batch.tar"),
+            "--input", str(root / "batch.tar.gz"), "--input", str(root / "batch.zip"),
+            "--output_dir", str(out), "--batch_size", "4", *RUNNER, *extra]
+    return run(args)
+
+
+def tables(out):
+    caps = pq.read_table(sorted(str(p) for p in out.glob("captions-*.parquet"))).to_pylist()
+    errs = pq.read_table(sorted(str(p) for p in out.glob("errors-*.parquet"))).to_pylist()
+    return caps, errs
+
+
+@pytest.fixture(scope="module")
+def captioned(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("captions")
+    summary = caption(inputs, out)
+    return out, summary
+
+
+def test_every_input_appears_exactly_once(captioned, inputs):
+    out, summary = captioned
+    _, expected, _ = inputs
+    caps, errs = tables(out)
+    uris = [r["uri"] for r in caps] + [r["uri"] for r in errs]
+    assert len(uris) == len(set(uris))
+    assert set(uris) == set(expected)
+    assert {r["uri"] for r in caps} == {u for u, k in expected.items() if k == "ok"}
+    assert {r["uri"]: r["error_type"] for r in errs} == {u: k for u, k in expected.items() if k != "ok"}
+    assert all(r["message"] for r in errs)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["counts"] == {"captioned": len(caps), "failed": len(errs), "inputs": len(expected)}
+    assert summary["captioned"] == len(caps) and summary["failed"] == len(errs)
+
+
+def test_caption_rows_follow_the_schema(captioned, inputs):
+    out, _ = captioned
+    _, _, export = inputs
+    caps, _ = tables(out)
+    model_id = json.load(open(os.path.join(export, "manifest.json")))["model_id"]
+    for r in caps:
+        assert r["model_id"] == model_id and len(r["sha256"]) == 64
+        assert r["length"] == len(r["token_ids"]) <= 6
+        assert r["hit_max_length"] == (r["length"] == 6)
+        assert r["log_prob"] <= 0 and r["width"] > 0 and r["height"] > 0
+        assert r["caption"] == " ".join(f"w{t - 4}" for t in r["token_ids"])
+    rotated = next(r for r in caps if r["uri"].endswith("exif_rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (20, 40)
+    assert pq.ParquetFile(next(out.glob("captions-*.parquet"))).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_duckdb_reads_the_tables(captioned):
+    out, _ = captioned
+    n, = duckdb.sql(f"select count(*) from read_parquet('{out}/captions-*.parquet')").fetchone()
+    kinds = dict(duckdb.sql(f"select error_type, count(*) from read_parquet('{out}/errors-*.parquet') group by 1").fetchall())
+    assert n > 10 and kinds["unsafe_path"] == 6
+
+
+def test_nothing_escapes_the_output_dir(captioned, inputs):
+    root, _, _ = inputs
+    assert not (root / "evil.jpg").exists() and not (root.parent / "evil.jpg").exists()
+    assert not os.path.exists("/abs.jpg")
+
+
+def test_rerun_gives_the_same_rows(captioned, inputs):
+    out, _ = captioned
+    before = sorted(tables(out)[0], key=lambda r: r["uri"])
+    caption(inputs, out)
+    after = sorted(tables(out)[0], key=lambda r: r["uri"])
+    assert before == after
+
+
+def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
+    root, expected, export = inputs
+    out = tmp_path / "out"
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "one.jpg").write_bytes(encode(noise(20), "JPEG"))
+    run(["--model", export, "--input", str(folder), "--output_dir", str(out), *RUNNER])
+    (folder / "two.jpg").write_bytes(encode(noise(21), "JPEG"))
+    (folder / "three.png").write_bytes(encode(noise(22), "PNG"))
+    summary = run(["--model", export, "--input", str(folder), "--output_dir", str(out), "--skip_existing", *RUNNER])
+    assert summary["captioned"] == 2
+    caps, errs = tables(out)
+    assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
+
+
+def test_multi_processing_mode(inputs, tmp_path):
+    _, expected, _ = inputs
+    caption(inputs, tmp_path, "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    caps, errs = tables(tmp_path)
+    assert len(caps) + len(errs) == len(expected)
+
+
+def test_bad_arguments_fail_at_start(inputs, tmp_path):
+    root, _, export = inputs
+    with pytest.raises(UsageError, match="matches nothing"):
+        run(["--model", export, "--input", str(tmp_path / "nothing*.jpg"), "--output_dir", str(tmp_path)])
+    with pytest.raises(FormatError, match="no model_export manifest"):
+        run(["--model", str(tmp_path), "--input", str(root / "images"), "--output_dir", str(tmp_path)])
+    other = json.load(open(os.path.join(export, "manifest.json")))
+    other["features"]["backbone"] = "resnet50"
+    (tmp_path / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(FormatError, match="resnet50"):
+        run(["--model", str(tmp_path), "--input", str(root / "images"), "--output_dir", str(tmp_path / "o")])

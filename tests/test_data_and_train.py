@@ -1,0 +1,188 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import formats
+from model.captioner import ShowAttendTell
+from model.data import caption_pairs, check_data_dir, split_info, tf_standardize
+from model.decoding import greedy_decode
+from model.export import load_export
+from model.train import make_step_fns
+from model.vocab import END_ID, PAD_ID, START_ID, Vocabulary, standardize
+from tests.fixtures import caption_for, write_features_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
+
+
+def test_tf_standardize_matches_python():
+    texts = ["A Dog, running!", "  kid's (red)\tkite;  ", "ÉCOLE, été...", "x--y__z", "UPPER lower"]
+    got = [b.decode() for b in tf_standardize(tf.constant(texts)).numpy()]
+    assert [" ".join(g.split()) for g in got] == [standardize(t) for t in texts]
+
+
+def test_batches_are_cut_to_longest_caption(tmp_path):
+    vocab = write_features_dir(str(tmp_path), {"train": 10}, shards=2)
+    manifest, _ = check_data_dir(str(tmp_path))
+    info = split_info(str(tmp_path), manifest, "train")
+    batches = list(caption_pairs(info.files, vocab, batch_size=4, shuffle=False))
+    assert sum(int(t.shape[0]) for _, t in batches) == info.captions == 15
+    for feats, tokens in batches:
+        assert feats.dtype == tf.float16 and feats.shape[1:] == (64, 2048)
+        t = tokens.numpy()
+        assert (t[:, 0] == START_ID).all()
+        lengths = (t != PAD_ID).sum(1)
+        assert lengths.max() == t.shape[1]  # no column of pure padding
+        for row, n in zip(t, lengths, strict=True):
+            assert row[n - 1] == END_ID
+            assert vocab.decode(row) in {standardize(caption_for(i)) for i in range(12)}
+
+
+def test_shuffle_is_deterministic_per_seed(tmp_path):
+    vocab = write_features_dir(str(tmp_path), {"train": 12})
+    info = split_info(str(tmp_path), check_data_dir(str(tmp_path))[0], "train")
+    a = [t.numpy().tolist() for _, t in caption_pairs(info.files, vocab, 4, seed=3)]
+    b = [t.numpy().tolist() for _, t in caption_pairs(info.files, vocab, 4, seed=3)]
+    assert a == b
+
+
+def test_bad_data_dir_fails_with_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "model.train", "--data_dir", str(tmp_path / "nope"), "--model_dir", str(tmp_path / "m")],
+        capture_output=True, text=True, env=ENV, cwd=ROOT,
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --data_dir does not exist")
+
+
+def _batch(rng, lengths):
+    tokens = np.zeros((len(lengths), max(lengths)), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, 0] = START_ID
+        tokens[i, 1 : n - 1] = rng.randint(4, 12, size=n - 2)
+        tokens[i, n - 1] = END_ID
+    return rng.rand(len(lengths), 64, 2048).astype(np.float32), tokens
+
+
+def test_mirrored_two_replicas_equal_one_device():
+    """Loss and update on 2 logical CPUs equal one device on the whole batch."""
+    rng = np.random.RandomState(0)
+    feats, tokens = _batch(rng, [3, 7, 4, 6])  # replicas get different real-token counts
+    results = []
+    for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+        strategy = tf.distribute.MirroredStrategy(devices)
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
+            optimizer = keras.optimizers.SGD(0.5)
+            optimizer.build(model.trainable_variables)
+        fns = make_step_fns(strategy, model, optimizer, attention_penalty=0.5)
+        ds = tf.data.Dataset.from_tensors((feats, tokens))
+        batch = next(iter(strategy.experimental_distribute_dataset(ds)))
+        loss, n_tokens = fns.train(batch)
+        results.append((float(loss), float(n_tokens), [w.copy() for w in model.get_weights()]))
+    (loss1, tok1, w1), (loss2, tok2, w2) = results
+    assert tok1 == tok2 == 16
+    assert loss2 == pytest.approx(loss1, rel=1e-5)
+    for a, b in zip(w1, w2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def train_cmd(data, model_dir, *extra):
+    return [
+        sys.executable, "-m", "model.train", "--data_dir", str(data), "--model_dir", str(model_dir),
+        "--preset", "tiny", "--batch_size", "4", "--warmup_steps", "1", "--verbose", "2", *extra,
+    ]
+
+
+def test_train_loss_falls_exports_and_decodes(tmp_path):
+    from model.train import run
+
+    write_features_dir(str(tmp_path / "f"), {"train": 24, "val": 6})
+    summary = run([
+        "--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m"), "--preset", "tiny",
+        "--epochs", "4", "--batch_size", "6", "--learning_rate", "1e-2", "--warmup_steps", "2",
+        "--verbose", "0", "--patience", "0",
+    ])
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert all("val_loss" in h for h in summary["history"])
+    assert summary["steps"] == 4 * summary["steps_per_epoch"]
+    export = load_export(str(tmp_path / "m" / "export"))
+    assert export.manifest["features"]["weights"] == "none"
+    assert export.manifest["training"]["steps"] == summary["steps"]
+    assert os.listdir(tmp_path / "m" / "logs")  # TensorBoard events
+    out = greedy_decode(export.model, np.random.rand(2, 64, 2048).astype(np.float32), 5)
+    assert out.token_ids.shape == (2, 5)
+
+
+def test_checkpoint_of_another_model_fails_at_start(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 8})
+    os.makedirs(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"vocab_size": 999}))
+    r = subprocess.run(train_cmd(tmp_path / "f", tmp_path / "m"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert r.returncode != 0
+    assert "holds a checkpoint of another model" in r.stderr.strip().splitlines()[-1]
+
+
+def test_sigkill_mid_epoch_then_resume_reaches_same_step_count(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 60})  # 90 captions -> 23 steps/epoch
+    cmd = train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "3", "--checkpoint_every", "2")
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ckpt_dir.exists() and any(p.name.startswith("ckpt-") and p.name.endswith(".index") for p in ckpt_dir.iterdir()):
+            steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt_dir.glob("ckpt-*.index")]
+            if max(steps) >= 4:
+                break
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed:\n" + proc.stdout.read().decode())
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "m" / "export").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout
+    manifest = load_export(str(tmp_path / "m" / "export")).manifest
+    assert manifest["training"]["steps"] == 3 * 23
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_loopback(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 16})
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = []
+    for i in range(2):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})}
+        cmd = train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "1", "--checkpoint_every", "3")
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-worker training hung")
+        outs.append(out.decode())
+        assert p.returncode == 0, out.decode()[-3000:]
+    assert "on 2 replica(s)" in outs[0]
+    manifest = load_export(str(tmp_path / "m" / "export")).manifest
+    assert manifest["training"]["replicas"] == 2
+    assert manifest["training"]["steps"] == 6  # ceil(24 captions / 4)

@@ -1,0 +1,168 @@
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from beam_jobs.common import UsageError
+from beam_jobs.extract_features import run
+from model import formats
+from model.data import check_data_dir, image_records, split_info
+from model.datasets.make_shapes import make_split
+from model.vocab import RESERVED, Vocabulary
+from tests.helpers import bad_images
+
+RUNNER = ["--runner", "FnApiRunner"]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """12 good train images, 3 val, plus broken and missing files listed in the annotations."""
+    root = tmp_path_factory.mktemp("coco")
+    ann_path = make_split(str(root), "train", 12, seed=1)
+    make_split(str(root), "val", 3, seed=1, first_id=100)
+    data = json.load(open(ann_path))
+    expected_errors = {}
+    for k, (name, (payload, kind)) in enumerate(sorted(bad_images().items())):
+        (root / "train" / name).write_bytes(payload)
+        data["images"].append({"id": 500 + k, "file_name": name})
+        data["annotations"].append({"id": 9000 + k, "image_id": 500 + k, "caption": "broken"})
+        expected_errors[name] = kind
+    data["images"].append({"id": 600, "file_name": "missing.jpg"})
+    expected_errors["missing.jpg"] = "missing_file"
+    data["annotations"].append({"id": 9999, "image_id": 424242, "caption": "orphan caption"})
+    json.dump(data, open(ann_path, "w"))
+    return root, expected_errors
+
+
+def extract(root, out, split, *extra):
+    return run([
+        "--split", split, "--captions_json", str(root / "annotations" / f"captions_{split}.json"),
+        "--images_dir", str(root / split), "--output_dir", str(out), "--weights", "none",
+        "--batch_size", "4", *RUNNER, *extra,
+    ])
+
+
+def read_split(out, split):
+    manifest, vocab = check_data_dir(str(out))
+    info = split_info(str(out), manifest, split)
+    rows = []
+    for batch in image_records(info.files, 8):
+        for i in range(len(batch["image_id"])):
+            rows.append({
+                "id": int(batch["image_id"][i]),
+                "features": batch["features"][i].numpy(),
+                "captions": [c.decode() for c in batch["captions"][i].numpy()],
+            })
+    return manifest, vocab, info, rows
+
+
+@pytest.fixture(scope="module")
+def extracted(coco, tmp_path_factory):
+    root, _ = coco
+    out = tmp_path_factory.mktemp("features")
+    summary = extract(root, out, "train", "--num_shards", "2")
+    return out, summary
+
+
+def test_shards_hold_one_float16_example_per_image(extracted, coco):
+    out, summary = extracted
+    manifest, vocab, info, rows = read_split(out, "train")
+    assert len(info.files) == 2 and all(f.endswith("-of-00002.tfrecord.gz") for f in info.files)
+    assert sorted(r["id"] for r in rows) == list(range(1, 13))
+    assert all(r["features"].shape == (64, 2048) for r in rows)
+    assert all(len(r["captions"]) == 5 for r in rows)
+    raw = next(iter(tf.data.TFRecordDataset(info.files[0], compression_type="GZIP")))
+    parsed = formats.parse_example(raw.numpy())
+    assert parsed["features"].dtype == np.float16 and np.isfinite(parsed["features"]).all()
+    assert (parsed["width"], parsed["height"]) == (160, 120)
+    assert summary["embedded"] == 12
+
+
+def test_manifest_counts_every_image(extracted, coco):
+    out, _ = extracted
+    _, expected_errors = coco
+    m = json.load(open(out / "manifest.json"))
+    train = m["splits"]["train"]
+    assert train["images"] == 12 and train["captions"] == 60
+    assert train["errors"] == len(expected_errors)
+    assert train["orphan_annotations"] == 1
+    assert train["images"] + train["errors"] == 12 + len(expected_errors)  # nothing dropped
+    assert (m["weights"], m["feature_dtype"], m["feature_shape"]) == ("none", "float16", [64, 2048])
+
+
+def test_every_bad_file_is_an_error_row_with_its_reason(extracted, coco):
+    out, _ = extracted
+    _, expected = coco
+    errors = pq.read_table(out / "errors-train-00000-of-00001.parquet").to_pylist()
+    got = {os.path.basename(r["uri"]): r["error_type"] for r in errors}
+    assert got == expected
+    assert all(r["message"] for r in errors)
+
+
+def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
+    out, _ = extracted
+    root, _ = coco
+    vocab = Vocabulary.load(str(out / "vocab.txt"))
+    assert vocab.tokens[:4] == RESERVED
+    data = json.load(open(root / "annotations" / "captions_train.json"))
+    expected = Vocabulary.build([a["caption"] for a in data["annotations"] if a["image_id"] != 424242 or True], 5000)
+    assert vocab == expected
+
+
+def test_val_run_reuses_vocab_and_merges_manifest(extracted, coco):
+    out, _ = extracted
+    root, _ = coco
+    before = (out / "vocab.txt").read_text()
+    extract(root, out, "val")
+    m = json.load(open(out / "manifest.json"))
+    assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["images"] == 3
+    assert (out / "vocab.txt").read_text() == before
+
+
+def test_val_without_vocabulary_fails_at_start(coco, tmp_path):
+    root, _ = coco
+    with pytest.raises(UsageError, match="no vocabulary for split val"):
+        extract(root, tmp_path / "empty", "val")
+
+
+def test_other_weights_in_same_dir_fail_at_start(extracted, coco, tmp_path):
+    out, _ = extracted
+    root, _ = coco
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"x")
+    with pytest.raises(UsageError, match="holds features with weights='none'"):
+        extract(root, out, "val", "--weights", str(weights))
+
+
+def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path):
+    out, _ = extracted
+    root, _ = coco
+    extract(root, tmp_path / "mp", "train", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    _, _, _, rows_mp = read_split(tmp_path / "mp", "train")
+    _, _, _, rows = read_split(out, "train")
+    by_id = {r["id"]: r["features"] for r in rows}
+    assert sorted(by_id) == sorted(r["id"] for r in rows_mp)
+    for r in rows_mp:
+        np.testing.assert_allclose(r["features"], by_id[r["id"]], rtol=1e-2, atol=1e-6)
+
+
+def test_karpathy_split_file(coco, tmp_path):
+    root, _ = coco
+    images = []
+    for k, (split, sub) in enumerate([("train", "train"), ("restval", "train"), ("val", "val"), ("test", "val")]):
+        data = json.load(open(root / "annotations" / f"captions_{sub}.json"))
+        img = data["images"][k % 3]
+        images.append({
+            "filepath": sub, "filename": img["file_name"], "cocoid": img["id"] + 1000 * k,
+            "split": split, "sentences": [{"raw": "A red thing.", "tokens": ["a", "red", "thing"]}],
+        })
+    kfile = tmp_path / "dataset_coco.json"
+    kfile.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    run(["--karpathy_json", str(kfile), "--images_dir", str(root), "--output_dir", str(tmp_path / "k"),
+         "--weights", "none", *RUNNER])
+    m = json.load(open(tmp_path / "k" / "manifest.json"))
+    assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
+    assert Vocabulary.load(str(tmp_path / "k" / "vocab.txt")).tokens[4:] == ("a", "red", "thing")
