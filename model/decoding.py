@@ -56,9 +56,12 @@ def greedy_decode_graph(
     def cond(t, token, hidden, done, ids, logps, alphas):
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
 
+    # <pad> and <start> are never valid outputs: mask them out of the softmax.
+    never = tf.scatter_nd([[PAD_ID], [START_ID]], [-1e9, -1e9], [model.config.vocab_size])
+
     def body(t, token, hidden, done, ids, logps, alphas):
         logits, hidden, alpha = decoder.step(token, hidden, encoded, projected)
-        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) + never)
         next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
         next_logp = tf.gather(log_probs, next_token, batch_dims=1)
         next_token = tf.where(done, PAD_ID, next_token)

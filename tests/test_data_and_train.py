@@ -114,7 +114,8 @@ def test_train_loss_falls_exports_and_decodes(tmp_path):
         "--verbose", "0", "--patience", "0",
     ])
     losses = [h["loss"] for h in summary["history"]]
-    assert losses[-1] < losses[0] * 0.8, losses
+    # The attention penalty adds a near-constant offset, so a 10% fall is real learning.
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.9, losses
     assert all("val_loss" in h for h in summary["history"])
     assert summary["steps"] == 4 * summary["steps_per_epoch"]
     export = load_export(str(tmp_path / "m" / "export"))

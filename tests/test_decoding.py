@@ -79,3 +79,14 @@ def test_batch_equals_each_image_alone_and_is_deterministic():
         assert hit == (not has_end)
         if has_end:
             assert ids[length] == END_ID and (ids[length + 1 :] == PAD_ID).all()
+
+
+def test_pad_and_start_are_never_generated():
+    m = forced_model()
+    fc2_k, fc2_b = m.decoder.fc2.get_weights()
+    fc2_b[:] = 0
+    fc2_b[0], fc2_b[2] = 50.0, 40.0  # <pad> and <start> would win the argmax
+    m.decoder.fc2.set_weights([np.zeros_like(fc2_k), fc2_b])
+    out = greedy_decode(m, np.zeros((2, 64, 2048), np.float32), max_length=4)
+    assert not np.isin(out.token_ids[:, 0], [0, 2]).any()
+    assert (out.lengths == 4).all()
