@@ -56,7 +56,9 @@ def parse_coco(data: dict[str, Any], split: str) -> Parsed:
     known = {int(img["id"]) for img in data["images"]}
     orphans = sum(len(c) for i, c in captions.items() if i not in known)
     records = [
-        ImageRecord(int(img["id"]), img["file_name"], tuple(captions.get(int(img["id"]), ())), split)
+        ImageRecord(
+            int(img["id"]), img["file_name"], tuple(captions.get(int(img["id"]), ())), split
+        )
         for img in sorted(data["images"], key=lambda i: int(i["id"]))
     ]
     return Parsed(records, orphans)

@@ -52,7 +52,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     p.add_argument("--output_dir", required=True, help="CAPTIONS_DIR, local or gs://")
     p.add_argument("--skip_existing", action="store_true", help="skip uris already in the output")
-    p.add_argument("--precision", choices=PRECISIONS, help="extractor compute (default: as trained)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
+    )
     p.add_argument("--num_shards", type=int, default=1, help="captions files (0: runner decides)")
     p.add_argument("--model_copies", type=int, help="share N model copies across worker processes")
     p.add_argument("--large_model", action="store_true", help="one model shared per machine (GPU)")
@@ -104,7 +106,9 @@ def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Any]:
         return
     item: Item = items[0]  # the same file matched twice (overlapping --input) is captioned once
     if item.data is None:
-        yield beam.pvalue.TaggedOutput(ERRORS_TAG, ((uri, ""), error_row(uri, item.error_type or "error", item.message)))
+        yield beam.pvalue.TaggedOutput(
+            ERRORS_TAG, ((uri, ""), error_row(uri, item.error_type or "error", item.message))
+        )
         return
     yield Loaded((uri, hashlib.sha256(item.data).hexdigest()), uri, item.data)
 
@@ -164,7 +168,9 @@ def write_manifest(
     return path
 
 
-def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, manifest: dict[str, Any], run_id: str) -> None:
+def build_pipeline(
+    p: beam.Pipeline, args: argparse.Namespace, manifest: dict[str, Any], run_id: str
+) -> None:
     model_id = manifest["model_id"]
     precision = args.precision or manifest["features"].get("precision", "float32")
     out = args.output_dir.rstrip("/")
@@ -179,8 +185,7 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, manifest: dict[st
     if args.skip_existing:
         groups["done"] = (
             p
-            | "ExistingUris"
-            >> beam.io.ReadFromParquet(f"{out}/*-*.parquet", columns=["uri"])
+            | "ExistingUris" >> beam.io.ReadFromParquet(f"{out}/*-*.parquet", columns=["uri"])
             | "KeyExisting" >> beam.Map(lambda r: (r["uri"], True))
         )
     # Grouping by uri dedupes overlapping inputs, skips finished ones, and
@@ -228,7 +233,8 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, manifest: dict[st
     if args.attention_dir:
         _ = (
             captioned
-            | "FirstForPlots" >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key[0], reverse=True)
+            | "FirstForPlots"
+            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key[0], reverse=True)
             | "EachPlot" >> beam.FlatMap(lambda xs: xs)
             | "PlotAttention" >> beam.Map(plot_one, args.attention_dir)
         )
@@ -248,8 +254,12 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, manifest: dict[st
             write_manifest,
             out,
             body,
-            captioned=beam.pvalue.AsSingleton(rows | "CountRows" >> beam.combiners.Count.Globally()),
-            failed=beam.pvalue.AsSingleton(errors | "CountErrors" >> beam.combiners.Count.Globally()),
+            captioned=beam.pvalue.AsSingleton(
+                rows | "CountRows" >> beam.combiners.Count.Globally()
+            ),
+            failed=beam.pvalue.AsSingleton(
+                errors | "CountErrors" >> beam.combiners.Count.Globally()
+            ),
             files=beam.pvalue.AsList((written_rows, written_errors) | "Written" >> beam.Flatten()),
         )
     )
@@ -266,7 +276,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     existing = existing_outputs(args.output_dir)
     if existing and not args.skip_existing:
         # Same command, same rows: replace the previous run's tables rather than adding to them.
-        print(f"caption_images: replacing {len(existing)} files of a previous run in {args.output_dir}")
+        print(
+            f"caption_images: replacing {len(existing)} files of a previous run "
+            f"in {args.output_dir}"
+        )
         FileSystems.delete(existing)
     if args.skip_existing and not existing:
         args.skip_existing = False  # nothing to skip; plain file names

@@ -1,4 +1,4 @@
-"""Pieces both Beam jobs share: option parsing, file reads, preprocessing DoFns, error rows, summaries."""
+"""What both Beam jobs share: options, file reads, the preprocessing DoFn, error rows, counters."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
 
 
 def read_file(path: str) -> bytes:
-    with FileSystems.open(path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+    with FileSystems.open(
+        path, mime_type="application/octet-stream", compression_type="uncompressed"
+    ) as f:
         return f.read()
 
 
@@ -100,7 +102,9 @@ class PreprocessFn(beam.DoFn):
             decoded = preprocess_image(item.data, max_pixels=self.max_pixels)
         except ImageError as e:
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, (item.key, error_row(item.uri, e.kind, str(e))))
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, (item.key, error_row(item.uri, e.kind, str(e)))
+            )
             return
         self.decoded.inc()
         yield Meta(item.key, decoded.width, decoded.height), decoded.pixels

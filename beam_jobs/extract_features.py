@@ -63,7 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--precision", default="float32", choices=PRECISIONS, help="extractor compute")
     p.add_argument("--vocab_size", type=int, default=5000, help="tokens incl. 4 reserved")
     p.add_argument("--vocab", help="vocab.txt for non-train runs (default FEATURES_DIR/vocab.txt)")
-    p.add_argument("--num_shards", type=int, default=0, help="shards per split (0: ~600 images each)")
+    p.add_argument(
+        "--num_shards", type=int, default=0, help="shards per split (0: ~600 images each)"
+    )
     p.add_argument("--model_copies", type=int, default=None, help="models per worker machine")
     add_common_flags(p)
     args, beam_args = p.parse_known_args(argv)
@@ -103,7 +105,11 @@ def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, 
 
 
 def image_path(images_dir: str, file_name: str) -> str:
-    return posixpath.join(images_dir, file_name) if "://" in images_dir else f"{images_dir.rstrip('/')}/{file_name}"
+    return (
+        posixpath.join(images_dir, file_name)
+        if "://" in images_dir
+        else f"{images_dir.rstrip('/')}/{file_name}"
+    )
 
 
 class ReadImageFn(beam.DoFn):
@@ -142,7 +148,12 @@ class ToExampleFn(beam.DoFn):
         yield (
             record.split,
             formats.make_example(
-                record.image_id, record.file_name, features, record.captions, meta.width, meta.height
+                record.image_id,
+                record.file_name,
+                features,
+                record.captions,
+                meta.width,
+                meta.height,
             ),
             len(record.captions),
         )
@@ -200,7 +211,9 @@ def write_manifest(
             "orphan_annotations": orphans.get(split, 0),
             "images_dir": images_dir,
             "shards": sorted(
-                posixpath.basename(s) for s in shards if posixpath.basename(s).startswith(f"{split}-")
+                posixpath.basename(s)
+                for s in shards
+                if posixpath.basename(s).startswith(f"{split}-")
             ),
         }
     formats.write_manifest(
@@ -303,7 +316,14 @@ def build_pipeline(
     def manifest(_: None, split_stats, error_stats, shards, size) -> str:
         vocab = {**vocab_static, "size": size}
         return write_manifest(
-            args.output_dir, body, split_stats, error_stats, shards, vocab, splits, orphans,
+            args.output_dir,
+            body,
+            split_stats,
+            error_stats,
+            shards,
+            vocab,
+            splits,
+            orphans,
             args.images_dir,
         )
 
@@ -370,7 +390,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if parsed.orphan_annotations:
         LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)
     print(
-        f"extract_features: {len(parsed.records)} images in {', '.join(f'{s}={per_split[s]}' for s in splits)}"
+        f"extract_features: {len(parsed.records)} images in "
+        f"{', '.join(f'{s}={per_split[s]}' for s in splits)}"
         f" -> {args.output_dir} (weights={args.weights}, batch={args.batch_size})",
         flush=True,
     )

@@ -138,7 +138,9 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         model_copies: int | None = None,
         large_model: bool = False,
     ):
-        super().__init__(**_batching(batch_size), model_copies=model_copies, large_model=large_model)
+        super().__init__(
+            **_batching(batch_size), model_copies=model_copies, large_model=large_model
+        )
         self.export_dir = export_dir
         self.precision = precision
 
@@ -149,7 +151,10 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         return LoadedCaptioner(build_caption_fn(export, self.precision), export)
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: LoadedCaptioner, inference_args: dict | None = None
+        self,
+        batch: Sequence[np.ndarray],
+        model: LoadedCaptioner,
+        inference_args: dict | None = None,
     ) -> Iterable[CaptionResult]:
         return split_results(model.caption_batch(np.stack(batch)), model.export.vocab)
 

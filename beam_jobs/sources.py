@@ -72,7 +72,9 @@ def unsafe_member(name: str) -> bool:
 
 def _member_item(uri: str, name: str, size: int, kind: str, read) -> Item:
     if unsafe_member(name):
-        return Item(uri, error_type="unsafe_path", message=f"member name escapes the archive: {name!r}")
+        return Item(
+            uri, error_type="unsafe_path", message=f"member name escapes the archive: {name!r}"
+        )
     if kind != "file":
         return Item(uri, error_type="not_a_file", message=f"archive member is a {kind}")
     if size > MAX_MEMBER_BYTES:
@@ -89,12 +91,17 @@ def _tar_kind(m: tarfile.TarInfo) -> str:
 
 
 def read_tar(path: str) -> Iterator[Item]:
-    with FileSystems.open(path, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with (
+        FileSystems.open(path, compression_type="uncompressed") as f,
+        tarfile.open(fileobj=f, mode="r|*") as tar,
+    ):
         for m in tar:
             if m.isfile() and not is_image_name(m.name):
                 continue  # like folders: only image files are inputs
             uri = f"{path}{MEMBER_SEPARATOR}{m.name}"
-            yield _member_item(uri, m.name, m.size, _tar_kind(m), lambda m=m: tar.extractfile(m).read())
+            yield _member_item(
+                uri, m.name, m.size, _tar_kind(m), lambda m=m: tar.extractfile(m).read()
+            )
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:

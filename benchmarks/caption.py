@@ -32,13 +32,28 @@ def main() -> None:
         make_jpegs(os.path.join(tmp, "img"), a.images)
         vocab = Vocabulary((*RESERVED, *[f"w{i}" for i in range(5000 - len(RESERVED))]))
         model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
-        save_export(model, vocab, {**features_body(), "precision": a.precision}, os.path.join(tmp, "export"))
+        save_export(
+            model, vocab, {**features_body(), "precision": a.precision}, os.path.join(tmp, "export")
+        )
         bare = bare_inception_rate(a.batch_size, a.precision)
-        job = run(["--model", os.path.join(tmp, "export"), "--input", os.path.join(tmp, "img"),
-                   "--output_dir", os.path.join(tmp, "out"), "--batch_size", str(a.batch_size),
-                   "--runner", "FnApiRunner"])["images_per_second"]
-        print(f"caption: job {job:.2f} images/s, bare InceptionV3 {bare:.2f} images/s, "
-              f"ratio {job / bare:.2f} (target >= 0.80; batch {a.batch_size}, {a.precision}, {a.images} images)")
+        job = run(
+            [
+                "--model",
+                os.path.join(tmp, "export"),
+                "--input",
+                os.path.join(tmp, "img"),
+                "--output_dir",
+                os.path.join(tmp, "out"),
+                "--batch_size",
+                str(a.batch_size),
+                "--runner",
+                "FnApiRunner",
+            ]
+        )["images_per_second"]
+        print(
+            f"caption: job {job:.2f} images/s, bare InceptionV3 {bare:.2f} images/s, "
+            f"ratio {job / bare:.2f} (target >= 0.80; batch {a.batch_size}, {a.precision}, {a.images} images)"
+        )
 
 
 if __name__ == "__main__":

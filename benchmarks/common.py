@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 
 
-def make_jpegs(folder: str, count: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[str]:
+def make_jpegs(
+    folder: str, count: int, size: tuple[int, int] = (640, 480), seed: int = 0
+) -> list[str]:
     """COCO-like 640x480 JPEGs: smooth noise, so they compress like photos."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.RandomState(seed)
@@ -28,7 +30,10 @@ def make_jpegs(folder: str, count: int, size: tuple[int, int] = (640, 480), seed
 
 def write_coco(path: str, names: list[str]) -> None:
     images = [{"id": i + 1, "file_name": n} for i, n in enumerate(names)]
-    anns = [{"id": i + 1, "image_id": i + 1, "caption": "a photo of something"} for i in range(len(names))]
+    anns = [
+        {"id": i + 1, "image_id": i + 1, "caption": "a photo of something"}
+        for i in range(len(names))
+    ]
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns}, f)
 

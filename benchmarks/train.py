@@ -30,10 +30,14 @@ def matmul_flops(n: int = 2048, reps: int = 10) -> float:
     return reps * 2 * n**3 / (time.perf_counter() - start)
 
 
-def flops_per_pair(tokens: float, e: int = 256, u: int = 512, v: int = 5000, loc: int = 64, d: int = 2048) -> float:
+def flops_per_pair(
+    tokens: float, e: int = 256, u: int = 512, v: int = 5000, loc: int = 64, d: int = 2048
+) -> float:
     """Forward + backward (x3) FLOPs of one teacher-forced pair with `tokens` decoder steps."""
     once = 2 * loc * d * e + 2 * loc * e * u  # encoder + attention projection, once per sequence
-    per_step = 2 * u * u + 2 * loc * u + 2 * loc * e + 2 * (2 * e + u) * 3 * u + 2 * u * u + 2 * u * v
+    per_step = (
+        2 * u * u + 2 * loc * u + 2 * loc * e + 2 * (2 * e + u) * 3 * u + 2 * u * u + 2 * u * v
+    )
     return 3 * (once + tokens * per_step)
 
 
@@ -60,14 +64,18 @@ def main() -> None:
         with tf.io.TFRecordWriter(path, options="GZIP") as w:
             for i in range(images):
                 caps = [" ".join(rng.choice(words, rng.randint(8, 16))) for _ in range(5)]
-                w.write(formats.make_example(i, f"{i}.jpg", rng.rand(64, 2048).astype(np.float32), caps))
+                w.write(
+                    formats.make_example(i, f"{i}.jpg", rng.rand(64, 2048).astype(np.float32), caps)
+                )
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
             model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
             opt = keras.optimizers.Adam(1e-3, global_clipnorm=5.0)
             opt.build(model.trainable_variables)
         fns = make_step_fns(strategy, model, opt, 1.0)
-        ds = strategy.experimental_distribute_dataset(caption_pairs([path], vocab, a.batch_size, drop_remainder=True))
+        ds = strategy.experimental_distribute_dataset(
+            caption_pairs([path], vocab, a.batch_size, drop_remainder=True)
+        )
         it = iter(ds)
         for _ in range(3):  # trace for a few lengths
             fns.train(next(it))
@@ -82,8 +90,10 @@ def main() -> None:
     rate = pairs / seconds
     achieved = rate * flops_per_pair(tokens / pairs)
     peak = matmul_flops()
-    print(f"train: {rate:.1f} pairs/s (batch {a.batch_size}, tutorial size), {achieved / 1e9:.1f} GFLOP/s of "
-          f"model math vs {peak / 1e9:.1f} GFLOP/s dense matmul: fraction {achieved / peak:.2f}")
+    print(
+        f"train: {rate:.1f} pairs/s (batch {a.batch_size}, tutorial size), {achieved / 1e9:.1f} GFLOP/s of "
+        f"model math vs {peak / 1e9:.1f} GFLOP/s dense matmul: fraction {achieved / peak:.2f}"
+    )
 
 
 if __name__ == "__main__":

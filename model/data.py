@@ -46,12 +46,15 @@ def check_data_dir(data_dir: str) -> tuple[dict[str, Any], Vocabulary]:
     """Reads and checks FEATURES_DIR's manifest and vocabulary; one-line errors."""
     if not tf.io.gfile.exists(data_dir):
         raise formats.FormatError(f"--data_dir does not exist: {data_dir}")
-    manifest = formats.read_manifest(formats.features_manifest_path(data_dir), formats.KIND_FEATURES)
+    manifest = formats.read_manifest(
+        formats.features_manifest_path(data_dir), formats.KIND_FEATURES
+    )
     formats.check_backbone(manifest, data_dir)
     vocab = Vocabulary.load(f"{data_dir.rstrip('/')}/{formats.VOCAB_FILE}")
     if manifest.get("vocab", {}).get("size") not in (None, len(vocab)):
         raise formats.FormatError(
-            f"{data_dir}: vocab.txt has {len(vocab)} tokens, manifest says {manifest['vocab']['size']}"
+            f"{data_dir}: vocab.txt has {len(vocab)} tokens, "
+            f"manifest says {manifest['vocab']['size']}"
         )
     return manifest, vocab
 
@@ -122,7 +125,9 @@ def caption_pairs(
         features = tf.repeat(batch["features"], captions.row_lengths(), axis=0)
         return features, tokens.to_tensor(), tf.cast(tokens.row_lengths(), tf.int32)
 
-    def trim(features: tf.Tensor, tokens: tf.Tensor, length: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def trim(
+        features: tf.Tensor, tokens: tf.Tensor, length: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         return features, tokens[:length]  # drop the record batch's padding again
 
     ds = records(files, shuffle, seed)

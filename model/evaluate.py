@@ -1,6 +1,7 @@
 """Evaluates an export on a features split: greedy captions scored with the COCO metrics.
 
-    python -m model.evaluate --model MODEL_DIR/export --data_dir FEATURES_DIR --split val [--plots 5]
+    python -m model.evaluate --model MODEL_DIR/export --data_dir FEATURES_DIR \
+        --split val [--plots 5]
 
 Decodes every image of the split from its stored features (batched greedy),
 scores corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr against all of each
@@ -57,7 +58,9 @@ def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir
             )
 
 
-def decode_split(export: Export, files: list[str], batch_size: int, max_length: int) -> dict[str, Any]:
+def decode_split(
+    export: Export, files: list[str], batch_size: int, max_length: int
+) -> dict[str, Any]:
     """Greedy captions for every image: ids, file names, captions, references, attention."""
     decode = make_greedy_decoder(export.model, max_length)
     out: dict[str, list] = collections.defaultdict(list)
@@ -66,7 +69,9 @@ def decode_split(export: Export, files: list[str], batch_size: int, max_length: 
         out["image_id"] += [int(i) for i in batch["image_id"].numpy()]
         out["file_name"] += [f.decode("utf-8") for f in batch["file_name"].numpy()]
         out["caption"] += decoded.captions(export.vocab)
-        out["references"] += [[c.decode("utf-8") for c in row] for row in batch["captions"].to_list()]
+        out["references"] += [
+            [c.decode("utf-8") for c in row] for row in batch["captions"].to_list()
+        ]
         out["words"] += [
             [export.vocab.tokens[t] for t in decoded.words(i)]
             + ([] if decoded.hit_max_length[i] else ["<end>"])
@@ -116,7 +121,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     features_manifest, _ = check_data_dir(args.data_dir)
     check_compatible(export, features_manifest, args.data_dir)
     info = split_info(args.data_dir, features_manifest, args.split)
-    out_dir = args.output_dir or os.path.join(os.path.dirname(export.path.rstrip("/")), "eval", args.split)
+    out_dir = args.output_dir or os.path.join(
+        os.path.dirname(export.path.rstrip("/")), "eval", args.split
+    )
     os.makedirs(out_dir, exist_ok=True)
     max_length = args.max_length or export.max_length
     decoded = decode_split(export, info.files, args.batch_size, max_length)
@@ -128,18 +135,32 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": metrics}
     train_split = "train" if "train" in features_manifest.get("splits", {}) else None
     if train_split:
-        blind = most_frequent_caption(split_info(args.data_dir, features_manifest, train_split).files)
-        results["blind baseline"] = score_captions(refs, dict.fromkeys(ids, blind), metrics["comparable"])
+        blind = most_frequent_caption(
+            split_info(args.data_dir, features_manifest, train_split).files
+        )
+        results["blind baseline"] = score_captions(
+            refs, dict.fromkeys(ids, blind), metrics["comparable"]
+        )
         results["blind baseline"]["caption"] = blind
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({**metrics, "split": args.split, "model_id": export.model_id,
-                   "baseline": results.get("blind baseline")}, f, indent=2)
+        json.dump(
+            {
+                **metrics,
+                "split": args.split,
+                "model_id": export.model_id,
+                "baseline": results.get("blind baseline"),
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out_dir, "predictions.json"), "w") as f:
         json.dump([{"image_id": i, "caption": preds[i]} for i in ids], f)
     print(f"evaluate: {len(ids)} images of split {args.split!r}, model {export.model_id}")
     print(format_table(results))
     if not metrics["comparable"]:
-        print("evaluate: Java not found: Python tokenizer and no METEOR; not comparable with papers")
+        print(
+            "evaluate: Java not found: Python tokenizer and no METEOR; not comparable with papers"
+        )
     plots = []
     if args.plots:
         images_dir = args.images_dir or features_manifest["splits"][args.split].get("images_dir")
@@ -148,9 +169,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         for p in plots:
             print(f"evaluate: attention plot {p}")
     print(f"evaluate: wrote {out_dir}/metrics.json and predictions.json")
-    return {"metrics": metrics, "results": results, "output_dir": out_dir, "plots": plots,
-            "predictions": preds, "file_names": dict(zip(ids, decoded["file_name"], strict=True)),
-            "attention_sum": float(np.sum([a.sum() for a in decoded["attention"]]))}
+    return {
+        "metrics": metrics,
+        "results": results,
+        "output_dir": out_dir,
+        "plots": plots,
+        "predictions": preds,
+        "file_names": dict(zip(ids, decoded["file_name"], strict=True)),
+        "attention_sum": float(np.sum([a.sum() for a in decoded["attention"]])),
+    }
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

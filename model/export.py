@@ -71,7 +71,8 @@ def save_export(
     """Saves a float32 copy of `model` with its vocabulary and manifest."""
     if len(vocab) != model.config.vocab_size:
         raise formats.FormatError(
-            f"vocabulary has {len(vocab)} tokens but the model was built for {model.config.vocab_size}"
+            f"vocabulary has {len(vocab)} tokens "
+            f"but the model was built for {model.config.vocab_size}"
         )
     paths = formats.export_paths(export_dir)
     fs, root = fsspec.core.url_to_fs(export_dir)

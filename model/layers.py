@@ -57,7 +57,11 @@ class CNNEncoder(keras.layers.Layer):
         return self.fc(features)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "embedding_dim": self.embedding_dim, "normalize": self.normalize}
+        return {
+            **super().get_config(),
+            "embedding_dim": self.embedding_dim,
+            "normalize": self.normalize,
+        }
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

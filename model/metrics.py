@@ -52,7 +52,9 @@ def score_captions(
     ids = sorted(predictions)
     missing = [i for i in ids if not references.get(i)]
     if missing:
-        raise ValueError(f"{len(missing)} predicted images have no reference captions, e.g. {missing[0]}")
+        raise ValueError(
+            f"{len(missing)} predicted images have no reference captions, e.g. {missing[0]}"
+        )
     if use_java is None:
         use_java = java_available()
         if not use_java:
@@ -91,6 +93,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         if all(c is None for c in cells):
             continue
         lines.append(
-            f"{key:<10}" + "".join(f"{c * 100:>16.2f}" if c is not None else " " * 15 + "-" for c in cells)
+            f"{key:<10}"
+            + "".join(f"{c * 100:>16.2f}" if c is not None else " " * 15 + "-" for c in cells)
         )
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention_penalty", type=float, default=1.0, help="lambda; 0 turns it off")
     p.add_argument(
-        "--no_feature_norm", action="store_true", help="feed raw features (no per-channel standardisation)"
+        "--no_feature_norm",
+        action="store_true",
+        help="feed raw features (no per-channel standardisation)",
     )
     p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup_steps", type=int, default=100)
@@ -59,14 +61,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH, help="decoding limit")
     p.add_argument("--shuffle_buffer", type=int, default=2048, help="pairs in the shuffle buffer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 progress bar, 2 line per epoch")
+    p.add_argument(
+        "--verbose", type=int, default=1, help="0 quiet, 1 progress bar, 2 line per epoch"
+    )
     return p.parse_args(argv)
 
 
 def choose_strategy() -> tf.distribute.Strategy:
     """MultiWorker when TF_CONFIG lists more than one task, else Mirrored over local devices."""
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    workers = sum(len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief"))
+    workers = sum(
+        len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief")
+    )
     if workers > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -78,7 +84,9 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver is None or not resolver.cluster_spec().as_dict():
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    return task_type == "chief" or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -92,7 +100,9 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         warm = self.peak * tf.minimum(1.0, (step + 1.0) / max(self.warmup, 1))
         if self.decay == "constant":
             return warm
-        progress = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0)
+        progress = tf.clip_by_value(
+            (step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0
+        )
         cosine = self.peak * (0.1 + 0.9 * 0.5 * (1.0 + tf.cos(math.pi * progress)))
         return tf.where(step < self.warmup, warm, cosine)
 
@@ -120,7 +130,9 @@ def make_step_fns(
     replicas compute the same loss and update as one device on the whole batch.
     """
 
-    def forward(features: tf.Tensor, tokens: tf.Tensor, training: bool) -> tuple[tf.Tensor, LossParts]:
+    def forward(
+        features: tf.Tensor, tokens: tf.Tensor, training: bool
+    ) -> tuple[tf.Tensor, LossParts]:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, PAD_ID), tf.float32))
         ctx = tf.distribute.get_replica_context()
@@ -232,13 +244,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     bad_epochs = tf.Variable(0, dtype=tf.int64, name="bad_epochs")
 
     ckpt = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, step=step, epoch=epoch, position=position,
-        best_val=best_val, bad_epochs=bad_epochs,
+        model=model,
+        optimizer=optimizer,
+        step=step,
+        epoch=epoch,
+        position=position,
+        best_val=best_val,
+        bad_epochs=bad_epochs,
     )
     # Non-chief workers write to a scratch dir: all must save, only the chief's copy is kept.
     ckpt_dir = os.path.join(args.model_dir, "checkpoints")
     if not chief:
-        ckpt_dir = os.path.join(args.model_dir, "tmp", f"worker-{strategy.cluster_resolver.task_id}")
+        ckpt_dir = os.path.join(
+            args.model_dir, "tmp", f"worker-{strategy.cluster_resolver.task_id}"
+        )
     manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=3)
     if manager.latest_checkpoint:  # the checkpoint also restores the feature statistics
         ckpt.restore(manager.latest_checkpoint).expect_partial()
@@ -251,7 +270,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         mean, variance = feature_stats(train_info.files)
         model.encoder.set_feature_stats(mean, variance)
     fns = make_step_fns(strategy, model, optimizer, args.attention_penalty, args.jit_compile)
-    writer = tf.summary.create_file_writer(os.path.join(args.model_dir, "logs" if chief else "tmp/logs"))
+    writer = tf.summary.create_file_writer(
+        os.path.join(args.model_dir, "logs" if chief else "tmp/logs")
+    )
     best_path = os.path.join(args.model_dir, "best.weights.h5")
     history: list[dict[str, float]] = []
     stopped_early = bool(args.patience and int(bad_epochs) >= args.patience)
@@ -264,17 +285,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     def distributed(ds: tf.data.Dataset) -> Any:
         options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
         return strategy.experimental_distribute_dataset(ds.with_options(options))
 
     while int(epoch) < args.epochs and not stopped_early:
         e = int(epoch)
         ds = caption_pairs(
-            train_info.files, vocab, args.batch_size, shuffle=True, seed=args.seed * 1000 + e,
-            max_tokens=args.max_tokens, pair_buffer=args.shuffle_buffer,
+            train_info.files,
+            vocab,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed * 1000 + e,
+            max_tokens=args.max_tokens,
+            pair_buffer=args.shuffle_buffer,
         ).skip(int(position))
-        bar = keras.utils.Progbar(steps_per_epoch, verbose=1 if args.verbose == 1 else 0,
-                                  stateful_metrics=["loss", "examples/s"])
+        bar = keras.utils.Progbar(
+            steps_per_epoch,
+            verbose=1 if args.verbose == 1 else 0,
+            stateful_metrics=["loss", "examples/s"],
+        )
         if int(position):
             bar.update(int(position))
         epoch_loss, epoch_tokens, started, seen = 0.0, 0.0, time.perf_counter(), 0
@@ -342,8 +373,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def evaluate_loss(fns: StepFns, distributed: Any, info: Any, vocab: Any, args: argparse.Namespace) -> float:
-    ds = caption_pairs(info.files, vocab, args.batch_size, shuffle=False, max_tokens=args.max_tokens)
+def evaluate_loss(
+    fns: StepFns, distributed: Any, info: Any, vocab: Any, args: argparse.Namespace
+) -> float:
+    ds = caption_pairs(
+        info.files, vocab, args.batch_size, shuffle=False, max_tokens=args.max_tokens
+    )
     total, tokens = 0.0, 0.0
     for batch in distributed(ds):
         loss_sum, n = fns.evaluate(batch)

@@ -1,6 +1,6 @@
 """Prints bulk captions next to the reference captions of the same images.
 
-    python -m scripts.show_captions --captions_dir CAPTIONS_DIR --captions_json ANN.json [--count 8]
+python -m scripts.show_captions --captions_dir CAPTIONS_DIR --captions_json ANN.json [--count 8]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--captions_json", required=True, help="COCO captions file with the references")
     p.add_argument("--count", type=int, default=8)
     a = p.parse_args(argv)
-    coco = json.load(open(a.captions_json))
+    with open(a.captions_json) as f:
+        coco = json.load(f)
     names = {img["id"]: img["file_name"] for img in coco["images"]}
     refs: dict[str, list[str]] = {}
     for ann in coco["annotations"]:

@@ -34,7 +34,9 @@ def caption_for(i: int) -> str:
     return f"a {WORDS[i % 3]} {WORDS[3 + i % 2]} on the {WORDS[5 + (i // 2) % 2]}"
 
 
-def write_features_dir(path: str, splits: dict[str, int], shards: int = 2, seed: int = 0) -> Vocabulary:
+def write_features_dir(
+    path: str, splits: dict[str, int], shards: int = 2, seed: int = 0
+) -> Vocabulary:
     """Features whose content predicts the caption, so a model can learn it."""
     rng = np.random.RandomState(seed)
     os.makedirs(path, exist_ok=True)
@@ -69,7 +71,9 @@ def write_features_dir(path: str, splits: dict[str, int], shards: int = 2, seed:
 
 def write_tiny_export(path: str, vocab_size: int = 12, max_length: int = 6) -> str:
     """A random tiny captioner exported as stage 2 would (weights=none features)."""
-    vocab = Vocabulary(("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)]))
+    vocab = Vocabulary(
+        ("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)])
+    )
     model = ShowAttendTell(vocab_size=vocab_size, embedding_dim=8, units=8)
     save_export(model, vocab, features_body(), path, max_length=max_length)
     return path

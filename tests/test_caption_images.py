@@ -49,11 +49,22 @@ def inputs(tmp_path_factory):
     odd.write_bytes(encode(noise(7), "JPEG"))
     expected[str(odd)] = "ok"
     (folder / "notes.txt").write_text("not matched: not an image extension")
-    members = {"a.jpg": encode(noise(8), "JPEG"), "dir/b.png": encode(noise(9), "PNG"),
-               "../evil.jpg": encode(noise(10), "JPEG"), "/abs.jpg": encode(noise(11), "JPEG"),
-               "bad.jpg": b"nope"}
-    outcome = {"a.jpg": "ok", "dir/b.png": "ok", "../evil.jpg": "unsafe_path", "/abs.jpg": "unsafe_path",
-               "bad.jpg": "not_an_image", "link.jpg": "not_a_file", "subdir": "not_a_file"}
+    members = {
+        "a.jpg": encode(noise(8), "JPEG"),
+        "dir/b.png": encode(noise(9), "PNG"),
+        "../evil.jpg": encode(noise(10), "JPEG"),
+        "/abs.jpg": encode(noise(11), "JPEG"),
+        "bad.jpg": b"nope",
+    }
+    outcome = {
+        "a.jpg": "ok",
+        "dir/b.png": "ok",
+        "../evil.jpg": "unsafe_path",
+        "/abs.jpg": "unsafe_path",
+        "bad.jpg": "not_an_image",
+        "link.jpg": "not_a_file",
+        "subdir": "not_a_file",
+    }
     for name, mode in (("batch.tar", "w"), ("batch.tar.gz", "w:gz")):
         _tar(root / name, mode, members)
         expected.update({f"{root / name}!/{m}": k for m, k in outcome.items()})
@@ -70,9 +81,24 @@ def inputs(tmp_path_factory):
 
 def caption(inputs, out, *extra):
     root, _, export = inputs
-    args = ["--model", export, "--input", str(root / "images"), "--input", str(root / "batch.tar"),
-            "--input", str(root / "batch.tar.gz"), "--input", str(root / "batch.zip"),
-            "--output_dir", str(out), "--batch_size", "4", *RUNNER, *extra]
+    args = [
+        "--model",
+        export,
+        "--input",
+        str(root / "images"),
+        "--input",
+        str(root / "batch.tar"),
+        "--input",
+        str(root / "batch.tar.gz"),
+        "--input",
+        str(root / "batch.zip"),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        *RUNNER,
+        *extra,
+    ]
     return run(args)
 
 
@@ -97,10 +123,16 @@ def test_every_input_appears_exactly_once(captioned, inputs):
     assert len(uris) == len(set(uris))
     assert set(uris) == set(expected)
     assert {r["uri"] for r in caps} == {u for u, k in expected.items() if k == "ok"}
-    assert {r["uri"]: r["error_type"] for r in errs} == {u: k for u, k in expected.items() if k != "ok"}
+    assert {r["uri"]: r["error_type"] for r in errs} == {
+        u: k for u, k in expected.items() if k != "ok"
+    }
     assert all(r["message"] for r in errs)
     manifest = json.load(open(out / "manifest.json"))
-    assert manifest["counts"] == {"captioned": len(caps), "failed": len(errs), "inputs": len(expected)}
+    assert manifest["counts"] == {
+        "captioned": len(caps),
+        "failed": len(errs),
+        "inputs": len(expected),
+    }
     assert summary["captioned"] == len(caps) and summary["failed"] == len(errs)
 
 
@@ -117,13 +149,23 @@ def test_caption_rows_follow_the_schema(captioned, inputs):
         assert r["caption"] == " ".join(f"w{t - 4}" for t in r["token_ids"])
     rotated = next(r for r in caps if r["uri"].endswith("exif_rotated.jpg"))
     assert (rotated["width"], rotated["height"]) == (20, 40)
-    assert pq.ParquetFile(next(out.glob("captions-*.parquet"))).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert (
+        pq.ParquetFile(next(out.glob("captions-*.parquet")))
+        .metadata.row_group(0)
+        .column(0)
+        .compression
+        == "ZSTD"
+    )
 
 
 def test_duckdb_reads_the_tables(captioned):
     out, _ = captioned
     [(n,)] = duckdb.sql(f"select count(*) from read_parquet('{out}/captions-*.parquet')").fetchall()
-    kinds = dict(duckdb.sql(f"select error_type, count(*) from read_parquet('{out}/errors-*.parquet') group by 1").fetchall())
+    kinds = dict(
+        duckdb.sql(
+            f"select error_type, count(*) from read_parquet('{out}/errors-*.parquet') group by 1"
+        ).fetchall()
+    )
     assert n > 10 and kinds["unsafe_path"] == 6
 
 
@@ -150,7 +192,18 @@ def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
     run(["--model", export, "--input", str(folder), "--output_dir", str(out), *RUNNER])
     (folder / "two.jpg").write_bytes(encode(noise(21), "JPEG"))
     (folder / "three.png").write_bytes(encode(noise(22), "PNG"))
-    summary = run(["--model", export, "--input", str(folder), "--output_dir", str(out), "--skip_existing", *RUNNER])
+    summary = run(
+        [
+            "--model",
+            export,
+            "--input",
+            str(folder),
+            "--output_dir",
+            str(out),
+            "--skip_existing",
+            *RUNNER,
+        ]
+    )
     assert summary["captioned"] == 2
     caps, errs = tables(out)
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
@@ -166,11 +219,38 @@ def test_multi_processing_mode(inputs, tmp_path):
 def test_bad_arguments_fail_at_start(inputs, tmp_path):
     root, _, export = inputs
     with pytest.raises(UsageError, match="matches nothing"):
-        run(["--model", export, "--input", str(tmp_path / "nothing*.jpg"), "--output_dir", str(tmp_path)])
+        run(
+            [
+                "--model",
+                export,
+                "--input",
+                str(tmp_path / "nothing*.jpg"),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     with pytest.raises(FormatError, match="no model_export manifest"):
-        run(["--model", str(tmp_path), "--input", str(root / "images"), "--output_dir", str(tmp_path)])
+        run(
+            [
+                "--model",
+                str(tmp_path),
+                "--input",
+                str(root / "images"),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     other = json.load(open(os.path.join(export, "manifest.json")))
     other["features"]["backbone"] = "resnet50"
     (tmp_path / "manifest.json").write_text(json.dumps(other))
     with pytest.raises(FormatError, match="resnet50"):
-        run(["--model", str(tmp_path), "--input", str(root / "images"), "--output_dir", str(tmp_path / "o")])
+        run(
+            [
+                "--model",
+                str(tmp_path),
+                "--input",
+                str(root / "images"),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import formats
 from model.captioner import ShowAttendTell
 from model.data import caption_pairs, check_data_dir, split_info, tf_standardize
 from model.decoding import greedy_decode
 from model.export import load_export
 from model.train import make_step_fns
-from model.vocab import END_ID, PAD_ID, START_ID, Vocabulary, standardize
+from model.vocab import END_ID, PAD_ID, START_ID, standardize
 from tests.fixtures import caption_for, write_features_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +56,19 @@ def test_shuffle_is_deterministic_per_seed(tmp_path):
 
 def test_bad_data_dir_fails_with_one_line(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "model.train", "--data_dir", str(tmp_path / "nope"), "--model_dir", str(tmp_path / "m")],
-        capture_output=True, text=True, env=ENV, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "model.train",
+            "--data_dir",
+            str(tmp_path / "nope"),
+            "--model_dir",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
     )
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("error: --data_dir does not exist")
@@ -99,8 +109,22 @@ def test_mirrored_two_replicas_equal_one_device():
 
 def train_cmd(data, model_dir, *extra):
     return [
-        sys.executable, "-m", "model.train", "--data_dir", str(data), "--model_dir", str(model_dir),
-        "--preset", "tiny", "--batch_size", "4", "--warmup_steps", "1", "--verbose", "2", *extra,
+        sys.executable,
+        "-m",
+        "model.train",
+        "--data_dir",
+        str(data),
+        "--model_dir",
+        str(model_dir),
+        "--preset",
+        "tiny",
+        "--batch_size",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--verbose",
+        "2",
+        *extra,
     ]
 
 
@@ -108,14 +132,34 @@ def test_train_loss_falls_exports_and_decodes(tmp_path):
     from model.train import run
 
     write_features_dir(str(tmp_path / "f"), {"train": 24, "val": 6})
-    summary = run([
-        "--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m"), "--preset", "tiny",
-        "--epochs", "4", "--batch_size", "6", "--learning_rate", "1e-2", "--warmup_steps", "2",
-        "--verbose", "0", "--patience", "0",
-    ])
+    summary = run(
+        [
+            "--data_dir",
+            str(tmp_path / "f"),
+            "--model_dir",
+            str(tmp_path / "m"),
+            "--preset",
+            "tiny",
+            "--epochs",
+            "4",
+            "--batch_size",
+            "6",
+            "--learning_rate",
+            "1e-2",
+            "--warmup_steps",
+            "2",
+            "--verbose",
+            "0",
+            "--patience",
+            "0",
+        ]
+    )
     losses = [h["loss"] for h in summary["history"]]
     # The attention penalty adds a near-constant offset, so a 10% fall is real learning.
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.9, losses
+    assert (
+        all(b < a for a, b in zip(losses, losses[1:], strict=False))
+        and losses[-1] < losses[0] * 0.9
+    ), losses
     assert all("val_loss" in h for h in summary["history"])
     assert summary["steps"] == 4 * summary["steps_per_epoch"]
     export = load_export(str(tmp_path / "m" / "export"))
@@ -130,7 +174,9 @@ def test_checkpoint_of_another_model_fails_at_start(tmp_path):
     write_features_dir(str(tmp_path / "f"), {"train": 8})
     os.makedirs(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps({"vocab_size": 999}))
-    r = subprocess.run(train_cmd(tmp_path / "f", tmp_path / "m"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    r = subprocess.run(
+        train_cmd(tmp_path / "f", tmp_path / "m"), capture_output=True, text=True, env=ENV, cwd=ROOT
+    )
     assert r.returncode != 0
     assert "holds a checkpoint of another model" in r.stderr.strip().splitlines()[-1]
 
@@ -138,16 +184,22 @@ def test_checkpoint_of_another_model_fails_at_start(tmp_path):
 def test_sigkill_mid_epoch_then_resume_reaches_same_step_count(tmp_path):
     write_features_dir(str(tmp_path / "f"), {"train": 60})  # 90 captions -> 23 steps/epoch
     cmd = train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "3", "--checkpoint_every", "2")
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     ckpt_dir = tmp_path / "m" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ckpt_dir.exists() and any(p.name.startswith("ckpt-") and p.name.endswith(".index") for p in ckpt_dir.iterdir()):
+        if ckpt_dir.exists() and any(
+            p.name.startswith("ckpt-") and p.name.endswith(".index") for p in ckpt_dir.iterdir()
+        ):
             steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt_dir.glob("ckpt-*.index")]
             if max(steps) >= 4:
                 break
         if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed:\n" + proc.stdout.read().decode())
+            pytest.fail(
+                "training finished before it could be killed:\n" + proc.stdout.read().decode()
+            )
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -170,9 +222,18 @@ def test_two_workers_on_loopback(tmp_path):
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     procs = []
     for i in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})}
+        env = {
+            **ENV,
+            "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            ),
+        }
         cmd = train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "1", "--checkpoint_every", "3")
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     outs = []
     for p in procs:
         try:

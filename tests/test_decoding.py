@@ -74,7 +74,7 @@ def test_batch_equals_each_image_alone_and_is_deterministic():
         assert alone.lengths[0] == batch.lengths[i]
         np.testing.assert_allclose(alone.log_probs[0], batch.log_probs[i], atol=1e-5)
     # Invariants: after <end> only <pad>; hit_max_length iff no <end>.
-    for ids, length, hit in zip(batch.token_ids, batch.lengths, batch.hit_max_length):
+    for ids, length, hit in zip(batch.token_ids, batch.lengths, batch.hit_max_length, strict=False):
         has_end = END_ID in ids.tolist()
         assert hit == (not has_end)
         if has_end:

@@ -17,35 +17,84 @@ def test_extract_train_evaluate_caption(tmp_path):
     data, feats, model_dir, caps = (tmp_path / d for d in ("data", "features", "model", "captions"))
     for split, n, first in (("train", 48, 1), ("val", 12, 1000)):
         make_split(str(data), split, n, seed=5, first_id=first)
-        extract_features.run([
-            "--split", split, "--captions_json", str(data / "annotations" / f"captions_{split}.json"),
-            "--images_dir", str(data / split), "--output_dir", str(feats), "--weights", "none",
-            "--vocab_size", "60", "--batch_size", "16", *RUNNER,
-        ])
+        extract_features.run(
+            [
+                "--split",
+                split,
+                "--captions_json",
+                str(data / "annotations" / f"captions_{split}.json"),
+                "--images_dir",
+                str(data / split),
+                "--output_dir",
+                str(feats),
+                "--weights",
+                "none",
+                "--vocab_size",
+                "60",
+                "--batch_size",
+                "16",
+                *RUNNER,
+            ]
+        )
     manifest = json.load(open(feats / "manifest.json"))
     assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 48, "val": 12}
 
-    summary = train.run([
-        "--data_dir", str(feats), "--model_dir", str(model_dir), "--preset", "tiny", "--epochs", "3",
-        "--batch_size", "32", "--learning_rate", "5e-3", "--warmup_steps", "2", "--verbose", "0",
-        "--max_length", "12",
-    ])
+    summary = train.run(
+        [
+            "--data_dir",
+            str(feats),
+            "--model_dir",
+            str(model_dir),
+            "--preset",
+            "tiny",
+            "--epochs",
+            "3",
+            "--batch_size",
+            "32",
+            "--learning_rate",
+            "5e-3",
+            "--warmup_steps",
+            "2",
+            "--verbose",
+            "0",
+            "--max_length",
+            "12",
+        ]
+    )
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
     export = model_dir / "export"
     assert {"captioner.keras", "vocab.txt", "manifest.json"} <= set(os.listdir(export))
 
-    result = evaluate.run([
-        "--model", str(export), "--data_dir", str(feats), "--split", "val", "--plots", "2",
-    ])
+    result = evaluate.run(
+        [
+            "--model",
+            str(export),
+            "--data_dir",
+            str(feats),
+            "--split",
+            "val",
+            "--plots",
+            "2",
+        ]
+    )
     metrics = json.load(open(model_dir / "eval" / "val" / "metrics.json"))
     assert all(k in metrics for k in METRIC_KEYS if k != "METEOR" or metrics["comparable"])
     assert len(json.load(open(model_dir / "eval" / "val" / "predictions.json"))) == 12
     assert len(result["plots"]) >= 1 and all(p.endswith(".png") for p in result["plots"])
 
-    caption_images.run([
-        "--model", str(export), "--input", str(data / "val"), "--output_dir", str(caps),
-        "--batch_size", "8", *RUNNER,
-    ])
+    caption_images.run(
+        [
+            "--model",
+            str(export),
+            "--input",
+            str(data / "val"),
+            "--output_dir",
+            str(caps),
+            "--batch_size",
+            "8",
+            *RUNNER,
+        ]
+    )
     rows = pq.read_table(sorted(str(p) for p in caps.glob("captions-*.parquet"))).to_pylist()
     assert len(rows) == 12
     bulk = {os.path.basename(r["uri"]): r["caption"] for r in rows}

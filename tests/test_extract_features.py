@@ -38,11 +38,24 @@ def coco(tmp_path_factory):
 
 
 def extract(root, out, split, *extra):
-    return run([
-        "--split", split, "--captions_json", str(root / "annotations" / f"captions_{split}.json"),
-        "--images_dir", str(root / split), "--output_dir", str(out), "--weights", "none",
-        "--batch_size", "4", *RUNNER, *extra,
-    ])
+    return run(
+        [
+            "--split",
+            split,
+            "--captions_json",
+            str(root / "annotations" / f"captions_{split}.json"),
+            "--images_dir",
+            str(root / split),
+            "--output_dir",
+            str(out),
+            "--weights",
+            "none",
+            "--batch_size",
+            "4",
+            *RUNNER,
+            *extra,
+        ]
+    )
 
 
 def read_split(out, split):
@@ -51,11 +64,13 @@ def read_split(out, split):
     rows = []
     for batch in image_records(info.files, 8):
         for i in range(len(batch["image_id"])):
-            rows.append({
-                "id": int(batch["image_id"][i]),
-                "features": batch["features"][i].numpy(),
-                "captions": [c.decode() for c in batch["captions"][i].numpy()],
-            })
+            rows.append(
+                {
+                    "id": int(batch["image_id"][i]),
+                    "features": batch["features"][i].numpy(),
+                    "captions": [c.decode() for c in batch["captions"][i].numpy()],
+                }
+            )
     return manifest, vocab, info, rows
 
 
@@ -108,7 +123,9 @@ def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
     vocab = Vocabulary.load(str(out / "vocab.txt"))
     assert vocab.tokens[:4] == RESERVED
     data = json.load(open(root / "annotations" / "captions_train.json"))
-    expected = Vocabulary.build([a["caption"] for a in data["annotations"] if a["image_id"] != 424242], 5000)
+    expected = Vocabulary.build(
+        [a["caption"] for a in data["annotations"] if a["image_id"] != 424242], 5000
+    )
     assert vocab == expected
 
 
@@ -140,7 +157,13 @@ def test_other_weights_in_same_dir_fail_at_start(extracted, coco, tmp_path):
 def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path):
     out, _ = extracted
     root, _ = coco
-    extract(root, tmp_path / "mp", "train", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    extract(
+        root,
+        tmp_path / "mp",
+        "train",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    )
     _, _, _, rows_mp = read_split(tmp_path / "mp", "train")
     _, _, _, rows = read_split(out, "train")
     by_id = {r["id"]: r["features"] for r in rows}
@@ -152,17 +175,35 @@ def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path
 def test_karpathy_split_file(coco, tmp_path):
     root, _ = coco
     images = []
-    for k, (split, sub) in enumerate([("train", "train"), ("restval", "train"), ("val", "val"), ("test", "val")]):
+    for k, (split, sub) in enumerate(
+        [("train", "train"), ("restval", "train"), ("val", "val"), ("test", "val")]
+    ):
         data = json.load(open(root / "annotations" / f"captions_{sub}.json"))
         img = data["images"][k % 3]
-        images.append({
-            "filepath": sub, "filename": img["file_name"], "cocoid": img["id"] + 1000 * k,
-            "split": split, "sentences": [{"raw": "A red thing.", "tokens": ["a", "red", "thing"]}],
-        })
+        images.append(
+            {
+                "filepath": sub,
+                "filename": img["file_name"],
+                "cocoid": img["id"] + 1000 * k,
+                "split": split,
+                "sentences": [{"raw": "A red thing.", "tokens": ["a", "red", "thing"]}],
+            }
+        )
     kfile = tmp_path / "dataset_coco.json"
     kfile.write_text(json.dumps({"images": images, "dataset": "coco"}))
-    run(["--karpathy_json", str(kfile), "--images_dir", str(root), "--output_dir", str(tmp_path / "k"),
-         "--weights", "none", *RUNNER])
+    run(
+        [
+            "--karpathy_json",
+            str(kfile),
+            "--images_dir",
+            str(root),
+            "--output_dir",
+            str(tmp_path / "k"),
+            "--weights",
+            "none",
+            *RUNNER,
+        ]
+    )
     m = json.load(open(tmp_path / "k" / "manifest.json"))
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert Vocabulary.load(str(tmp_path / "k" / "vocab.txt")).tokens[4:] == ("a", "red", "thing")

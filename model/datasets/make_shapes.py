@@ -69,7 +69,11 @@ def draw(s: Scene, rng: random.Random) -> Image.Image:
             for x in range(step // 2, w, step):
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=shade)
     r = rng.randint(30, 38) if s.size == "large" else rng.randint(11, 15)
-    cx = rng.randint(r + 4, w // 2 - r // 2) if s.position == "left" else rng.randint(w // 2 + r // 2, w - r - 4)
+    cx = (
+        rng.randint(r + 4, w // 2 - r // 2)
+        if s.position == "left"
+        else rng.randint(w // 2 + r // 2, w - r - 4)
+    )
     cy = rng.randint(r + 4, h - r - 4)
     color = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[s.color])
     box = [cx - r, cy - r, cx + r, cy + r]
@@ -107,11 +111,19 @@ def make_split(out_dir: str, split: str, count: int, seed: int, first_id: int = 
         w, h = IMAGE_SIZE
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for caption in captions_for(scene):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "caption": caption}
+            )
     path = os.path.join(out_dir, "annotations", f"captions_{split}.json")
     with open(path, "w") as f:
-        json.dump({"info": {"description": "generated shapes"}, "images": images,
-                   "annotations": annotations}, f)
+        json.dump(
+            {
+                "info": {"description": "generated shapes"},
+                "images": images,
+                "annotations": annotations,
+            },
+            f,
+        )
     return path
 
 
