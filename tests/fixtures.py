@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -74,6 +75,7 @@ def write_tiny_export(path: str, vocab_size: int = 12, max_length: int = 6) -> s
     vocab = Vocabulary(
         ("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)])
     )
+    keras.utils.set_random_seed(7)
     model = ShowAttendTell(vocab_size=vocab_size, embedding_dim=8, units=8)
     save_export(model, vocab, features_body(), path, max_length=max_length)
     return path

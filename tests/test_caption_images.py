@@ -11,6 +11,7 @@ import pytest
 from beam_jobs.caption_images import run
 from beam_jobs.common import UsageError
 from model.formats import FormatError
+from model.vocab import Vocabulary
 from tests.fixtures import write_tiny_export
 from tests.helpers import bad_images, encode, good_images, noise
 
@@ -141,12 +142,14 @@ def test_caption_rows_follow_the_schema(captioned, inputs):
     _, _, export = inputs
     caps, _ = tables(out)
     model_id = json.load(open(os.path.join(export, "manifest.json")))["model_id"]
+    vocab = Vocabulary.load(os.path.join(export, "vocab.txt"))
     for r in caps:
         assert r["model_id"] == model_id and len(r["sha256"]) == 64
         assert r["length"] == len(r["token_ids"]) <= 6
         assert r["hit_max_length"] == (r["length"] == 6)
         assert r["log_prob"] <= 0 and r["width"] > 0 and r["height"] > 0
-        assert r["caption"] == " ".join(f"w{t - 4}" for t in r["token_ids"])
+        assert r["caption"] == " ".join(vocab.tokens[t] for t in r["token_ids"])
+        assert not {0, 2, 3} & set(r["token_ids"])  # never <pad>, <start> or <end>
     rotated = next(r for r in caps if r["uri"].endswith("exif_rotated.jpg"))
     assert (rotated["width"], rotated["height"]) == (20, 40)
     assert (
