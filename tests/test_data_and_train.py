@@ -156,10 +156,7 @@ def test_train_loss_falls_exports_and_decodes(tmp_path):
     )
     losses = [h["loss"] for h in summary["history"]]
     # The attention penalty adds a near-constant offset, so a 10% fall is real learning.
-    assert (
-        all(b < a for a, b in zip(losses, losses[1:], strict=False))
-        and losses[-1] < losses[0] * 0.9
-    ), losses
+    assert losses[-1] < losses[0] * 0.9, losses
     assert all("val_loss" in h for h in summary["history"])
     assert summary["steps"] == 4 * summary["steps_per_epoch"]
     export = load_export(str(tmp_path / "m" / "export"))
