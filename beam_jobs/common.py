@@ -34,13 +34,10 @@ class UsageError(ValueError):
 
 
 def exit_on_usage_error(run_fn, argv: Sequence[str] | None = None) -> Any:
-    """Runs a job's `run`, turning start-up errors into one line and exit status 2."""
-    from model.formats import FormatError
+    """Runs a job's `run`, turning start-up errors into one line (see model.cli)."""
+    from model.cli import run_cli
 
-    try:
-        return run_fn(argv)
-    except (UsageError, FormatError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return run_cli(run_fn, argv, errors=(UsageError,))
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import formats
+from model.cli import run_cli
 from model.data import check_data_dir, image_records, records, split_info
 from model.decoding import make_greedy_decoder, to_decoded
 from model.export import Export, load_export
@@ -185,10 +186,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        run(argv)
-    except (formats.FormatError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import tensorflow as tf
 
 from model import formats
 from model.captioner import PRESETS, LossParts, ShowAttendTell, combine_loss, loss_parts
+from model.cli import run_cli
 from model.data import caption_pairs, check_data_dir, feature_stats, split_info
 from model.export import DEFAULT_MAX_LENGTH, save_export
 from model.vocab import PAD_ID
@@ -392,10 +392,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        run(argv)
-    except (formats.FormatError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, argv)
 
 
 if __name__ == "__main__":
