@@ -22,7 +22,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs"],
-    "test": ["pytest>=8", "pytest-timeout", "duckdb>=1.0", "ruff>=0.6"],
+    # [gcp] lets the tests translate both jobs for Dataflow with --dry_run.
+    "test": [
+        "pytest>=8",
+        "pytest-timeout",
+        "duckdb>=1.0",
+        "ruff>=0.6",
+        "apache-beam[gcp]>=2.77,<2.78",
+    ],
 }
 
 setup(

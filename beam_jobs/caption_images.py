@@ -32,6 +32,7 @@ from beam_jobs.common import (
     UsageError,
     add_common_flags,
     counter_values,
+    dry_run_result,
     error_row,
     exit_on_usage_error,
     pipeline_options,
@@ -295,6 +296,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         build_pipeline(p, args, manifest, run_id)
         result = p.run()
         result.wait_until_finish()
+    if (dry := dry_run_result(result, options, "caption_images")) is not None:
+        return dry
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {

@@ -29,6 +29,16 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def dry_run_result(result: Any, options: PipelineOptions, job: str) -> dict[str, Any] | None:
+    """With --dry_run (Dataflow), say that the pipeline was only translated."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    if not options.view_as(TestOptions).dry_run:
+        return None
+    print(f"{job}: dry run: pipeline translated for the runner; nothing was submitted or run")
+    return {"dry_run": True}
+
+
 class UsageError(ValueError):
     """A bad argument found at start; printed as one line by `main`."""
 

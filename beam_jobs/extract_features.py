@@ -36,6 +36,7 @@ from beam_jobs.common import (
     UsageError,
     add_common_flags,
     counter_values,
+    dry_run_result,
     error_row,
     exit_on_usage_error,
     pipeline_options,
@@ -401,6 +402,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         build_pipeline(p, args, splits, num_shards, orphans, vocab_info)
         result = p.run()
         result.wait_until_finish()
+    if (dry := dry_run_result(result, options, "extract_features")) is not None:
+        return dry
     counts = counter_values(result, NAMESPACE)
     images = len(parsed.records)
     summary = {

@@ -257,3 +257,23 @@ def test_bad_arguments_fail_at_start(inputs, tmp_path):
                 str(tmp_path / "o"),
             ]
         )
+
+
+def test_pipeline_translates_for_dataflow(inputs, tmp_path):
+    summary = caption(
+        inputs,
+        tmp_path / "out",
+        "--runner",
+        "DataflowRunner",
+        "--dry_run",
+        "True",
+        "--project",
+        "demo-project",
+        "--region",
+        "us-central1",
+        "--temp_location",
+        "gs://demo-bucket/tmp",
+        "--skip_existing",
+    )
+    assert summary == {"dry_run": True}
+    assert not list((tmp_path / "out").glob("captions-*.parquet"))

@@ -207,3 +207,33 @@ def test_karpathy_split_file(coco, tmp_path):
     m = json.load(open(tmp_path / "k" / "manifest.json"))
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert Vocabulary.load(str(tmp_path / "k" / "vocab.txt")).tokens[4:] == ("a", "red", "thing")
+
+
+def test_pipeline_translates_for_dataflow(coco, tmp_path):
+    root, _ = coco
+    summary = run(
+        [
+            "--split",
+            "train",
+            "--captions_json",
+            str(root / "annotations" / "captions_train.json"),
+            "--images_dir",
+            str(root / "train"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--runner",
+            "DataflowRunner",
+            "--dry_run",
+            "True",
+            "--project",
+            "demo-project",
+            "--region",
+            "us-central1",
+            "--temp_location",
+            "gs://demo-bucket/tmp",
+        ]
+    )
+    assert summary == {"dry_run": True}
+    assert not list((tmp_path / "out").glob("*.tfrecord.gz"))  # nothing ran
