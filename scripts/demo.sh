@@ -29,7 +29,7 @@ step "4/6 Evaluate on val with the COCO caption metrics, next to a blind baselin
 $PY -m model.evaluate --model "$OUT/model/export" --data_dir "$OUT/features" --split val --plots 3
 
 step "5/6 Bulk-caption the val folder and a tar.gz of it into Parquet"
-tar -czf "$OUT/val_images.tar.gz" -C "$OUT/data" val
+(cd "$OUT/data" && tar -czf ../val_images.tar.gz val/*.jpg)  # files only, no directory entries
 $PY -m beam_jobs.caption_images --model "$OUT/model/export" \
   --input "$OUT/data/val" --input "$OUT/val_images.tar.gz" \
   --output_dir "$OUT/captions" --attention_dir "$OUT/captions/attention" --attention_plots 4
