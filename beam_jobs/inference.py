@@ -19,7 +19,10 @@ from model.preprocess import IMAGE_SIZE
 
 
 def _batching(batch_size: int) -> dict[str, int]:
-    return {"min_batch_size": 1, "max_batch_size": batch_size}
+    # Full batches from the start: BatchElements would otherwise begin at 1 and
+    # grow adaptively, running InceptionV3 on many small, inefficient batches.
+    # A bundle's remainder is still flushed as a smaller batch.
+    return {"min_batch_size": batch_size, "max_batch_size": batch_size}
 
 
 def _nbytes(batch: Sequence[np.ndarray]) -> int:
