@@ -44,8 +44,7 @@ from beam_jobs.common import (
 )
 from beam_jobs.inference import FeatureExtractorHandler
 from model import formats
-from model.extractor import NONE_WEIGHTS_SEED, PRECISIONS, check_weights
-from model.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.extractor import PRECISIONS, check_weights, features_identity
 from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
 
 NAMESPACE = "extract_features"
@@ -77,17 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
     """What the features are: every field a reader must match to reuse them."""
-    return {
-        "backbone": formats.BACKBONE,
-        "layer": formats.BACKBONE_LAYER,
-        "weights": args.weights,
-        "weights_seed": NONE_WEIGHTS_SEED if args.weights == "none" else None,
-        "image_size": IMAGE_SIZE,
-        "preprocessing": PREPROCESSING,
-        "precision": args.precision,
-        "feature_shape": list(formats.FEATURE_SHAPE),
-        "feature_dtype": formats.FEATURE_DTYPE,
-    }
+    return features_identity(args.weights, args.precision)
 
 
 def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -96,7 +85,7 @@ def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, 
     if not FileSystems.exists(path):
         return None
     existing = formats.read_manifest(path, formats.KIND_FEATURES)
-    for key in ("backbone", "layer", "weights", "image_size", "preprocessing", "feature_shape"):
+    for key in formats.FEATURE_IDENTITY_KEYS:
         if existing.get(key) != body[key]:
             raise UsageError(
                 f"{output_dir} holds features with {key}={existing.get(key)!r}; this run uses "
@@ -371,9 +360,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the job; returns a summary dict (counts, seconds, images/s)."""
     args, beam_args = parse_args(argv)
     args.weights = check_weights(args.weights)
-    if not FileSystems.exists(args.images_dir.rstrip("/") + "/") and not FileSystems.exists(
-        args.images_dir
-    ):
+    if not FileSystems.exists(args.images_dir):
         raise UsageError(f"--images_dir does not exist: {args.images_dir}")
     source = args.karpathy_json or args.captions_json
     parsed = parse_file(source, bool(args.karpathy_json), args.split)
@@ -382,7 +369,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not parsed.records:
         raise UsageError(f"{source}: no images listed")
     check_existing_manifest(args.output_dir, features_manifest_body(args))
-    FileSystems.mkdirs(args.output_dir) if not FileSystems.exists(args.output_dir) else None
+    if not FileSystems.exists(args.output_dir):
+        FileSystems.mkdirs(args.output_dir)
     vocab_info = prepare_vocab(args, splits)
     num_shards = {
         s: args.num_shards or max(1, math.ceil(per_split[s] / IMAGES_PER_SHARD)) for s in splits

@@ -25,15 +25,15 @@ def main() -> None:
     from beam_jobs.caption_images import run
     from model.captioner import ShowAttendTell
     from model.export import save_export
+    from model.extractor import features_identity
     from model.vocab import RESERVED, Vocabulary
-    from tests.fixtures import features_body
 
     with tempfile.TemporaryDirectory() as tmp:
         make_jpegs(os.path.join(tmp, "img"), a.images)
         vocab = Vocabulary((*RESERVED, *[f"w{i}" for i in range(5000 - len(RESERVED))]))
         model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
         save_export(
-            model, vocab, {**features_body(), "precision": a.precision}, os.path.join(tmp, "export")
+            model, vocab, features_identity("none", a.precision), os.path.join(tmp, "export")
         )
         bare = bare_inception_rate(a.batch_size, a.precision)
         job = run(

@@ -33,8 +33,6 @@ from model.export import Export, load_export
 from model.metrics import format_table, score_captions
 from model.vocab import standardize
 
-MATCH_KEYS = ("backbone", "layer", "weights", "image_size", "preprocessing", "feature_shape")
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
-    for key in MATCH_KEYS:
+    for key in formats.FEATURE_IDENTITY_KEYS:
         if export.features.get(key) != features_manifest.get(key):
             raise formats.FormatError(
                 f"{data_dir}: features have {key}={features_manifest.get(key)!r} but the model "

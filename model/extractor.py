@@ -10,16 +10,32 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 import fsspec
 import keras
 
-from model.formats import FEATURE_SHAPE
-from model.preprocess import IMAGE_SIZE
+from model.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
+from model.preprocess import IMAGE_SIZE, PREPROCESSING
 
 # Random init must be identical in stage 1 and stage 3, or features differ.
 NONE_WEIGHTS_SEED = 1234
 PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def features_identity(weights: str, precision: str = "float32") -> dict[str, Any]:
+    """The features manifest fields that describe how features are computed."""
+    return {
+        "backbone": BACKBONE,
+        "layer": BACKBONE_LAYER,
+        "weights": weights,
+        "weights_seed": NONE_WEIGHTS_SEED if weights == "none" else None,
+        "image_size": IMAGE_SIZE,
+        "preprocessing": PREPROCESSING,
+        "precision": precision,
+        "feature_shape": list(FEATURE_SHAPE),
+        "feature_dtype": FEATURE_DTYPE,
+    }
 
 
 def check_weights(weights: str) -> str:

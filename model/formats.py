@@ -160,6 +160,17 @@ def check_backbone(manifest: Mapping[str, Any], where: str) -> None:
         raise FormatError(f"{where}: features from {got}, but this code uses {want}")
 
 
+# Fields that say how features were computed; a reader must match all of them.
+FEATURE_IDENTITY_KEYS = (
+    "backbone",
+    "layer",
+    "weights",
+    "image_size",
+    "preprocessing",
+    "feature_shape",
+)
+
+
 def features_manifest_path(data_dir: str) -> str:
     return f"{data_dir.rstrip('/')}/{MANIFEST_FILE}"
 

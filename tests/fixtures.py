@@ -11,24 +11,10 @@ import tensorflow as tf
 from model import formats
 from model.captioner import ShowAttendTell
 from model.export import save_export
-from model.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.extractor import features_identity
 from model.vocab import Vocabulary
 
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
-
-
-def features_body(weights: str = "none") -> dict:
-    return {
-        "backbone": formats.BACKBONE,
-        "layer": formats.BACKBONE_LAYER,
-        "weights": weights,
-        "weights_seed": 1234,
-        "image_size": IMAGE_SIZE,
-        "preprocessing": PREPROCESSING,
-        "precision": "float32",
-        "feature_shape": list(formats.FEATURE_SHAPE),
-        "feature_dtype": formats.FEATURE_DTYPE,
-    }
 
 
 def caption_for(i: int) -> str:
@@ -65,7 +51,7 @@ def write_features_dir(
     formats.write_manifest(
         os.path.join(path, formats.MANIFEST_FILE),
         formats.KIND_FEATURES,
-        {**features_body(), "splits": split_entries, "vocab": {"size": len(vocab)}},
+        {**features_identity("none"), "splits": split_entries, "vocab": {"size": len(vocab)}},
     )
     return vocab
 
@@ -77,5 +63,5 @@ def write_tiny_export(path: str, vocab_size: int = 12, max_length: int = 6) -> s
     )
     keras.utils.set_random_seed(7)
     model = ShowAttendTell(vocab_size=vocab_size, embedding_dim=8, units=8)
-    save_export(model, vocab, features_body(), path, max_length=max_length)
+    save_export(model, vocab, features_identity("none"), path, max_length=max_length)
     return path
