@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "fsspec>=2024.1",
     "pycocoevalcap>=1.2,<2",
     "matplotlib>=3.8",
-    "google-crc32c>=1.5",  # fast TFRecord checksums in Beam
+    "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
 ]
 
 EXTRAS_REQUIRE = {

@@ -43,6 +43,7 @@ from beam_jobs.common import (
     read_file,
 )
 from beam_jobs.inference import FeatureExtractorHandler
+from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.extractor import PRECISIONS, check_weights, features_identity
 from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
@@ -274,7 +275,7 @@ def build_pipeline(
             | f"Select[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
             | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
             | f"WriteShards[{split}]"
-            >> beam.io.WriteToTFRecord(
+            >> WriteGzipTFRecords(
                 formats.shard_prefix(args.output_dir, split),
                 file_name_suffix=formats.SHARD_SUFFIX,
                 num_shards=num_shards[split],

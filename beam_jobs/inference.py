@@ -30,7 +30,7 @@ def _nbytes(batch: Sequence[np.ndarray]) -> int:
 
 
 class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
-    """pixels (299, 299, 3) float32 -> features (64, 2048) float16."""
+    """pixels (299, 299, 3) uint8 -> features (64, 2048) float16."""
 
     def __init__(
         self,
@@ -52,7 +52,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
 
         extractor = build_feature_extractor(self.weights, self.precision)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
         def embed(pixels: tf.Tensor) -> tf.Tensor:
             return tf.cast(extractor(pixels, training=False), tf.float16)
 
@@ -101,7 +101,7 @@ def build_caption_fn(export: Any, precision: str = "float32") -> Callable:
     extractor = build_feature_extractor(export.extractor_weights(), precision)
     model, max_length = export.model, export.max_length
 
-    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
     def caption_batch(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         features = tf.cast(tf.cast(extractor(pixels, training=False), tf.float16), tf.float32)
         return greedy_decode_graph(model, features, max_length)
@@ -131,7 +131,7 @@ def split_results(outputs: dict[str, Any], vocab: Any) -> list[CaptionResult]:
 
 
 class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner]):
-    """pixels (299, 299, 3) float32 -> CaptionResult, with the export loaded once per worker."""
+    """pixels (299, 299, 3) uint8 -> CaptionResult, with the export loaded once per worker."""
 
     def __init__(
         self,

@@ -46,7 +46,8 @@ def bare_inception_rate(batch_size: int, precision: str, batches: int = 6) -> fl
 
     extractor = build_feature_extractor("none", precision)
     fn = tf.function(lambda x: extractor(x, training=False))
-    x = tf.random.uniform((batch_size, 299, 299, 3), -1, 1)
+    x = tf.random.uniform((batch_size, 299, 299, 3), 0, 256, dtype=tf.int32)
+    x = tf.cast(x, tf.uint8)
     fn(x).numpy()  # trace and warm up
     start = time.perf_counter()
     for _ in range(batches):

@@ -1,4 +1,4 @@
-"""InceptionV3 `mixed10` feature extractor: (N, 299, 299, 3) -> (N, 64, 2048).
+"""InceptionV3 `mixed10` feature extractor: (N, 299, 299, 3) uint8 -> (N, 64, 2048).
 
 `weights` is "imagenet" (Keras downloads and caches it), "none" (random init
 from a fixed seed, so every worker and every stage builds the same network),
@@ -60,7 +60,10 @@ def local_weights_file(weights: str) -> str:
 
 
 def build_feature_extractor(weights: str = "imagenet", precision: str = "float32") -> keras.Model:
-    """InceptionV3 up to `mixed10`, reshaped to (N, 64, 2048) float32 locations.
+    """uint8 pixels -> InceptionV3 up to `mixed10` -> (N, 64, 2048) float32 locations.
+
+    The model scales pixels to [-1, 1] itself (`preprocess_input`'s 'tf' mode),
+    so callers pass `preprocess_image` output as it is.
 
     Args:
       weights: "imagenet", "none" or a weights file path/URL.
@@ -80,9 +83,10 @@ def build_feature_extractor(weights: str = "imagenet", precision: str = "float32
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
     try:
-        inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
+        inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8", name="pixels")
+        scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="inception_scale")(inputs)
         backbone = keras.applications.InceptionV3(
-            include_top=False, weights=source, input_tensor=inputs
+            include_top=False, weights=source, input_tensor=scaled
         )
         x = keras.layers.Reshape(FEATURE_SHAPE, name="locations")(backbone.output)
         x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)

@@ -41,7 +41,7 @@ class FormatError(ValueError):
 
 
 def shard_prefix(output_dir: str, split: str) -> str:
-    """Prefix handed to WriteToTFRecord; Beam appends -SSSSS-of-NNNNN."""
+    """Prefix of a split's shards; the sink appends -SSSSS-of-NNNNN."""
     return posixpath.join(output_dir, split) if "://" in output_dir else f"{output_dir}/{split}"
 
 

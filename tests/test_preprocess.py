@@ -3,7 +3,8 @@ import pytest
 import tensorflow as tf
 from keras.applications.inception_v3 import preprocess_input
 
-from model.preprocess import IMAGE_SIZE, ImageError, inception_scale, preprocess_image
+from model.extractor import build_feature_extractor
+from model.preprocess import IMAGE_SIZE, ImageError, preprocess_image
 from tests.helpers import bad_images, good_images
 
 
@@ -11,18 +12,17 @@ from tests.helpers import bad_images, good_images
 def test_every_mode_becomes_inception_input(name):
     out = preprocess_image(good_images()[name])
     assert out.pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert out.pixels.dtype == np.float32
-    assert -1.0 <= out.pixels.min() <= out.pixels.max() <= 1.0
+    assert out.pixels.dtype == np.uint8
 
 
 def test_mode_specific_content():
     imgs = good_images()
-    centre = lambda name: preprocess_image(imgs[name]).pixels[150, 150]  # noqa: E731
-    np.testing.assert_allclose(centre("rgba.png"), [1, 1, 1], atol=1e-6)  # transparent -> white
-    np.testing.assert_allclose(centre("palette_alpha.png"), [1, 1, 1], atol=1e-6)
-    np.testing.assert_allclose(centre("sixteen_bit.png"), [1, 1, 1], atol=1e-6)  # 65535 -> 255
-    np.testing.assert_allclose(centre("animated.gif"), [1, -1, -1], atol=0.02)  # first frame: red
-    assert abs(centre("cmyk.jpg")[0] - centre("cmyk.jpg")[1]) > 0.5  # still reddish, not gray
+    centre = lambda name: preprocess_image(imgs[name]).pixels[150, 150].astype(int)  # noqa: E731
+    np.testing.assert_array_equal(centre("rgba.png"), [255, 255, 255])  # transparent -> white
+    np.testing.assert_array_equal(centre("palette_alpha.png"), [255, 255, 255])
+    np.testing.assert_array_equal(centre("sixteen_bit.png"), [255, 255, 255])  # 65535 -> 255
+    np.testing.assert_allclose(centre("animated.gif"), [255, 0, 0], atol=3)  # first frame: red
+    assert abs(centre("cmyk.jpg")[0] - centre("cmyk.jpg")[1]) > 64  # still reddish, not gray
     g = centre("gray.png")
     assert g[0] == g[1] == g[2]
 
@@ -32,11 +32,10 @@ def test_exif_orientation_reports_upright_size():
     assert (out.width, out.height) == (20, 40)  # stored 40x20, rotated 90 degrees
 
 
-def test_scaling_matches_keras_preprocess_input():
+def test_extractor_scales_uint8_pixels_as_keras_preprocess_input():
     x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-    np.testing.assert_allclose(
-        inception_scale(x), preprocess_input(x.astype(np.float32)), atol=1e-6
-    )
+    scale = build_feature_extractor("none").get_layer("inception_scale")
+    np.testing.assert_allclose(scale(x), preprocess_input(x.astype(np.float32)), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(bad_images()))
@@ -58,7 +57,7 @@ def test_same_result_eagerly_and_inside_tf_data():
     eager = np.stack([preprocess_image(b).pixels for b in files])
 
     def pixels(data):
-        return tf.numpy_function(lambda b: preprocess_image(b).pixels, [data], tf.float32)
+        return tf.numpy_function(lambda b: preprocess_image(b).pixels, [data], tf.uint8)
 
     ds = tf.data.Dataset.from_tensor_slices(files).map(pixels, num_parallel_calls=2).batch(4)
     np.testing.assert_array_equal(next(iter(ds)).numpy(), eager)

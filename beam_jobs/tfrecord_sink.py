@@ -1,0 +1,138 @@
+"""GZIP TFRecord shards written fast: fast zlib level, compressed off the main thread.
+
+Beam's `WriteToTFRecord` compresses at zlib's default level 6 in the thread
+that runs the model, which cost the feature job ~15 ms per image (a quarter of
+its time) on 2 cores. Level 1 is 4x faster for 5% more bytes on mixed10
+features, and a background thread overlaps it with decoding and inference.
+The files are ordinary GZIP TFRecords (`tf.data.TFRecordDataset(...,
+compression_type="GZIP")` reads them).
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import zlib
+from typing import Any, BinaryIO
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.iobase import Write
+
+GZIP_LEVEL = 1
+_GZIP_WBITS = zlib.MAX_WBITS | 16  # a gzip header and trailer around deflate
+_CHUNK = 4 << 20  # compress in ~4 MB pieces: large enough for zlib, small enough to overlap
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: crc32c rotated right by 15 bits plus a constant."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(record: bytes) -> bytes:
+    """One record as TFRecord framing: length, its crc, the bytes, their crc."""
+    length = struct.pack("<Q", len(record))
+    return b"".join(
+        (
+            length,
+            struct.pack("<I", masked_crc32c(length)),
+            record,
+            struct.pack("<I", masked_crc32c(record)),
+        )
+    )
+
+
+class BackgroundGzipWriter:
+    """A write-only file object: gzip-compresses and writes in a background thread.
+
+    `write` only buffers; full chunks go to a bounded queue (at most two chunks
+    in flight, so memory stays flat). `close` flushes, waits, and re-raises any
+    error the thread met, so a failed write still fails the bundle.
+    """
+
+    def __init__(self, raw: BinaryIO, level: int = GZIP_LEVEL):
+        self._raw = raw
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="gzip-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._raw.write(self._compressor.compress(chunk))
+                except BaseException as e:  # noqa: BLE001 - re-raised by close()
+                    self._error = e
+
+    def write(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= _CHUNK:
+            self._flush_buffer()
+
+    def _flush_buffer(self) -> None:
+        if self._buffer:
+            self._queue.put(b"".join(self._buffer))
+            self._buffer, self._buffered = [], 0
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        try:
+            self._flush_buffer()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._raw.write(self._compressor.flush())
+        self._raw.close()
+
+
+class _GzipTFRecordSink(filebasedsink.FileBasedSink):
+    def __init__(self, file_path_prefix: str, file_name_suffix: str, num_shards: int, level: int):
+        super().__init__(
+            file_path_prefix,
+            coder=coders.BytesCoder(),
+            file_name_suffix=file_name_suffix,
+            num_shards=num_shards,
+            mime_type="application/octet-stream",
+            compression_type=CompressionTypes.UNCOMPRESSED,
+        )
+        self.level = level
+
+    def open(self, temp_path: str) -> Any:
+        return BackgroundGzipWriter(super().open(temp_path), self.level)
+
+    def write_encoded_record(self, file_handle: Any, value: bytes) -> None:
+        file_handle.write(tfrecord_frame(value))
+
+
+class WriteGzipTFRecords(beam.PTransform):
+    """Like `beam.io.WriteToTFRecord(..., compression_type=GZIP)`, at `level`, off-thread.
+
+    Yields the written file names, as WriteToTFRecord does.
+    """
+
+    def __init__(
+        self,
+        file_path_prefix: str,
+        file_name_suffix: str = ".tfrecord.gz",
+        num_shards: int = 0,
+        level: int = GZIP_LEVEL,
+    ):
+        super().__init__()
+        self.sink = _GzipTFRecordSink(file_path_prefix, file_name_suffix, num_shards, level)
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | Write(self.sink)
