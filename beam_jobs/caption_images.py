@@ -197,7 +197,7 @@ def build_pipeline(
         | "NewInputs" >> beam.FlatMap(first_new).with_outputs(ERRORS_TAG, main="loaded")
     )
     decoded = fresh.loaded | "Preprocess" >> beam.ParDo(
-        PreprocessFn(NAMESPACE, args.max_pixels)
+        PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(
         args.model, precision, args.batch_size, args.model_copies, args.large_model

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -13,8 +15,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.utils.windowed_value import WindowedValue
 
-from model.preprocess import MAX_PIXELS, ImageError, preprocess_image
+from model.preprocess import MAX_PIXELS, Decoded, ImageError, preprocess_image
 
 ERRORS_TAG = "errors"
 LOG = logging.getLogger("show_attend_tell")
@@ -55,6 +58,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--batch_size", type=int, default=32, help="images per model call (RunInference batch)"
     )
     parser.add_argument(
+        "--decode_threads",
+        type=int,
+        default=2,
+        help="threads per worker decoding images ahead of the model",
+    )
+    parser.add_argument(
         "--max_pixels",
         type=int,
         default=MAX_PIXELS,
@@ -91,30 +100,70 @@ class Meta(NamedTuple):
     height: int
 
 
-class PreprocessFn(beam.DoFn):
-    """Loaded -> (Meta, pixels) for RunInference, or (key, error row) on the errors output."""
+def decode_or_error(data: bytes, max_pixels: int) -> Decoded | ImageError:
+    """preprocess_image, with a bad image returned rather than raised (for the pool)."""
+    try:
+        return preprocess_image(data, max_pixels=max_pixels)
+    except ImageError as e:
+        return e
 
-    def __init__(self, namespace: str, max_pixels: int = MAX_PIXELS):
+
+class PreprocessFn(beam.DoFn):
+    """Loaded -> (Meta, pixels) for RunInference, or (key, error row) on the errors output.
+
+    Decoding runs on a small thread pool up to `lookahead` images ahead of the
+    output, so the next batch is decoded while the model runs on this one (PIL
+    releases the GIL). Outputs keep input order; counters are updated on the
+    bundle's thread, where Beam records them.
+    """
+
+    def __init__(
+        self, namespace: str, max_pixels: int = MAX_PIXELS, threads: int = 2, lookahead: int = 64
+    ):
         self.namespace = namespace
         self.max_pixels = max_pixels
+        self.threads = threads
+        self.lookahead = lookahead
 
     def setup(self) -> None:
         self.decoded = Metrics.counter(self.namespace, "images_decoded")
         self.failed = Metrics.counter(self.namespace, "images_failed")
         self.bytes_read = Metrics.counter(self.namespace, "bytes_read")
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
-    def process(self, item: Loaded) -> Iterator[Any]:
+    def start_bundle(self) -> None:
+        self.pending: collections.deque[tuple[Future, Loaded, Any, Any]] = collections.deque()
+
+    def process(
+        self,
+        item: Loaded,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterator[Any]:
         self.bytes_read.inc(len(item.data))
-        try:
-            decoded = preprocess_image(item.data, max_pixels=self.max_pixels)
-        except ImageError as e:
+        future = self.pool.submit(decode_or_error, item.data, self.max_pixels)
+        self.pending.append((future, item, timestamp, window))
+        while self.pending and (len(self.pending) > self.lookahead or self.pending[0][0].done()):
+            yield self._emit_oldest()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self.pending:
+            yield self._emit_oldest()
+
+    def _emit_oldest(self) -> Any:
+        future, item, timestamp, window = self.pending.popleft()
+        result = future.result()
+        if isinstance(result, ImageError):
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, (item.key, error_row(item.uri, e.kind, str(e)))
-            )
-            return
+            row = (item.key, error_row(item.uri, result.kind, str(result)))
+            return beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(row, timestamp, (window,)))
         self.decoded.inc()
-        yield Meta(item.key, decoded.width, decoded.height), decoded.pixels
+        value = (Meta(item.key, result.width, result.height), result.pixels)
+        return WindowedValue(value, timestamp, (window,))
+
+    def teardown(self) -> None:
+        if pool := getattr(self, "pool", None):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def counter_values(result: Any, namespace: str) -> dict[str, int]:

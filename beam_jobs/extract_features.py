@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import math
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -65,7 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--vocab_size", type=int, default=5000, help="tokens incl. 4 reserved")
     p.add_argument("--vocab", help="vocab.txt for non-train runs (default FEATURES_DIR/vocab.txt)")
     p.add_argument(
-        "--num_shards", type=int, default=0, help="shards per split (0: ~600 images each)"
+        "--num_shards",
+        type=int,
+        default=0,
+        help="exact shards per split; 0 (default) streams shards of at most 600 images",
     )
     p.add_argument("--model_copies", type=int, default=None, help="models per worker machine")
     add_common_flags(p)
@@ -226,7 +228,6 @@ def build_pipeline(
     p: beam.Pipeline,
     args: argparse.Namespace,
     splits: Sequence[str],
-    num_shards: dict[str, int],
     orphans: dict[str, int],
     vocab_info: dict[str, Any],
 ) -> None:
@@ -243,7 +244,7 @@ def build_pipeline(
         ERRORS_TAG, main="images"
     )
     decoded = read.images | "Preprocess" >> beam.ParDo(
-        PreprocessFn(NAMESPACE, args.max_pixels)
+        PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = FeatureExtractorHandler(
         args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
@@ -278,7 +279,8 @@ def build_pipeline(
             >> WriteGzipTFRecords(
                 formats.shard_prefix(args.output_dir, split),
                 file_name_suffix=formats.SHARD_SUFFIX,
-                num_shards=num_shards[split],
+                num_shards=args.num_shards,
+                max_records_per_shard=None if args.num_shards else IMAGES_PER_SHARD,
             )
         )
         written.append(
@@ -373,9 +375,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not FileSystems.exists(args.output_dir):
         FileSystems.mkdirs(args.output_dir)
     vocab_info = prepare_vocab(args, splits)
-    num_shards = {
-        s: args.num_shards or max(1, math.ceil(per_split[s] / IMAGES_PER_SHARD)) for s in splits
-    }
     orphans = {splits[0]: parsed.orphan_annotations} if parsed.orphan_annotations else {}
     if parsed.orphan_annotations:
         LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)
@@ -388,7 +387,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options = pipeline_options(beam_args)
     with Timer() as timer:
         p = beam.Pipeline(options=options)
-        build_pipeline(p, args, splits, num_shards, orphans, vocab_info)
+        build_pipeline(p, args, splits, orphans, vocab_info)
         result = p.run()
         result.wait_until_finish()
     if (dry := dry_run_result(result, options, "extract_features")) is not None:

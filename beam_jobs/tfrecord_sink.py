@@ -25,6 +25,7 @@ from apache_beam.io.iobase import Write
 GZIP_LEVEL = 1
 _GZIP_WBITS = zlib.MAX_WBITS | 16  # a gzip header and trailer around deflate
 _CHUNK = 4 << 20  # compress in ~4 MB pieces: large enough for zlib, small enough to overlap
+_QUEUED = 8  # chunks waiting for the thread: a few batches of features absorb bursts
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -51,8 +52,8 @@ def tfrecord_frame(record: bytes) -> bytes:
 class BackgroundGzipWriter:
     """A write-only file object: gzip-compresses and writes in a background thread.
 
-    `write` only buffers; full chunks go to a bounded queue (at most two chunks
-    in flight, so memory stays flat). `close` flushes, waits, and re-raises any
+    `write` only buffers; full chunks go to a bounded queue (at most `_QUEUED` chunks
+    queued, so memory stays flat). `close` flushes, waits, and re-raises any
     error the thread met, so a failed write still fails the bundle.
     """
 
@@ -61,7 +62,7 @@ class BackgroundGzipWriter:
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="gzip-writer", daemon=True)
         self._thread.start()
@@ -100,12 +101,20 @@ class BackgroundGzipWriter:
 
 
 class _GzipTFRecordSink(filebasedsink.FileBasedSink):
-    def __init__(self, file_path_prefix: str, file_name_suffix: str, num_shards: int, level: int):
+    def __init__(
+        self,
+        file_path_prefix: str,
+        file_name_suffix: str,
+        num_shards: int,
+        max_records_per_shard: int | None,
+        level: int,
+    ):
         super().__init__(
             file_path_prefix,
             coder=coders.BytesCoder(),
             file_name_suffix=file_name_suffix,
             num_shards=num_shards,
+            max_records_per_shard=max_records_per_shard,
             mime_type="application/octet-stream",
             compression_type=CompressionTypes.UNCOMPRESSED,
         )
@@ -121,7 +130,10 @@ class _GzipTFRecordSink(filebasedsink.FileBasedSink):
 class WriteGzipTFRecords(beam.PTransform):
     """Like `beam.io.WriteToTFRecord(..., compression_type=GZIP)`, at `level`, off-thread.
 
-    Yields the written file names, as WriteToTFRecord does.
+    With `num_shards` 0, records stream into the files of the bundle that made
+    them, a new file every `max_records_per_shard` records; nothing is held
+    back. A fixed `num_shards` first groups every record by shard, which a
+    local runner does in memory. Yields the written file names.
     """
 
     def __init__(
@@ -129,10 +141,13 @@ class WriteGzipTFRecords(beam.PTransform):
         file_path_prefix: str,
         file_name_suffix: str = ".tfrecord.gz",
         num_shards: int = 0,
+        max_records_per_shard: int | None = None,
         level: int = GZIP_LEVEL,
     ):
         super().__init__()
-        self.sink = _GzipTFRecordSink(file_path_prefix, file_name_suffix, num_shards, level)
+        self.sink = _GzipTFRecordSink(
+            file_path_prefix, file_name_suffix, num_shards, max_records_per_shard, level
+        )
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         return records | Write(self.sink)

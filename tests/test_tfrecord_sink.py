@@ -29,6 +29,20 @@ def test_pipeline_shards_read_back_with_tf_data(tmp_path, monkeypatch):
     assert sorted(r.numpy() for r in read) == sorted(records)
 
 
+def test_streaming_shards_roll_over_at_the_record_limit(tmp_path):
+    records = [f"r{i}".encode() for i in range(250)]
+    with beam.Pipeline("FnApiRunner") as p:
+        _ = (
+            p
+            | beam.Create(records)
+            | WriteGzipTFRecords(str(tmp_path / "part"), max_records_per_shard=100)
+        )
+    files = sorted(str(f) for f in tmp_path.glob("part-*.tfrecord.gz"))
+    counts = [sum(1 for _ in tf.data.TFRecordDataset(f, compression_type="GZIP")) for f in files]
+    assert sum(counts) == 250 and max(counts) <= 100
+    assert all(f.endswith(f"-of-{len(files):05d}.tfrecord.gz") for f in files)
+
+
 class _FailingFile(io.BytesIO):
     def write(self, data: bytes) -> int:
         raise OSError("disk full")
