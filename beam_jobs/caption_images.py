@@ -38,7 +38,7 @@ from beam_jobs.common import (
     pipeline_options,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
-from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
+from beam_jobs.sources import Item, display_name, match_input, read_file, read_path, read_uri
 from model import formats
 from model.extractor import PRECISIONS
 
@@ -56,7 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument(
         "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
     )
-    p.add_argument("--num_shards", type=int, default=1, help="captions files (0: runner decides)")
+    p.add_argument(
+        "--num_shards",
+        type=int,
+        default=0,
+        help="exact captions files; 0 (default) streams one file per worker bundle",
+    )
     p.add_argument("--model_copies", type=int, help="share N model copies across worker processes")
     p.add_argument("--large_model", action="store_true", help="one model shared per machine (GPU)")
     p.add_argument("--attention_dir", help="write attention plots here")
@@ -84,34 +89,41 @@ def existing_outputs(output_dir: str) -> list[str]:
     return sorted(found)
 
 
-class ReadInputsFn(beam.DoFn):
-    """A matched path -> (uri, Item) for the file or for each archive member."""
+class ExpandInputsFn(beam.DoFn):
+    """A matched path -> (uri, Item): the file itself unread, or each archive member's bytes."""
 
     def setup(self) -> None:
         self.matched = Metrics.counter(NAMESPACE, "inputs_matched")
-        self.bytes_read = Metrics.counter(NAMESPACE, "bytes_read")
 
     def process(self, path: str) -> Iterator[tuple[str, Item]]:
-        for item in read_path(path):
+        for item in read_path(path, defer_files=True):
             self.matched.inc()
-            if item.data is not None:
-                self.bytes_read.inc(len(item.data))
             yield item.uri, item
 
 
-def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Any]:
-    """After grouping by uri: one Loaded (or error) per uri not already in the output."""
+def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
+    """After grouping by uri: the one Item of each uri not already in the output."""
     uri, groups = element
     items, done = groups["input"], groups.get("done", [])
-    if not items or done:
-        return
-    item: Item = items[0]  # the same file matched twice (overlapping --input) is captioned once
-    if item.data is None:
-        yield beam.pvalue.TaggedOutput(
-            ERRORS_TAG, ((uri, ""), error_row(uri, item.error_type or "error", item.message))
-        )
-        return
-    yield Loaded((uri, hashlib.sha256(item.data).hexdigest()), uri, item.data)
+    if items and not done:
+        yield items[0]  # the same file matched twice (overlapping --input) is captioned once
+
+
+class LoadFn(beam.DoFn):
+    """Item -> Loaded keyed by (uri, sha256), reading plain files now; or an error row."""
+
+    def process(self, item: Item) -> Iterator[Any]:
+        data = item.data
+        if item.unread:
+            try:
+                data = read_file(item.uri)
+            except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
+                item = Item(item.uri, error_type="read_error", message=f"{type(e).__name__}: {e}")
+        if data is None:
+            row = error_row(item.uri, item.error_type or "error", item.message)
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, ((item.uri, ""), row))
+            return
+        yield Loaded((item.uri, hashlib.sha256(data).hexdigest()), item.uri, data)
 
 
 class ToRowFn(beam.DoFn):
@@ -180,7 +192,7 @@ def build_pipeline(
         | "Inputs" >> beam.Create(args.input)
         | "MatchInputs" >> beam.FlatMap(match_input)
         | "SpreadPaths" >> beam.Reshuffle()
-        | "ReadInputs" >> beam.ParDo(ReadInputsFn())
+        | "ExpandInputs" >> beam.ParDo(ExpandInputsFn())
     )
     groups: dict[str, Any] = {"input": keyed}
     if args.skip_existing:
@@ -190,11 +202,13 @@ def build_pipeline(
             | "KeyExisting" >> beam.Map(lambda r: (r["uri"], True))
         )
     # Grouping by uri dedupes overlapping inputs, skips finished ones, and
-    # spreads the members of a few big archives over all workers.
+    # spreads the members of a few big archives over all workers. Plain files
+    # are read after it, so their bytes stream rather than being grouped.
     fresh = (
         groups
         | "GroupByUri" >> beam.CoGroupByKey()
-        | "NewInputs" >> beam.FlatMap(first_new).with_outputs(ERRORS_TAG, main="loaded")
+        | "NewInputs" >> beam.FlatMap(first_new)
+        | "Load" >> beam.ParDo(LoadFn()).with_outputs(ERRORS_TAG, main="loaded")
     )
     decoded = fresh.loaded | "Preprocess" >> beam.ParDo(
         PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
@@ -74,13 +73,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
     """A row of the errors table (model.formats.ERRORS_SCHEMA)."""
     return {"uri": uri, "error_type": kind, "message": message[:2000]}
-
-
-def read_file(path: str) -> bytes:
-    with FileSystems.open(
-        path, mime_type="application/octet-stream", compression_type="uncompressed"
-    ) as f:
-        return f.read()
 
 
 @dataclass(frozen=True)

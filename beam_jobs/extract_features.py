@@ -39,9 +39,9 @@ from beam_jobs.common import (
     error_row,
     exit_on_usage_error,
     pipeline_options,
-    read_file,
 )
 from beam_jobs.inference import FeatureExtractorHandler
+from beam_jobs.sources import read_file
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.extractor import PRECISIONS, check_weights, features_identity

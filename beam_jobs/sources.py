@@ -24,12 +24,16 @@ MEMBER_SEPARATOR = "!/"
 
 @dataclass(frozen=True)
 class Item:
-    """One input: its bytes, or why there are none."""
+    """One input: its bytes, why there are none, or (a plain file not read yet) neither."""
 
     uri: str
     data: bytes | None = None
     error_type: str | None = None
     message: str = ""
+
+    @property
+    def unread(self) -> bool:
+        return self.data is None and self.error_type is None
 
 
 def is_image_name(name: str) -> bool:
@@ -121,17 +125,24 @@ def read_zip(path: str) -> Iterator[Item]:
             yield _member_item(uri, info.filename, info.file_size, kind, lambda i=info: z.read(i))
 
 
-def read_path(path: str) -> Iterator[Item]:
-    """A matched path -> one Item, or one per archive member; failures become error Items."""
+def read_path(path: str, defer_files: bool = False) -> Iterator[Item]:
+    """A matched path -> one Item, or one per archive member; failures become error Items.
+
+    With `defer_files`, a plain file comes back unread (`Item.unread`): the
+    caption job groups inputs by uri before reading them, so only archive
+    members, which can only be read by opening their archive, carry bytes
+    through the grouping.
+    """
     lower = path.lower()
     try:
         if lower.endswith(".zip"):
             yield from read_zip(path)
         elif lower.endswith((".tar", ".tar.gz", ".tgz")):
             yield from read_tar(path)
+        elif defer_files:
+            yield Item(path)
         else:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                yield Item(path, data=f.read())
+            yield Item(path, data=read_file(path))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
         yield Item(path, error_type="bad_archive", message=f"{type(e).__name__}: {e}")
     except OSError as e:
@@ -146,7 +157,13 @@ def read_uri(uri: str) -> bytes:
             if item.uri == uri and item.data is not None:
                 return item.data
         raise FileNotFoundError(uri)
-    with FileSystems.open(uri, compression_type="uncompressed") as f:
+    return read_file(uri)
+
+
+def read_file(path: str) -> bytes:
+    with FileSystems.open(
+        path, mime_type="application/octet-stream", compression_type="uncompressed"
+    ) as f:
         return f.read()
 
 
