@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: generated images, the bare-model bound, peak memory of a run."""
+"""Shared benchmark helpers: generated images, the bare-model bound, job rates, peak memory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -65,3 +67,48 @@ def peak_rss_mb(module: str, argv: list[str]) -> float:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("PEAK")][-1]
     return int(line.split()[1]) / 1024
+
+
+@dataclass(frozen=True)
+class JobRates:
+    """A job timed at a small and a large image count in the same process."""
+
+    images: int
+    seconds: float
+    startup_seconds: float  # the fixed part: model build, tracing, pipeline start
+    steady: float  # images/s once running: the extra images over the extra seconds
+
+    @property
+    def end_to_end(self) -> float:
+        return self.images / self.seconds
+
+
+def job_rates(run_seconds: Callable[[int], float], images: int) -> JobRates:
+    """Times the job at images/8 and at images; separates start-up from per-image cost."""
+    small = max(1, images // 8)
+    t_small, t_large = run_seconds(small), run_seconds(images)
+    steady = (images - small) / max(t_large - t_small, 1e-9)
+    return JobRates(images, t_large, max(0.0, t_large - images / steady), steady)
+
+
+def report(name: str, rates: JobRates, bare: float, target: float, detail: str) -> None:
+    """Prints the job's rates next to the bare model's, with their ratios."""
+    print(
+        f"{name}: bare InceptionV3 {bare:.2f} images/s ({detail})\n"
+        f"{name}: job steady state {rates.steady:.2f} images/s, "
+        f"ratio {rates.steady / bare:.2f} (target >= {target:.2f}); "
+        f"start-up {rates.startup_seconds:.1f}s\n"
+        f"{name}: job end to end {rates.end_to_end:.2f} images/s over {rates.images} images "
+        f"in {rates.seconds:.1f}s, ratio {rates.end_to_end / bare:.2f}",
+        flush=True,
+    )
+
+
+def report_memory(name: str, module: str, argv_for: Callable[[int], list[str]], n: int) -> None:
+    """Peak memory of the job at n and 10n images, each in a fresh process (target: flat)."""
+    peaks = [peak_rss_mb(module, argv_for(k)) for k in (n, 10 * n)]
+    print(
+        f"{name}: peak memory {peaks[0]:.0f} MB at {n} images, {peaks[1]:.0f} MB at {10 * n} "
+        f"(ratio {peaks[1] / peaks[0]:.2f}, target ~1)",
+        flush=True,
+    )
