@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "pycocoevalcap>=1.2,<2",
     "matplotlib>=3.8",
     "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
+    "isal>=1.6",  # ISA-L gzip for feature shards, 20x faster than zlib's default level
 ]
 
 EXTRAS_REQUIRE = {

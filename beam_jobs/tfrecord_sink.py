@@ -1,11 +1,12 @@
-"""GZIP TFRecord shards written fast: fast zlib level, compressed off the main thread.
+"""GZIP TFRecord shards written fast: ISA-L deflate, compressed off the main thread.
 
-Beam's `WriteToTFRecord` compresses at zlib's default level 6 in the thread
-that runs the model, which cost the feature job ~15 ms per image (a quarter of
-its time) on 2 cores. Level 1 is 4x faster for 5% more bytes on mixed10
-features, and a background thread overlaps it with decoding and inference.
-The files are ordinary GZIP TFRecords (`tf.data.TFRecordDataset(...,
-compression_type="GZIP")` reads them).
+Beam's `WriteToTFRecord` compresses with zlib at level 6 in the thread that
+runs the model, which cost the feature job ~15 ms per image (a quarter of its
+time) on 2 cores. ISA-L's level 1 (`isal`, a drop-in for `zlib`) compresses
+mixed10 features 20x faster to nearly the same size (0.60 of raw vs 0.58;
+zlib's own level 1 is 4x faster at 0.61), and a background thread overlaps it
+with decoding and inference. The files are ordinary GZIP TFRecords
+(`tf.data.TFRecordDataset(..., compression_type="GZIP")` reads them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import queue
 import struct
 import threading
-import zlib
 from typing import Any, BinaryIO
 
 import apache_beam as beam
@@ -21,10 +21,11 @@ from apache_beam import coders
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.iobase import Write
+from isal import isal_zlib
 
-GZIP_LEVEL = 1
-_GZIP_WBITS = zlib.MAX_WBITS | 16  # a gzip header and trailer around deflate
-_CHUNK = 4 << 20  # compress in ~4 MB pieces: large enough for zlib, small enough to overlap
+GZIP_LEVEL = 1  # ISA-L levels are 0-3
+_GZIP_WBITS = isal_zlib.MAX_WBITS | 16  # a gzip header and trailer around deflate
+_CHUNK = 4 << 20  # compress in ~4 MB pieces: large enough for deflate, small enough to overlap
 _QUEUED = 8  # chunks waiting for the thread: a few batches of features absorb bursts
 
 
@@ -59,7 +60,7 @@ class BackgroundGzipWriter:
 
     def __init__(self, raw: BinaryIO, level: int = GZIP_LEVEL):
         self._raw = raw
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        self._compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, _GZIP_WBITS)
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED)
