@@ -1,0 +1,32 @@
+import apache_beam as beam
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_jobs.common import ERRORS_TAG, Loaded, PreprocessFn
+from tests.helpers import bad_images, good_images
+
+
+def test_preprocess_ahead_on_threads_emits_every_input_once():
+    """A lookahead smaller than the input: pixels or an error row for each input, once."""
+    items = [Loaded(f"good-{n}", n, data) for n, data in sorted(good_images().items())]
+    items += [Loaded(f"bad-{n}", n, data) for n, (data, _) in sorted(bad_images().items())]
+    items = items * 3
+    with beam.Pipeline("FnApiRunner") as p:
+        out = (
+            p
+            | beam.Create([items])  # one element, so one bundle sees the whole sequence
+            | beam.FlatMap(lambda xs: xs)
+            | beam.ParDo(PreprocessFn("test", threads=2, lookahead=3)).with_outputs(
+                ERRORS_TAG, main="pixels"
+            )
+        )
+        keys = out.pixels | "Keys" >> beam.Map(lambda e: e[0].key)
+        shapes = out.pixels | "Shapes" >> beam.Map(lambda e: (e[1].shape, str(e[1].dtype)))
+        kinds = out[ERRORS_TAG] | beam.Map(lambda e: (e[0], e[1]["error_type"]))
+        assert_that(keys, equal_to([i.key for i in items if i.key.startswith("good")]))
+        assert_that(
+            shapes,
+            equal_to([((299, 299, 3), "uint8")] * (3 * len(good_images()))),
+            label="Shapes",
+        )
+        expected_kinds = [(f"bad-{n}", kind) for n, (_, kind) in sorted(bad_images().items())]
+        assert_that(kinds, equal_to(expected_kinds * 3), label="Kinds")
