@@ -22,9 +22,18 @@ ERRORS_TAG = "errors"
 LOG = logging.getLogger("show_attend_tell")
 
 
+def _not_beam_resource_notice(record: logging.LogRecord) -> bool:
+    # Beam 2.77's RunInference imports `resource` together with a module that needs
+    # torch; without torch it warns twice per run that memory cannot be measured.
+    return not record.getMessage().startswith("Resource module is not available")
+
+
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     """Beam flags pass straight through. With no --runner we use the in-process
     FnApiRunner: DirectRunner would first try to download Prism, which fails offline."""
+    root = logging.getLogger()
+    if _not_beam_resource_notice not in root.filters:
+        root.addFilter(_not_beam_resource_notice)
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "FnApiRunner"
