@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from model.cli import run_cli
 from model.data import caption_pairs, check_data_dir, feature_stats, split_info
 from model.export import DEFAULT_MAX_LENGTH, save_export
 from model.vocab import PAD_ID
+
+# Per real token: the trained objective (cross-entropy + attention penalty) and
+# the cross-entropy alone (its exp is perplexity), on train and val.
+LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,9 +67,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shuffle_buffer", type=int, default=2048, help="pairs in the shuffle buffer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--verbose", type=int, default=1, help="0 quiet, 1 progress bar, 2 line per epoch"
+        "--verbose",
+        type=int,
+        default=None,
+        help="0 quiet, 1 progress bar, 2 line per epoch (default: 1 on a terminal, else 2)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verbose is None:  # a progress bar only where \r redraws it; logs get lines
+        args.verbose = 1 if sys.stdout.isatty() else 2
+    return args
 
 
 def choose_strategy() -> tf.distribute.Strategy:
@@ -141,17 +152,18 @@ def make_step_fns(
         parts = loss_parts(logits, alphas, targets)
         return combine_loss(parts, attention_penalty, global_tokens), parts
 
-    def replica_train(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def replica_train(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, ...]:
         with tf.GradientTape() as tape:
             loss, parts = forward(features, tokens, training=True)
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        return loss, parts.tokens
+        return loss, parts.tokens, parts.cross_entropy
 
-    def replica_eval(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def replica_eval(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, ...]:
         _, parts = forward(features, tokens, training=False)
-        return parts.cross_entropy + attention_penalty * parts.penalty, parts.tokens
+        total = parts.cross_entropy + attention_penalty * parts.penalty
+        return total, parts.tokens, parts.cross_entropy
 
     def reduce(values: tuple) -> tuple[tf.Tensor, ...]:
         return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values)
@@ -160,11 +172,13 @@ def make_step_fns(
     replica_step = tf.function(replica_train, jit_compile=True) if jit_compile else replica_train
 
     @tf.function
-    def train(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def train(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
+        """-> (loss, real tokens, summed cross-entropy) over all replicas."""
         return reduce(strategy.run(replica_step, args=batch))
 
     @tf.function
-    def evaluate(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def evaluate(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
+        """-> (summed loss, real tokens, summed cross-entropy) over all replicas."""
         return reduce(strategy.run(replica_eval, args=batch))
 
     return StepFns(train, evaluate)
@@ -304,30 +318,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         bar = keras.utils.Progbar(
             steps_per_epoch,
             verbose=1 if args.verbose == 1 else 0,
-            stateful_metrics=["loss", "examples/s"],
+            stateful_metrics=["loss", "ce", "examples/s"],
         )
         if int(position):
             bar.update(int(position))
-        epoch_loss, epoch_tokens, started, seen = 0.0, 0.0, time.perf_counter(), 0
+        epoch_loss, epoch_ce, epoch_tokens = 0.0, 0.0, 0.0
+        started, seen = time.perf_counter(), 0
         for batch in distributed(ds):
-            loss, tokens = fns.train(batch)
+            loss, tokens, ce_sum = fns.train(batch)
             step.assign_add(1)
             position.assign_add(1)
             seen += args.batch_size
             epoch_loss += float(loss) * float(tokens)
+            epoch_ce += float(ce_sum)
             epoch_tokens += float(tokens)
             rate = seen / (time.perf_counter() - started)
-            bar.update(int(position), [("loss", float(loss)), ("examples/s", rate)])
+            ce = float(ce_sum) / max(float(tokens), 1.0)
+            bar.update(int(position), [("loss", float(loss)), ("ce", ce), ("examples/s", rate)])
             if chief:
                 with writer.as_default(step=int(step)):
                     tf.summary.scalar("train/loss", loss)
+                    tf.summary.scalar("train/cross_entropy", ce)
                     tf.summary.scalar("train/learning_rate", schedule(step - 1))
                     tf.summary.scalar("train/examples_per_second", rate)
             if int(step) % args.checkpoint_every == 0:
                 manager.save(checkpoint_number=int(step))
-        record = {"epoch": e + 1, "loss": epoch_loss / max(epoch_tokens, 1.0), "step": int(step)}
+        record = {
+            "epoch": e + 1,
+            "loss": epoch_loss / max(epoch_tokens, 1.0),
+            "ce": epoch_ce / max(epoch_tokens, 1.0),
+            "step": int(step),
+        }
         if val_info is not None:
-            record["val_loss"] = evaluate_loss(fns, distributed, val_info, vocab, args)
+            record["val_loss"], record["val_ce"] = evaluate_loss(
+                fns, distributed, val_info, vocab, args
+            )
             if record["val_loss"] < float(best_val):
                 best_val.assign(record["val_loss"])
                 bad_epochs.assign(0)
@@ -342,13 +367,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         history.append(record)
         if chief:
             with writer.as_default(step=int(step)):
-                for k in ("loss", "val_loss"):
+                for k in LOSS_KEYS:
                     if k in record:
                         tf.summary.scalar(f"epoch/{k}", record[k])
         if args.verbose:
             print(
                 f"train: epoch {e + 1}/{args.epochs} step {int(step)} "
-                + " ".join(f"{k} {v:.4f}" for k, v in record.items() if "loss" in k)
+                + " ".join(f"{k} {record[k]:.4f}" for k in LOSS_KEYS if k in record)
                 + (" (early stop)" if stopped_early else ""),
                 flush=True,
             )
@@ -375,16 +400,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_loss(
     fns: StepFns, distributed: Any, info: Any, vocab: Any, args: argparse.Namespace
-) -> float:
+) -> tuple[float, float]:
+    """(loss, cross-entropy) per real token over a whole split."""
     ds = caption_pairs(
         info.files, vocab, args.batch_size, shuffle=False, max_tokens=args.max_tokens
     )
-    total, tokens = 0.0, 0.0
+    total, ce, tokens = 0.0, 0.0, 0.0
     for batch in distributed(ds):
-        loss_sum, n = fns.evaluate(batch)
+        loss_sum, n, ce_sum = fns.evaluate(batch)
         total += float(loss_sum)
+        ce += float(ce_sum)
         tokens += float(n)
-    return total / max(tokens, 1.0)
+    return total / max(tokens, 1.0), ce / max(tokens, 1.0)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
