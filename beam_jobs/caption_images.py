@@ -38,7 +38,7 @@ from beam_jobs.common import (
     pipeline_options,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
-from beam_jobs.sources import Item, display_name, match_input, read_file, read_path, read_uri
+from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
 from model import formats
 from model.extractor import PRECISIONS
 
@@ -109,21 +109,13 @@ def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
         yield items[0]  # the same file matched twice (overlapping --input) is captioned once
 
 
-class LoadFn(beam.DoFn):
-    """Item -> Loaded keyed by (uri, sha256), reading plain files now; or an error row."""
-
-    def process(self, item: Item) -> Iterator[Any]:
-        data = item.data
-        if item.unread:
-            try:
-                data = read_file(item.uri)
-            except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
-                item = Item(item.uri, error_type="read_error", message=f"{type(e).__name__}: {e}")
-        if data is None:
-            row = error_row(item.uri, item.error_type or "error", item.message)
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, ((item.uri, ""), row))
-            return
-        yield Loaded((item.uri, hashlib.sha256(data).hexdigest()), item.uri, data)
+def to_loaded(item: Item) -> Iterator[Any]:
+    """An Item -> Loaded for PreprocessFn (plain files are read there), or its error row."""
+    if item.error_type is not None:
+        row = error_row(item.uri, item.error_type, item.message)
+        yield beam.pvalue.TaggedOutput(ERRORS_TAG, (item.uri, row))
+        return
+    yield Loaded(item.uri, item.uri, item.data)
 
 
 class ToRowFn(beam.DoFn):
@@ -135,10 +127,9 @@ class ToRowFn(beam.DoFn):
 
     def process(self, element: tuple[Meta, CaptionResult]) -> Iterator[dict[str, Any]]:
         meta, result = element
-        uri, sha = meta.key
         self.captioned.inc()
         yield {
-            "uri": uri,
+            "uri": meta.key,
             "caption": result.caption,
             "token_ids": result.token_ids,
             "log_prob": result.log_prob,
@@ -146,7 +137,7 @@ class ToRowFn(beam.DoFn):
             "hit_max_length": result.hit_max_length,
             "width": meta.width,
             "height": meta.height,
-            "sha256": sha,
+            "sha256": meta.sha256,
             "model_id": self.model_id,
         }
 
@@ -156,7 +147,7 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
     from model.preprocess import decode_image
 
     meta, result = element
-    uri = meta.key[0]
+    uri = meta.key
     image, _ = decode_image(read_uri(uri))
     image.thumbnail((320, 320))
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
@@ -208,9 +199,9 @@ def build_pipeline(
         groups
         | "GroupByUri" >> beam.CoGroupByKey()
         | "NewInputs" >> beam.FlatMap(first_new)
-        | "Load" >> beam.ParDo(LoadFn()).with_outputs(ERRORS_TAG, main="loaded")
+        | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     )
-    decoded = fresh.loaded | "Preprocess" >> beam.ParDo(
+    decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(
@@ -249,7 +240,7 @@ def build_pipeline(
         _ = (
             captioned
             | "FirstForPlots"
-            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key[0], reverse=True)
+            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key, reverse=True)
             | "EachPlot" >> beam.FlatMap(lambda xs: xs)
             | "PlotAttention" >> beam.Map(plot_one, args.attention_dir)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_jobs.sources import read_failure, read_file
 from model.preprocess import MAX_PIXELS, Decoded, ImageError, preprocess_image
 
 ERRORS_TAG = "errors"
@@ -86,11 +88,14 @@ def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Loaded:
-    """An input file's bytes; `key` is whatever the job carries through (record or uri)."""
+    """An input for PreprocessFn: its bytes, or None to have them read from `uri`.
+
+    `key` is whatever the job carries through (a record or a uri).
+    """
 
     key: Any
     uri: str
-    data: bytes
+    data: bytes | None = None
 
 
 class Meta(NamedTuple):
@@ -99,22 +104,41 @@ class Meta(NamedTuple):
     key: Any
     width: int
     height: int
+    sha256: str  # of the file's bytes
 
 
-def decode_or_error(data: bytes, max_pixels: int) -> Decoded | ImageError:
-    """preprocess_image, with a bad image returned rather than raised (for the pool)."""
+@dataclass(frozen=True)
+class Outcome:
+    """One input after reading and decoding: pixels, or the error that stopped it."""
+
+    decoded: Decoded | None
+    error: ImageError | None
+    nbytes: int = 0  # 0 when the file could not be read
+    sha256: str = ""
+
+
+def load_and_decode(item: Loaded, max_pixels: int) -> Outcome:
+    """Reads (if needed) and preprocesses one input; never raises for a bad input."""
+    data = item.data
+    if data is None:
+        try:
+            data = read_file(item.uri)
+        except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
+            return Outcome(None, read_failure(item.uri, e))
+    sha256 = hashlib.sha256(data).hexdigest()
     try:
-        return preprocess_image(data, max_pixels=max_pixels)
+        return Outcome(preprocess_image(data, max_pixels=max_pixels), None, len(data), sha256)
     except ImageError as e:
-        return e
+        return Outcome(None, e, len(data), sha256)
 
 
 class PreprocessFn(beam.DoFn):
     """Loaded -> (Meta, pixels) for RunInference, or (key, error row) on the errors output.
 
-    Decoding runs on a small thread pool up to `lookahead` images ahead of the
-    output, so the next batch is decoded while the model runs on this one (PIL
-    releases the GIL). Outputs keep input order; counters are updated on the
+    Reading and decoding run on a small thread pool up to `lookahead` inputs
+    ahead of the output, so remote reads wait in parallel and the next batch is
+    decoded while the model runs on this one (file reads, hashing and PIL
+    release the GIL). Outputs keep input order; counters are updated on the
     bundle's thread, where Beam records them.
     """
 
@@ -127,6 +151,7 @@ class PreprocessFn(beam.DoFn):
         self.lookahead = lookahead
 
     def setup(self) -> None:
+        self.read = Metrics.counter(self.namespace, "images_read")
         self.decoded = Metrics.counter(self.namespace, "images_decoded")
         self.failed = Metrics.counter(self.namespace, "images_failed")
         self.bytes_read = Metrics.counter(self.namespace, "bytes_read")
@@ -141,8 +166,7 @@ class PreprocessFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
-        self.bytes_read.inc(len(item.data))
-        future = self.pool.submit(decode_or_error, item.data, self.max_pixels)
+        future = self.pool.submit(load_and_decode, item, self.max_pixels)
         self.pending.append((future, item, timestamp, window))
         while self.pending and (len(self.pending) > self.lookahead or self.pending[0][0].done()):
             yield self._emit_oldest()
@@ -153,13 +177,18 @@ class PreprocessFn(beam.DoFn):
 
     def _emit_oldest(self) -> Any:
         future, item, timestamp, window = self.pending.popleft()
-        result = future.result()
-        if isinstance(result, ImageError):
+        outcome: Outcome = future.result()
+        if outcome.nbytes:
+            self.read.inc()
+            self.bytes_read.inc(outcome.nbytes)
+        if outcome.decoded is None:
             self.failed.inc()
-            row = (item.key, error_row(item.uri, result.kind, str(result)))
+            error = outcome.error
+            row = (item.key, error_row(item.uri, error.kind, str(error)))
             return beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(row, timestamp, (window,)))
         self.decoded.inc()
-        value = (Meta(item.key, result.width, result.height), result.pixels)
+        d = outcome.decoded
+        value = (Meta(item.key, d.width, d.height, outcome.sha256), d.pixels)
         return WindowedValue(value, timestamp, (window,))
 
     def teardown(self) -> None:

@@ -36,12 +36,10 @@ from beam_jobs.common import (
     add_common_flags,
     counter_values,
     dry_run_result,
-    error_row,
     exit_on_usage_error,
     pipeline_options,
 )
 from beam_jobs.inference import FeatureExtractorHandler
-from beam_jobs.sources import read_file
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.extractor import PRECISIONS, check_weights, features_identity
@@ -104,29 +102,6 @@ def image_path(images_dir: str, file_name: str) -> str:
         if "://" in images_dir
         else f"{images_dir.rstrip('/')}/{file_name}"
     )
-
-
-class ReadImageFn(beam.DoFn):
-    """ImageRecord -> Loaded bytes, or (record, error row) when the file is missing/unreadable."""
-
-    def __init__(self, images_dir: str):
-        self.images_dir = images_dir
-
-    def setup(self) -> None:
-        self.read = Metrics.counter(NAMESPACE, "images_read")
-        self.failed = Metrics.counter(NAMESPACE, "images_failed")
-
-    def process(self, record: ImageRecord) -> Iterator[Any]:
-        path = image_path(self.images_dir, record.file_name)
-        try:
-            data = read_file(path)
-        except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
-            self.failed.inc()
-            kind = "missing_file" if not FileSystems.exists(path) else "read_error"
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, (record, error_row(path, kind, str(e))))
-            return
-        self.read.inc()
-        yield Loaded(record, path, data)
 
 
 class ToExampleFn(beam.DoFn):
@@ -241,12 +216,15 @@ def build_pipeline(
         >> beam.FlatMap(lambda path: parse_file(path, bool(args.karpathy_json), args.split).records)
         | "SpreadRecords" >> beam.Reshuffle()
     )
-    read = records | "ReadImages" >> beam.ParDo(ReadImageFn(args.images_dir)).with_outputs(
-        ERRORS_TAG, main="images"
+    images_dir = args.images_dir
+    decoded = (
+        records
+        | "ImagePaths" >> beam.Map(lambda r: Loaded(r, image_path(images_dir, r.file_name)))
+        | "ReadAndPreprocess"
+        >> beam.ParDo(
+            PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)
+        ).with_outputs(ERRORS_TAG, main="pixels")
     )
-    decoded = read.images | "Preprocess" >> beam.ParDo(
-        PreprocessFn(NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size)
-    ).with_outputs(ERRORS_TAG, main="pixels")
     handler = FeatureExtractorHandler(
         args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
     )
@@ -255,9 +233,7 @@ def build_pipeline(
         | "InceptionV3" >> RunInference(KeyedModelHandler(handler))
         | "ToExamples" >> beam.ParDo(ToExampleFn())
     )
-    errors = (
-        (read[ERRORS_TAG], decoded[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
-    ) | "ErrorSplit" >> beam.Map(lambda kv: (kv[0].split, kv[1]))
+    errors = decoded[ERRORS_TAG] | "ErrorSplit" >> beam.Map(lambda kv: (kv[0].split, kv[1]))
 
     if "train" in splits:
         vocab_size = (

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
+from model.preprocess import ImageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_MEMBER_BYTES = 256 << 20
@@ -158,6 +160,16 @@ def read_uri(uri: str) -> bytes:
                 return item.data
         raise FileNotFoundError(uri)
     return read_file(uri)
+
+
+def read_failure(uri: str, error: Exception) -> ImageError:
+    """Why a file could not be read, as an error of kind missing_file or read_error."""
+    try:
+        missing = not FileSystems.exists(uri)
+    except Exception:  # noqa: BLE001 - the filesystem itself is failing
+        missing = False
+    kind = "missing_file" if missing else "read_error"
+    return ImageError(kind, f"{type(error).__name__}: {error}")
 
 
 def read_file(path: str) -> bytes:

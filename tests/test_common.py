@@ -1,3 +1,5 @@
+import hashlib
+
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -30,3 +32,19 @@ def test_preprocess_ahead_on_threads_emits_every_input_once():
         )
         expected_kinds = [(f"bad-{n}", kind) for n, (_, kind) in sorted(bad_images().items())]
         assert_that(kinds, equal_to(expected_kinds * 3), label="Kinds")
+
+
+def test_files_are_read_on_the_pool_with_sha256_and_missing_ones_are_error_rows(tmp_path):
+    data = good_images()["rgb.jpg"]
+    (tmp_path / "a.jpg").write_bytes(data)
+    items = [Loaded("a", str(tmp_path / "a.jpg")), Loaded("gone", str(tmp_path / "gone.jpg"))]
+    with beam.Pipeline("FnApiRunner") as p:
+        out = (
+            p
+            | beam.Create(items)
+            | beam.ParDo(PreprocessFn("test")).with_outputs(ERRORS_TAG, main="pixels")
+        )
+        metas = out.pixels | beam.Map(lambda e: (e[0].key, e[0].sha256))
+        errors = out[ERRORS_TAG] | beam.Map(lambda e: (e[0], e[1]["error_type"]))
+        assert_that(metas, equal_to([("a", hashlib.sha256(data).hexdigest())]))
+        assert_that(errors, equal_to([("gone", "missing_file")]), label="Errors")
