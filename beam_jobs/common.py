@@ -71,7 +71,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--decode_threads",
         type=int,
         default=2,
-        help="threads per worker decoding images ahead of the model",
+        help="threads per worker reading and decoding images ahead of the model (8-16 for gs://)",
     )
     parser.add_argument(
         "--max_pixels",
