@@ -5,7 +5,7 @@
 Runs the job on 640x480 JPEGs at images/8 and at images, and prints, next to
 the bare model's rate at the same batch and precision:
 - the steady-state rate (extra images over extra seconds), target >= 0.85 of bare;
-- the fixed start-up (model build, tracing, pipeline start, ~3 s here) and the
+- the fixed start-up (model build, tracing, pipeline start, 2-4 s here) and the
   end-to-end rate, which approaches the steady state as the corpus grows;
 - peak memory at N and 10N images (target: flat, nothing held per image).
 A few minutes on 2 cores.
