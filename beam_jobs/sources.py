@@ -33,10 +33,6 @@ class Item:
     error_type: str | None = None
     message: str = ""
 
-    @property
-    def unread(self) -> bool:
-        return self.data is None and self.error_type is None
-
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
@@ -130,7 +126,7 @@ def read_zip(path: str) -> Iterator[Item]:
 def read_path(path: str, defer_files: bool = False) -> Iterator[Item]:
     """A matched path -> one Item, or one per archive member; failures become error Items.
 
-    With `defer_files`, a plain file comes back unread (`Item.unread`): the
+    With `defer_files`, a plain file comes back unread (no data, no error): the
     caption job groups inputs by uri before reading them, so only archive
     members, which can only be read by opening their archive, carry bytes
     through the grouping.

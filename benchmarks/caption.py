@@ -12,22 +12,21 @@ start-up and the end-to-end rate; then peak memory at N and 10N images
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
-from benchmarks.common import bare_inception_rate, job_rates, make_jpegs, report, report_memory
+from benchmarks.common import (
+    bare_inception_rate,
+    job_bench_args,
+    job_rates,
+    make_jpegs,
+    report,
+    report_memory,
+)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--precision", default="float32")
-    p.add_argument(
-        "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
-    )
-    a = p.parse_args()
+    a = job_bench_args(__doc__)
     from beam_jobs.caption_images import run
     from model.captioner import ShowAttendTell
     from model.export import save_export

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +71,18 @@ def peak_rss_mb(module: str, argv: list[str]) -> float:
     return int(line.split()[1]) / 1024
 
 
+def job_bench_args(doc: str | None) -> argparse.Namespace:
+    """The flags both Beam-job benchmarks take."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--precision", default="float32")
+    p.add_argument(
+        "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
+    )
+    return p.parse_args()
+
+
 @dataclass(frozen=True)
 class JobRates:
     """A job timed at a small and a large image count in the same process."""
@@ -87,12 +101,16 @@ def job_rates(run_seconds: Callable[[int], float], images: int) -> JobRates:
     """Times the job at images/8 and at images; separates start-up from per-image cost."""
     small = max(1, images // 8)
     t_small, t_large = run_seconds(small), run_seconds(images)
-    steady = (images - small) / max(t_large - t_small, 1e-9)
+    if t_large <= t_small:  # too few images for the per-image cost to show over noise
+        return JobRates(images, t_large, float("nan"), float("nan"))
+    steady = (images - small) / (t_large - t_small)
     return JobRates(images, t_large, max(0.0, t_large - images / steady), steady)
 
 
 def report(name: str, rates: JobRates, bare: float, target: float, detail: str) -> None:
     """Prints the job's rates next to the bare model's, with their ratios."""
+    if math.isnan(rates.steady):
+        print(f"{name}: too few --images to separate start-up from per-image cost", flush=True)
     print(
         f"{name}: bare InceptionV3 {bare:.2f} images/s ({detail})\n"
         f"{name}: job steady state {rates.steady:.2f} images/s, "

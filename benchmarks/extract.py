@@ -13,12 +13,12 @@ A few minutes on 2 cores.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 from benchmarks.common import (
     bare_inception_rate,
+    job_bench_args,
     job_rates,
     make_jpegs,
     report,
@@ -28,14 +28,7 @@ from benchmarks.common import (
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--precision", default="float32")
-    p.add_argument(
-        "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
-    )
-    a = p.parse_args()
+    a = job_bench_args(__doc__)
     from beam_jobs.extract_features import run
 
     with tempfile.TemporaryDirectory() as tmp:
