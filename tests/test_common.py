@@ -1,9 +1,13 @@
 import hashlib
+import io
+import logging
+import tarfile
 
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_jobs.common import ERRORS_TAG, Loaded, PreprocessFn
+from beam_jobs.common import ERRORS_TAG, Loaded, PreprocessFn, pipeline_options
+from beam_jobs.sources import read_path
 from tests.helpers import bad_images, good_images
 
 
@@ -48,3 +52,26 @@ def test_files_are_read_on_the_pool_with_sha256_and_missing_ones_are_error_rows(
         errors = out[ERRORS_TAG] | beam.Map(lambda e: (e[0], e[1]["error_type"]))
         assert_that(metas, equal_to([("a", hashlib.sha256(data).hexdigest())]))
         assert_that(errors, equal_to([("gone", "missing_file")]), label="Errors")
+
+
+def test_plain_files_can_be_left_unread_but_archive_members_cannot(tmp_path):
+    data = good_images()["rgb.jpg"]
+    (tmp_path / "a.jpg").write_bytes(data)
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        info = tarfile.TarInfo("m.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    [plain] = read_path(str(tmp_path / "a.jpg"), defer_files=True)
+    assert (plain.data, plain.error_type) == (None, None)
+    [member] = read_path(str(tmp_path / "b.tar"), defer_files=True)
+    assert member.data == data and member.uri.endswith("b.tar!/m.jpg")
+    [read] = read_path(str(tmp_path / "a.jpg"))
+    assert read.data == data
+
+
+def test_only_beams_torch_resource_notice_is_filtered(caplog):
+    pipeline_options([])
+    with caplog.at_level(logging.WARNING):
+        logging.warning("Resource module is not available for current platform, ...")
+        logging.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

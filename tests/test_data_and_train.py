@@ -250,3 +250,14 @@ def test_two_workers_on_loopback(tmp_path):
     manifest = load_export(str(tmp_path / "m" / "export")).manifest
     assert manifest["training"]["replicas"] == 2
     assert manifest["training"]["steps"] == 6  # ceil(24 captions / 4)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from model.train import parse_args
+
+    argv = ["--data_dir", "d", "--model_dir", "m"]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert parse_args(argv).verbose == 2  # logs get one line per epoch
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert parse_args(argv).verbose == 1
+    assert parse_args([*argv, "--verbose", "0"]).verbose == 0
