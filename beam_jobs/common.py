@@ -63,13 +63,27 @@ def exit_on_usage_error(run_fn, argv: Sequence[str] | None = None) -> Any:
     return run_cli(run_fn, argv, errors=(UsageError,))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a bad count fails at start with one line, not later on a worker."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--batch_size", type=int, default=32, help="images per model call (RunInference batch)"
+        "--batch_size",
+        type=positive_int,
+        default=32,
+        help="images per model call (RunInference batch)",
     )
     parser.add_argument(
         "--decode_threads",
-        type=int,
+        type=positive_int,
         default=2,
         help="threads per worker reading and decoding images ahead of the model (8-16 for gs://)",
     )

@@ -4,6 +4,7 @@ import logging
 import tarfile
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs.common import ERRORS_TAG, Loaded, PreprocessFn, pipeline_options
@@ -75,3 +76,12 @@ def test_only_beams_torch_resource_notice_is_filtered(caplog):
         logging.warning("Resource module is not available for current platform, ...")
         logging.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+@pytest.mark.parametrize("flag", ["--decode_threads", "--batch_size"])
+def test_counts_must_be_positive_at_start(flag, capsys):
+    from beam_jobs.caption_images import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--input", "i", "--output_dir", "o", flag, "0"])
+    assert "must be a positive integer, got '0'" in capsys.readouterr().err
