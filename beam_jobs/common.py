@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs.sources import read_failure, read_file
+from model.cli import positive_int
 from model.preprocess import MAX_PIXELS, Decoded, ImageError, preprocess_image
 
 ERRORS_TAG = "errors"
@@ -61,17 +62,6 @@ def exit_on_usage_error(run_fn, argv: Sequence[str] | None = None) -> Any:
     from model.cli import run_cli
 
     return run_cli(run_fn, argv, errors=(UsageError,))
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a bad count fails at start with one line, not later on a worker."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

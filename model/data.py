@@ -105,12 +105,15 @@ def caption_pairs(
     record_buffer: int = 512,
     pair_buffer: int = 2048,
     drop_remainder: bool = False,
+    length_multiple: int = 1,
 ) -> tf.data.Dataset:
     """(features float16 (B, 64, 2048), tokens int32 (B, T)) with T = longest caption in batch.
 
     Tokens are `<start> w1 .. wn <end>`, truncated to `max_tokens`, padded with 0.
     With `shuffle`, the order is a deterministic function of `seed`, so a
-    resumed epoch can skip the batches it already trained on.
+    resumed epoch can skip the batches it already trained on. `length_multiple`
+    rounds T up (more `<pad>`, which the loss masks), so XLA compiles one
+    program per bucket of lengths instead of one per length.
     """
     table = make_lookup(vocab)
 
@@ -143,6 +146,13 @@ def caption_pairs(
         padded_shapes=([*formats.FEATURE_SHAPE], [None]),
         drop_remainder=drop_remainder,
     )
+    if length_multiple > 1:
+
+        def round_up(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            extra = -tf.shape(tokens)[1] % length_multiple
+            return features, tf.pad(tokens, [[0, 0], [0, extra]])
+
+        ds = ds.map(round_up)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

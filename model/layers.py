@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 PACKAGE = "show_attend_tell"
+VARIANCE_FLOOR = 1e-4  # of the mean channel variance (see CNNEncoder.standardize)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -36,12 +37,20 @@ class CNNEncoder(keras.layers.Layer):
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         depth = input_shape[-1]
-        if self.normalize:
+        if self.normalize:  # float32 even under a mixed policy: no autocast on read
             self.feature_mean = self.add_weight(
-                shape=(depth,), initializer="zeros", trainable=False, name="feature_mean"
+                shape=(depth,),
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name="feature_mean",
             )
             self.feature_variance = self.add_weight(
-                shape=(depth,), initializer="ones", trainable=False, name="feature_variance"
+                shape=(depth,),
+                initializer="ones",
+                trainable=False,
+                autocast=False,
+                name="feature_variance",
             )
         self.fc.build(input_shape)
 
@@ -51,10 +60,22 @@ class CNNEncoder(keras.layers.Layer):
 
     def call(self, features: tf.Tensor) -> tf.Tensor:
         if self.normalize:
-            mean = ops.cast(self.feature_mean, features.dtype)
-            scale = ops.cast(ops.rsqrt(self.feature_variance + 1e-12), features.dtype)
-            features = (features - mean) * scale
+            features = ops.cast(self.standardize(features), self.compute_dtype)
         return self.fc(features)
+
+    def standardize(self, features: tf.Tensor) -> tf.Tensor:
+        """(x - mean) / std per channel, in float32 whatever the compute dtype.
+
+        A channel that hardly varied in the training images (random-init backbones
+        leave hundreds constant) would get a near-infinite scale: inf in float16,
+        and a huge output for the smallest serve-time activation. Its variance is
+        floored at a fraction of the mean channel variance, which caps any scale
+        at 1/sqrt(VARIANCE_FLOOR) = 100 times a typical channel's.
+        """
+        variance = self.feature_variance
+        floor = VARIANCE_FLOOR * ops.mean(variance) + 1e-30
+        scale = ops.rsqrt(ops.maximum(variance, floor))
+        return (ops.cast(features, "float32") - self.feature_mean) * scale
 
     def get_config(self) -> dict[str, Any]:
         return {

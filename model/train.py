@@ -3,10 +3,12 @@
     python -m model.train --data_dir FEATURES_DIR --model_dir MODEL_DIR [--epochs N] [--preset tiny]
 
 MirroredStrategy over the local GPUs (or the CPU), MultiWorkerMirroredStrategy
-when TF_CONFIG names several workers. A custom loop (`strategy.run`) serves
-both. Step-level checkpoints in MODEL_DIR/checkpoints: killing the process and
-running the same command again continues where it stopped. The model, its
-vocabulary and a manifest go to MODEL_DIR/export/.
+when TF_CONFIG names several workers; one custom loop (`model.steps`) serves
+both, and N replicas update exactly as one device on the whole batch. Several
+steps run per compiled call (`--steps_per_execution`). Step-level checkpoints in
+MODEL_DIR/checkpoints: killing the process (or every worker) and running the
+same command again continues where it stopped, with the same data order. The
+model, its vocabulary and a manifest go to MODEL_DIR/export/.
 """
 
 from __future__ import annotations
@@ -25,51 +27,105 @@ import keras
 import tensorflow as tf
 
 from model import formats
-from model.captioner import PRESETS, LossParts, ShowAttendTell, combine_loss, loss_parts
-from model.cli import run_cli
-from model.data import caption_pairs, check_data_dir, feature_stats, split_info
+from model.captioner import PRESETS, ShowAttendTell
+from model.cli import non_negative_float, non_negative_int, positive_float, positive_int, run_cli
+from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
 from model.export import DEFAULT_MAX_LENGTH, save_export
-from model.vocab import PAD_ID
+from model.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
+from model.vocab import Vocabulary
 
 # Per real token: the trained objective (cross-entropy + attention penalty) and
 # the cross-entropy alone (its exp is perplexity), on train and val.
 LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce")
+# Flags that decide the data order or the numerics: a resumed run must keep them.
+RESUME_FLAGS = (
+    "batch_size",
+    "seed",
+    "max_tokens",
+    "shuffle_buffer",
+    "train_split",
+    "precision",
+    "learning_rate",
+    "warmup_steps",
+    "decay",
+    "clip_norm",
+    "shard_policy",
+)
+XLA_LENGTH_MULTIPLE = 8  # with --jit_compile, caption lengths are padded to buckets of 8
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True, help="FEATURES_DIR written by extract_features")
     p.add_argument("--model_dir", required=True, help="checkpoints, logs and export/ go here")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=64, help="global batch (all replicas)")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch_size", type=positive_int, help="global batch (default 64)")
+    batch.add_argument(
+        "--per_replica_batch_size",
+        type=positive_int,
+        help="pairs per replica; the global batch is this times the replica count",
+    )
     p.add_argument("--preset", default="tutorial", choices=sorted(PRESETS), help="model size")
-    p.add_argument("--embedding_dim", type=int, help="overrides the preset")
-    p.add_argument("--units", type=int, help="overrides the preset")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--attention_penalty", type=float, default=1.0, help="lambda; 0 turns it off")
+    p.add_argument("--embedding_dim", type=positive_int, help="overrides the preset")
+    p.add_argument("--units", type=positive_int, help="overrides the preset")
+    p.add_argument("--dropout", type=non_negative_float, default=0.0)
+    p.add_argument(
+        "--attention_penalty", type=non_negative_float, default=1.0, help="lambda; 0 turns it off"
+    )
     p.add_argument(
         "--no_feature_norm",
         action="store_true",
         help="feed raw features (no per-channel standardisation)",
     )
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="peak rate")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=100)
     p.add_argument("--decay", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--clip_norm", type=float, default=5.0, help="global gradient norm clip")
-    p.add_argument("--mixed_precision", action="store_true", help="float16 on GPU, bfloat16 on CPU")
-    p.add_argument("--jit_compile", action="store_true", help="XLA-compile the training step")
-    p.add_argument("--checkpoint_every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--patience", type=int, default=3, help="early stopping on val loss (0: off)")
+    p.add_argument(
+        "--clip_norm",
+        type=non_negative_float,
+        default=5.0,
+        help="clip the global norm of the gradient summed over replicas (0: off)",
+    )
+    p.add_argument(
+        "--mixed_precision",
+        nargs="?",
+        const="auto",
+        choices=["auto", "float16", "bfloat16"],
+        help="mixed precision; alone: float16 on GPU, bfloat16 on CPU",
+    )
+    p.add_argument("--jit_compile", action="store_true", help="XLA-compile forward and backward")
+    p.add_argument(
+        "--steps_per_execution",
+        type=positive_int,
+        default=10,
+        help="training steps per compiled call; the host syncs, logs and checks only between",
+    )
+    p.add_argument(
+        "--checkpoint_every", type=positive_int, default=200, help="steps between checkpoints"
+    )
+    p.add_argument(
+        "--patience", type=non_negative_int, default=3, help="early stopping on val loss (0: off)"
+    )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")
-    p.add_argument("--max_tokens", type=int, default=40, help="truncate training captions")
-    p.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH, help="decoding limit")
-    p.add_argument("--shuffle_buffer", type=int, default=2048, help="pairs in the shuffle buffer")
+    p.add_argument("--max_tokens", type=_at_least(3), default=40, help="truncate training captions")
+    p.add_argument(
+        "--max_length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="decoding limit"
+    )
+    p.add_argument("--shuffle_buffer", type=positive_int, default=2048, help="pairs shuffled")
+    p.add_argument(
+        "--shard_policy",
+        default="auto",
+        choices=["auto", "file", "data"],
+        help="how hosts split the data: whole shard files (auto: with >= 4 per host) or batches",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--verbose",
         type=int,
         default=None,
+        choices=[0, 1, 2],
         help="0 quiet, 1 progress bar, 2 line per epoch (default: 1 on a terminal, else 2)",
     )
     args = p.parse_args(argv)
@@ -78,110 +134,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def choose_strategy() -> tf.distribute.Strategy:
-    """MultiWorker when TF_CONFIG lists more than one task, else Mirrored over local devices."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    workers = sum(
-        len(v) for k, v in tf_config.get("cluster", {}).items() if k in ("worker", "chief")
-    )
-    if workers > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+def _at_least(minimum: int) -> Any:
+    def check(text: str) -> int:
+        value = positive_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+        return value
+
+    return check
+
+
+# ---------------------------------------------------------------- set-up pieces
+
+
+def choose_strategy() -> tuple[tf.distribute.Strategy, bool]:
+    """(strategy, is_chief): MultiWorker when TF_CONFIG names several tasks, else Mirrored."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    jobs = resolver.cluster_spec().as_dict()
+    tasks = sum(len(v) for k, v in jobs.items() if k in ("worker", "chief"))
+    if tasks > 1:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        kind, index = resolver.task_type, resolver.task_id
+        chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in jobs)
+        return strategy, chief
     gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy([d.name for d in gpus] or ["/cpu:0"])
+    return tf.distribute.MirroredStrategy([d.name for d in gpus] or ["/cpu:0"]), True
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (
-        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+def precision_policy(choice: str | None) -> str:
+    """--mixed_precision -> Keras policy name (float16 needs loss scaling, bfloat16 does not)."""
+    if choice is None:
+        return "float32"
+    if choice == "auto":
+        choice = "float16" if tf.config.list_logical_devices("GPU") else "bfloat16"
+    return f"mixed_{choice}"
+
+
+def lr_schedule(
+    peak: float, warmup: int, total: int, decay: str
+) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warm-up to `peak`, then cosine decay to 10% of it ("cosine") or flat ("constant")."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / warmup if warmup else peak,
+        decay_steps=max(total - warmup, 1),
+        alpha=0.1 if decay == "cosine" else 1.0,
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
     )
-
-
-class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then cosine decay to 10% of it (or constant)."""
-
-    def __init__(self, peak: float, warmup: int, total: int, decay: str = "cosine"):
-        self.peak, self.warmup, self.total, self.decay = peak, warmup, max(total, 1), decay
-
-    def __call__(self, step: tf.Tensor) -> tf.Tensor:
-        step = tf.cast(step, tf.float32)
-        warm = self.peak * tf.minimum(1.0, (step + 1.0) / max(self.warmup, 1))
-        if self.decay == "constant":
-            return warm
-        progress = tf.clip_by_value(
-            (step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0
-        )
-        cosine = self.peak * (0.1 + 0.9 * 0.5 * (1.0 + tf.cos(math.pi * progress)))
-        return tf.where(step < self.warmup, warm, cosine)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "warmup": self.warmup, "total": self.total, "decay": self.decay}
-
-
-@dataclass
-class StepFns:
-    train: Any
-    evaluate: Any
-
-
-def make_step_fns(
-    strategy: tf.distribute.Strategy,
-    model: ShowAttendTell,
-    optimizer: keras.optimizers.Optimizer,
-    attention_penalty: float,
-    jit_compile: bool = False,
-) -> StepFns:
-    """Distributed train and eval steps.
-
-    Each replica divides its summed loss by the *global* number of real tokens
-    (an all-reduce), and the optimizer sums gradients over replicas, so N
-    replicas compute the same loss and update as one device on the whole batch.
-    """
-
-    def forward(
-        features: tf.Tensor, tokens: tf.Tensor, training: bool
-    ) -> tuple[tf.Tensor, LossParts]:
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, PAD_ID), tf.float32))
-        ctx = tf.distribute.get_replica_context()
-        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
-        logits, alphas = model((features, inputs), training=training)
-        parts = loss_parts(logits, alphas, targets)
-        return combine_loss(parts, attention_penalty, global_tokens), parts
-
-    def replica_train(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        with tf.GradientTape() as tape:
-            loss, parts = forward(features, tokens, training=True)
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
-        return loss, parts.tokens, parts.cross_entropy
-
-    def replica_eval(features: tf.Tensor, tokens: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        _, parts = forward(features, tokens, training=False)
-        total = parts.cross_entropy + attention_penalty * parts.penalty
-        return total, parts.tokens, parts.cross_entropy
-
-    def reduce(values: tuple) -> tuple[tf.Tensor, ...]:
-        return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values)
-
-    # XLA compiles the per-replica body; the distribution wrapper stays a plain graph.
-    replica_step = tf.function(replica_train, jit_compile=True) if jit_compile else replica_train
-
-    @tf.function
-    def train(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
-        """-> (loss, real tokens, summed cross-entropy) over all replicas."""
-        return reduce(strategy.run(replica_step, args=batch))
-
-    @tf.function
-    def evaluate(batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
-        """-> (summed loss, real tokens, summed cross-entropy) over all replicas."""
-        return reduce(strategy.run(replica_eval, args=batch))
-
-    return StepFns(train, evaluate)
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
@@ -196,222 +195,361 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def check_checkpoint_config(model_dir: str, config: dict[str, Any]) -> None:
-    """A checkpoint from a different model/vocabulary fails at start with one line."""
+def check_run_config(
+    model_dir: str, model: dict[str, Any], training: dict[str, Any], chief: bool
+) -> None:
+    """MODEL_DIR/config.json records the model and the data-order/numerics flags.
+
+    A checkpoint of another model, or a resume with a changed flag of
+    `RESUME_FLAGS`, fails at start with one line (a changed batch size would
+    silently misalign the skipped batches; another precision fails deep in restore).
+    """
     path = os.path.join(model_dir, "config.json")
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            saved = json.load(f)
-        diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-        if diff:
+    if not tf.io.gfile.exists(path):
+        if chief:
+            tf.io.gfile.makedirs(model_dir)
+            with tf.io.gfile.GFile(path, "w") as f:
+                json.dump({"model": model, "training": training}, f, indent=2)
+        return
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f)
+    saved_model = saved.get("model", saved)  # before 2026-11 the file held the model alone
+    diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
+    if diff:
+        raise formats.FormatError(
+            f"{model_dir} holds a checkpoint of another model: "
+            + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items())
+            + " (use a new --model_dir)"
+        )
+    for key, value in training.items():
+        if key in saved.get("training", {}) and saved["training"][key] != value:
             raise formats.FormatError(
-                f"{model_dir} holds a checkpoint of another model: "
-                + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items())
-                + " (use a new --model_dir)"
+                f"{model_dir} was trained with {key} {saved['training'][key]}, this run has "
+                f"{value}: resume with the same --{_flag(key)} (or use a new --model_dir)"
             )
-    else:
-        tf.io.gfile.makedirs(model_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
-            json.dump(config, f, indent=2)
 
 
-def set_precision(mixed: bool) -> str:
-    if not mixed:
-        policy = "float32"
-    else:
-        policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+def _flag(key: str) -> str:
+    return {"precision": "mixed_precision"}.get(key, key)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Trains to `args.epochs` (resuming from MODEL_DIR/checkpoints) and exports."""
+def distribute(
+    strategy: tf.distribute.Strategy, ds: tf.data.Dataset, files: int, policy: str
+) -> Any:
+    """Hosts split whole shard files when each gets several, else every batch (DATA)."""
+    workers = num_workers(strategy)
+    by_file = policy == "file" or (policy == "auto" and files >= 4 * workers)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.FILE
+        if by_file
+        else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
+
+
+# ---------------------------------------------------------------- the training state
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: data, strategy, model, optimizer, counters."""
+
+    args: argparse.Namespace
+    features_manifest: dict[str, Any]
+    vocab: Vocabulary
+    train_info: SplitInfo
+    val_info: SplitInfo | None
+    strategy: tf.distribute.Strategy
+    chief: bool
+    policy: str
+    global_batch: int
+    steps_per_epoch: int
+    model: ShowAttendTell
+    optimizer: keras.optimizers.Optimizer
+    fns: StepFns
+    state: dict[str, tf.Variable]  # step, epoch, position, best_val, bad_epochs, ...
+    manager: tf.train.CheckpointManager
+    writer: Any
+
+    def var(self, name: str) -> int:
+        return int(self.state[name].numpy())
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return json.loads(self.state["history"].numpy().decode())
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.args.patience and self.var("bad_epochs") >= self.args.patience)
+
+    @property
+    def done(self) -> bool:
+        return self.var("epoch") >= self.args.epochs or self.stopped_early
+
+    def dataset(self, info: SplitInfo, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
+        return caption_pairs(
+            info.files,
+            self.vocab,
+            self.global_batch,
+            shuffle=shuffle,
+            seed=seed,
+            max_tokens=self.args.max_tokens,
+            pair_buffer=self.args.shuffle_buffer,
+            length_multiple=XLA_LENGTH_MULTIPLE if self.args.jit_compile else 1,
+        )
+
+
+def set_up(args: argparse.Namespace) -> Run:
+    """Reads the data dir, builds strategy, model and optimizer, restores the latest checkpoint."""
     features_manifest, vocab = check_data_dir(args.data_dir)
     train_info = split_info(args.data_dir, features_manifest, args.train_split)
     has_val = args.val_split in features_manifest.get("splits", {})
     val_info = split_info(args.data_dir, features_manifest, args.val_split) if has_val else None
-    config = model_config(args, len(vocab))
-    check_checkpoint_config(args.model_dir, config)
 
-    strategy = choose_strategy()
-    chief = is_chief(strategy)
-    policy = set_precision(args.mixed_precision)
+    strategy, chief = choose_strategy()
     replicas = strategy.num_replicas_in_sync
-    steps_per_epoch = max(1, math.ceil(train_info.captions / args.batch_size))
-    total_steps = steps_per_epoch * args.epochs
+    global_batch = args.batch_size or (args.per_replica_batch_size or 0) * replicas or 64
+    policy = precision_policy(args.mixed_precision)
+    config = model_config(args, len(vocab))
+    training = {k: getattr(args, k, None) for k in RESUME_FLAGS}
+    training.update(batch_size=global_batch, precision=policy)
+    check_run_config(args.model_dir, config, training, chief)
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(args.seed)
+    steps_per_epoch = max(1, math.ceil(train_info.captions / global_batch))
 
     with strategy.scope():
         model = ShowAttendTell(**config, name="show_attend_tell")
-        schedule = WarmupDecay(args.learning_rate, args.warmup_steps, total_steps, args.decay)
-        optimizer: keras.optimizers.Optimizer = keras.optimizers.Adam(
-            schedule, global_clipnorm=args.clip_norm or None
+        schedule = lr_schedule(
+            args.learning_rate, args.warmup_steps, steps_per_epoch * args.epochs, args.decay
         )
-        if policy == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = keras.optimizers.Adam(schedule)  # clipping happens after the all-reduce
         optimizer.build(model.trainable_variables)
-    # Loop counters live outside the strategy: plain variables, updated eagerly by every worker.
-    step = tf.Variable(0, dtype=tf.int64, name="step")
-    epoch = tf.Variable(0, dtype=tf.int64, name="epoch")
-    position = tf.Variable(0, dtype=tf.int64, name="position")  # batches done in this epoch
-    best_val = tf.Variable(float("inf"), dtype=tf.float64, name="best_val")
-    bad_epochs = tf.Variable(0, dtype=tf.int64, name="bad_epochs")
-
-    ckpt = tf.train.Checkpoint(
-        model=model,
-        optimizer=optimizer,
-        step=step,
-        epoch=epoch,
-        position=position,
-        best_val=best_val,
-        bad_epochs=bad_epochs,
+    loss_scale = DynamicLossScale() if policy == "mixed_float16" else None
+    state = {
+        "step": tf.Variable(0, dtype=tf.int64, name="step"),
+        "epoch": tf.Variable(0, dtype=tf.int64, name="epoch"),
+        "position": tf.Variable(0, dtype=tf.int64, name="position"),  # batches done this epoch
+        "epoch_sums": tf.Variable(tf.zeros([5], tf.float64), name="epoch_sums"),  # Totals so far
+        "best_val": tf.Variable(float("inf"), dtype=tf.float64, name="best_val"),
+        "bad_epochs": tf.Variable(0, dtype=tf.int64, name="bad_epochs"),
+        "history": tf.Variable("[]", dtype=tf.string, name="history"),  # JSON, all epochs
+    }
+    if loss_scale is not None:
+        state.update(loss_scale=loss_scale.scale, good_steps=loss_scale.good_steps)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+    manager = checkpoint_manager(ckpt, args.model_dir, strategy, chief)
+    fns = make_step_fns(
+        strategy,
+        model,
+        optimizer,
+        args.attention_penalty,
+        clip_norm=args.clip_norm,
+        loss_scale=loss_scale,
+        jit_compile=args.jit_compile,
     )
-    # Non-chief workers write to a scratch dir: all must save, only the chief's copy is kept.
-    ckpt_dir = os.path.join(args.model_dir, "checkpoints")
-    if not chief:
-        ckpt_dir = os.path.join(
-            args.model_dir, "tmp", f"worker-{strategy.cluster_resolver.task_id}"
-        )
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=3)
-    if manager.latest_checkpoint:  # the checkpoint also restores the feature statistics
-        ckpt.restore(manager.latest_checkpoint).expect_partial()
+    logs = os.path.join(args.model_dir, "logs" if chief else f"tmp/logs-{_task_id(strategy)}")
+    run = Run(
+        args,
+        features_manifest,
+        vocab,
+        train_info,
+        val_info,
+        strategy,
+        chief,
+        policy,
+        global_batch,
+        steps_per_epoch,
+        model,
+        optimizer,
+        fns,
+        state,
+        manager,
+        tf.summary.create_file_writer(logs),
+    )
+    restore_or_initialise(run, ckpt)
+    return run
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return max(1, sum(len(v) for k, v in spec.items() if k in ("worker", "chief")))
+
+
+def _task_id(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id or 0) if resolver is not None else 0
+
+
+def checkpoint_manager(
+    ckpt: tf.train.Checkpoint, model_dir: str, strategy: tf.distribute.Strategy, chief: bool
+) -> tf.train.CheckpointManager:
+    """The chief writes MODEL_DIR/checkpoints; every worker must save too, into scratch."""
+    if chief:
+        return tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "checkpoints"), 3)
+    scratch = os.path.join(model_dir, "tmp", f"worker-{_task_id(strategy)}")
+    return tf.train.CheckpointManager(ckpt, scratch, max_to_keep=1)
+
+
+def restore_or_initialise(run: Run, ckpt: tf.train.Checkpoint) -> None:
+    """Every worker restores the chief's latest checkpoint, so all resume at one position."""
+    latest = tf.train.latest_checkpoint(os.path.join(run.args.model_dir, "checkpoints"))
+    if latest:  # the checkpoint also restores the feature statistics
+        ckpt.restore(latest).expect_partial()
         print(
-            f"train: resumed from {manager.latest_checkpoint} at step {int(step)} "
-            f"(epoch {int(epoch) + 1}, batch {int(position)})",
+            f"train: resumed from {latest} at step {run.var('step')} "
+            f"(epoch {run.var('epoch') + 1}, batch {run.var('position')})",
             flush=True,
         )
-    elif model.config.normalize_features:
-        mean, variance = feature_stats(train_info.files)
-        model.encoder.set_feature_stats(mean, variance)
-    fns = make_step_fns(strategy, model, optimizer, args.attention_penalty, args.jit_compile)
-    writer = tf.summary.create_file_writer(
-        os.path.join(args.model_dir, "logs" if chief else "tmp/logs")
-    )
-    best_path = os.path.join(args.model_dir, "best.weights.h5")
-    history: list[dict[str, float]] = []
-    stopped_early = bool(args.patience and int(bad_epochs) >= args.patience)
+    elif run.model.config.normalize_features:
+        mean, variance = feature_stats(run.train_info.files)
+        run.model.encoder.set_feature_stats(mean, variance)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains to `args.epochs` (resuming from MODEL_DIR/checkpoints) and exports."""
+    run = set_up(args)
     print(
-        f"train: {train_info.images} images, {train_info.captions} captions, "
-        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.batch_size} "
-        f"on {replicas} replica(s), policy {policy}, model {config}",
+        f"train: {run.train_info.images} images, {run.train_info.captions} captions, "
+        f"{run.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
+        f"{run.global_batch} on {run.strategy.num_replicas_in_sync} replica(s), "
+        f"policy {run.policy}, model {run.model.config.to_dict()}",
         flush=True,
     )
+    while not run.done:
+        totals = train_epoch(run)
+        end_epoch(run, totals)
+    run.writer.flush()
+    return finish(run)
 
-    def distributed(ds: tf.data.Dataset) -> Any:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
+
+def train_epoch(run: Run) -> Totals:
+    """Runs the rest of the current epoch; checkpoints every --checkpoint_every steps."""
+    args, e = run.args, run.var("epoch")
+    ds = run.dataset(run.train_info, shuffle=True, seed=args.seed * 1000 + e)
+    iterator = iter(
+        distribute(
+            run.strategy, ds.skip(run.var("position")), len(run.train_info.files), args.shard_policy
         )
-        return strategy.experimental_distribute_dataset(ds.with_options(options))
-
-    while int(epoch) < args.epochs and not stopped_early:
-        e = int(epoch)
-        ds = caption_pairs(
-            train_info.files,
-            vocab,
-            args.batch_size,
-            shuffle=True,
-            seed=args.seed * 1000 + e,
-            max_tokens=args.max_tokens,
-            pair_buffer=args.shuffle_buffer,
-        ).skip(int(position))
-        bar = keras.utils.Progbar(
-            steps_per_epoch,
-            verbose=1 if args.verbose == 1 else 0,
-            stateful_metrics=["loss", "ce", "examples/s"],
-        )
-        if int(position):
-            bar.update(int(position))
-        epoch_loss, epoch_ce, epoch_tokens = 0.0, 0.0, 0.0
-        started, seen = time.perf_counter(), 0
-        for batch in distributed(ds):
-            loss, tokens, ce_sum = fns.train(batch)
-            step.assign_add(1)
-            position.assign_add(1)
-            seen += args.batch_size
-            epoch_loss += float(loss) * float(tokens)
-            epoch_ce += float(ce_sum)
-            epoch_tokens += float(tokens)
-            rate = seen / (time.perf_counter() - started)
-            ce = float(ce_sum) / max(float(tokens), 1.0)
-            bar.update(int(position), [("loss", float(loss)), ("ce", ce), ("examples/s", rate)])
-            if chief:
-                with writer.as_default(step=int(step)):
-                    tf.summary.scalar("train/loss", loss)
-                    tf.summary.scalar("train/cross_entropy", ce)
-                    tf.summary.scalar("train/learning_rate", schedule(step - 1))
-                    tf.summary.scalar("train/examples_per_second", rate)
-            if int(step) % args.checkpoint_every == 0:
-                manager.save(checkpoint_number=int(step))
-        record = {
-            "epoch": e + 1,
-            "loss": epoch_loss / max(epoch_tokens, 1.0),
-            "ce": epoch_ce / max(epoch_tokens, 1.0),
-            "step": int(step),
-        }
-        if val_info is not None:
-            record["val_loss"], record["val_ce"] = evaluate_loss(
-                fns, distributed, val_info, vocab, args
-            )
-            if record["val_loss"] < float(best_val):
-                best_val.assign(record["val_loss"])
-                bad_epochs.assign(0)
-                if chief:
-                    model.save_weights(best_path)
-            else:
-                bad_epochs.assign_add(1)
-            stopped_early = bool(args.patience and int(bad_epochs) >= args.patience)
-        epoch.assign_add(1)
-        position.assign(0)
-        manager.save(checkpoint_number=int(step))
-        history.append(record)
-        if chief:
-            with writer.as_default(step=int(step)):
-                for k in LOSS_KEYS:
-                    if k in record:
-                        tf.summary.scalar(f"epoch/{k}", record[k])
-        if args.verbose:
-            print(
-                f"train: epoch {e + 1}/{args.epochs} step {int(step)} "
-                + " ".join(f"{k} {record[k]:.4f}" for k in LOSS_KEYS if k in record)
-                + (" (early stop)" if stopped_early else ""),
-                flush=True,
-            )
-    writer.flush()
-
-    if val_info is not None and tf.io.gfile.exists(best_path):
-        model.load_weights(best_path)  # early stopping keeps the best epoch
-    summary = {
-        "steps": int(step),
-        "epochs": int(epoch),
-        "steps_per_epoch": steps_per_epoch,
-        "history": history,
-        "best_val_loss": float(best_val) if val_info is not None else None,
-        "stopped_early": stopped_early,
-        "replicas": replicas,
-        "policy": policy,
-    }
-    if chief:
-        export_dir = os.path.join(args.model_dir, formats.EXPORT_DIR)
-        save_export(model, vocab, features_manifest, export_dir, args.max_length, summary)
-        print(f"train: exported to {export_dir} ({int(step)} steps)", flush=True)
-    return summary
-
-
-def evaluate_loss(
-    fns: StepFns, distributed: Any, info: Any, vocab: Any, args: argparse.Namespace
-) -> tuple[float, float]:
-    """(loss, cross-entropy) per real token over a whole split."""
-    ds = caption_pairs(
-        info.files, vocab, args.batch_size, shuffle=False, max_tokens=args.max_tokens
     )
-    total, ce, tokens = 0.0, 0.0, 0.0
-    for batch in distributed(ds):
-        loss_sum, n, ce_sum = fns.evaluate(batch)
-        total += float(loss_sum)
-        ce += float(ce_sum)
-        tokens += float(n)
-    return total / max(tokens, 1.0), ce / max(tokens, 1.0)
+    bar = keras.utils.Progbar(
+        run.steps_per_epoch,
+        verbose=int(args.verbose == 1),
+        stateful_metrics=["loss", "ce", "pairs/s"],
+    )
+    totals = Totals(*run.state["epoch_sums"].numpy().tolist()[:4], int(run.state["epoch_sums"][4]))
+    started, pairs = time.perf_counter(), 0.0
+    while True:
+        until_ckpt = args.checkpoint_every - run.var("step") % args.checkpoint_every
+        chunk = run_steps(run.fns.train, iterator, min(args.steps_per_execution, until_ckpt))
+        if chunk.steps == 0:
+            break
+        totals += chunk
+        pairs += chunk.pairs
+        for name in ("step", "position"):
+            run.state[name].assign_add(chunk.steps)
+        run.state["epoch_sums"].assign([*totals[:4], totals.steps])
+        rate = pairs / (time.perf_counter() - started)
+        bar.update(
+            min(run.var("position"), run.steps_per_epoch),
+            [("loss", totals.loss), ("ce", totals.ce), ("pairs/s", rate)],
+        )
+        if run.chief:
+            with run.writer.as_default(step=run.var("step")):
+                tf.summary.scalar("train/loss", chunk.loss)
+                tf.summary.scalar("train/cross_entropy", chunk.ce)
+                tf.summary.scalar("train/learning_rate", run.optimizer.learning_rate)
+                tf.summary.scalar("train/pairs_per_second", rate)
+        if run.var("step") % args.checkpoint_every == 0:
+            run.manager.save(checkpoint_number=run.var("step"))
+        if chunk.steps < min(args.steps_per_execution, until_ckpt):
+            break  # the data ended inside this call
+    return totals
+
+
+def end_epoch(run: Run, totals: Totals) -> None:
+    """Validation, early-stopping bookkeeping, the epoch's record and a checkpoint."""
+    args, e = run.args, run.var("epoch")
+    record: dict[str, Any] = {
+        "epoch": e + 1,
+        "loss": totals.loss,
+        "ce": totals.ce,
+        "pairs": int(totals.pairs),
+        "step": run.var("step"),
+    }
+    if run.val_info is not None:
+        val = evaluate_split(run, run.val_info)
+        record["val_loss"], record["val_ce"] = val.loss, val.ce
+        if val.loss < float(run.state["best_val"].numpy()):
+            run.state["best_val"].assign(val.loss)
+            run.state["bad_epochs"].assign(0)
+            if run.chief:
+                run.model.save_weights(best_weights_path(args.model_dir))
+        else:
+            run.state["bad_epochs"].assign_add(1)
+    run.state["history"].assign(json.dumps([*run.history, record]))
+    run.state["epoch"].assign_add(1)
+    run.state["position"].assign(0)
+    run.state["epoch_sums"].assign(tf.zeros([5], tf.float64))
+    run.manager.save(checkpoint_number=run.var("step"))
+    if run.chief:
+        with run.writer.as_default(step=run.var("step")):
+            for k in LOSS_KEYS:
+                if k in record:
+                    tf.summary.scalar(f"epoch/{k}", record[k])
+    if args.verbose:
+        print(
+            f"train: epoch {e + 1}/{args.epochs} step {run.var('step')} "
+            + " ".join(f"{k} {record[k]:.4f}" for k in LOSS_KEYS if k in record)
+            + (" (early stop)" if run.stopped_early else ""),
+            flush=True,
+        )
+
+
+def evaluate_split(run: Run, info: SplitInfo) -> Totals:
+    """Loss and cross-entropy per real token over a whole split."""
+    ds = run.dataset(info, shuffle=False)
+    iterator = iter(distribute(run.strategy, ds, len(info.files), run.args.shard_policy))
+    totals = ZERO
+    while True:
+        chunk = run_steps(run.fns.evaluate, iterator, 1000)
+        totals += chunk
+        if chunk.steps < 1000:
+            return totals
+
+
+def best_weights_path(model_dir: str) -> str:
+    return os.path.join(model_dir, "best.weights.h5")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Keeps the best epoch (early stopping) and, on the chief, writes the export."""
+    best = best_weights_path(run.args.model_dir)
+    if run.val_info is not None and tf.io.gfile.exists(best):
+        run.model.load_weights(best)
+    summary = {
+        "steps": run.var("step"),
+        "epochs": run.var("epoch"),
+        "steps_per_epoch": run.steps_per_epoch,
+        "global_batch": run.global_batch,
+        "history": run.history,
+        "best_val_loss": float(run.state["best_val"].numpy()) if run.val_info else None,
+        "stopped_early": run.stopped_early,
+        "replicas": run.strategy.num_replicas_in_sync,
+        "policy": run.policy,
+    }
+    if run.chief:
+        export_dir = os.path.join(run.args.model_dir, formats.EXPORT_DIR)
+        save_export(
+            run.model, run.vocab, run.features_manifest, export_dir, run.args.max_length, summary
+        )
+        print(f"train: exported to {export_dir} ({summary['steps']} steps)", flush=True)
+    return summary
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
