@@ -115,11 +115,11 @@ def make_step_fns(
     """Train and eval steps for `strategy`; `clip_norm` applies to the summed gradients."""
     variables = model.trainable_variables
 
-    def forward(features: tf.Tensor, tokens: tf.Tensor, training: bool) -> tuple[Any, ...]:
+    def forward(
+        features: tf.Tensor, tokens: tf.Tensor, global_tokens: tf.Tensor, training: bool
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """-> (loss per global real token, sums (objective, ce, tokens, pairs)) of this replica."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, PAD_ID), tf.float32))
-        ctx = tf.distribute.get_replica_context()
-        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
         logits, alphas = model((features, inputs), training=training)
         parts = loss_parts(logits, alphas, targets)
         sums = tf.stack(
@@ -132,9 +132,11 @@ def make_step_fns(
         )
         return combine_loss(parts, attention_penalty, global_tokens), sums
 
-    def local_gradients(features: tf.Tensor, tokens: tf.Tensor) -> tuple[Any, tf.Tensor]:
+    def local_gradients(
+        features: tf.Tensor, tokens: tf.Tensor, global_tokens: tf.Tensor
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
         with tf.GradientTape() as tape:
-            loss, sums = forward(features, tokens, training=True)
+            loss, sums = forward(features, tokens, global_tokens, training=True)
             if loss_scale is not None:
                 loss = loss * loss_scale.scale
         # Dense gradients: the embedding's IndexedSlices would all-reduce by gather, with a
@@ -142,12 +144,17 @@ def make_step_fns(
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         return grads, sums
 
-    # XLA compiles forward + backward; the all-reduce and the update stay outside it.
+    # XLA compiles forward + backward; the all-reduces and the update stay outside it.
     gradients = tf.function(local_gradients, jit_compile=True) if jit_compile else local_gradients
 
     def replica_train(features: tf.Tensor, tokens: tf.Tensor) -> tf.Tensor:
-        grads, sums = gradients(features, tokens)
         ctx = tf.distribute.get_replica_context()
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, real_tokens(tokens))
+        grads, sums = tf.cond(
+            has_targets(tokens),
+            lambda: gradients(features, tokens, global_tokens),
+            lambda: ([tf.zeros_like(v) for v in variables], tf.zeros([4])),
+        )
         # One all-reduce: every replica now holds the whole batch's gradient.
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         finite = tf.constant(True)
@@ -173,9 +180,24 @@ def make_step_fns(
         loss_scale.update(finite)
 
     def replica_eval(features: tf.Tensor, tokens: tf.Tensor) -> tf.Tensor:
-        return forward(features, tokens, training=False)[1]
+        return tf.cond(
+            has_targets(tokens),
+            lambda: forward(features, tokens, 1.0, training=False)[1],
+            lambda: tf.zeros([4]),
+        )
 
     return StepFns(multi_step(strategy, replica_train), multi_step(strategy, replica_eval))
+
+
+def real_tokens(tokens: tf.Tensor) -> tf.Tensor:
+    """Real (non-pad) target tokens of a batch of `<start> ... <end>` rows."""
+    return tf.reduce_sum(tf.cast(tf.not_equal(tokens[:, 1:], PAD_ID), tf.float32))
+
+
+def has_targets(tokens: tf.Tensor) -> tf.Tensor:
+    """False for the empty batches a worker gets once its files are done (FILE sharding)."""
+    shape = tf.shape(tokens)
+    return tf.logical_and(shape[0] > 0, shape[1] > 1)
 
 
 def multi_step(strategy: tf.distribute.Strategy, replica_fn: Callable[..., tf.Tensor]) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -22,9 +23,18 @@ def caption_for(i: int) -> str:
 
 
 def write_features_dir(
-    path: str, splits: dict[str, int], shards: int = 2, seed: int = 0
+    path: str,
+    splits: dict[str, int],
+    shards: int = 2,
+    seed: int = 0,
+    captions: Callable[[int], list[str]] | None = None,
+    constant_channels: slice | None = None,
 ) -> Vocabulary:
-    """Features whose content predicts the caption, so a model can learn it."""
+    """Features whose content predicts the caption, so a model can learn it.
+
+    `captions(i)` overrides image i's captions; `constant_channels` are 0 in every
+    image (as hundreds of random-init `mixed10` channels are).
+    """
     rng = np.random.RandomState(seed)
     os.makedirs(path, exist_ok=True)
     all_caps = [caption_for(i) for i in range(12)]
@@ -42,7 +52,9 @@ def write_features_dir(
         for i in range(count):
             feats = rng.rand(*formats.FEATURE_SHAPE).astype(np.float32) * 0.1
             feats[:, i % 12] += 1.0  # the caption's class is written into the features
-            caps = [caption_for(i % 12)] * (1 + i % 2)
+            if constant_channels is not None:
+                feats[:, constant_channels] = 0.0
+            caps = captions(i) if captions else [caption_for(i % 12)] * (1 + i % 2)
             n_caps += len(caps)
             writers[i % shards].write(formats.make_example(i, f"img{i}.jpg", feats, caps, 32, 32))
         for w in writers:

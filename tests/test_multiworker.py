@@ -1,0 +1,140 @@
+"""MultiWorkerMirroredStrategy through the command line: 2 worker processes on loopback.
+
+Two workers with clipping active end with the weights of one process on the
+whole batch; killed together mid-epoch and restarted, they end with the weights
+of an uninterrupted run; with enough shards each host reads whole files.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from model.export import load_export
+from tests.fixtures import write_features_dir
+from tests.test_data_and_train import ENV, ROOT, train_cmd
+
+pytestmark = pytest.mark.slow
+
+# 40 images -> 60 captions -> 15 steps of 4 per epoch; clipping at 0.05 is active throughout.
+FLAGS = ("--epochs", "4", "--clip_norm", "0.05", "--learning_rate", "1e-2", "--patience", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_workers(data, model_dir, n, *extra):
+    workers = [f"127.0.0.1:{_free_port()}" for _ in range(n)]
+    procs = []
+    for i in range(n):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        procs.append(
+            subprocess.Popen(
+                train_cmd(data, model_dir, *extra),
+                env={**ENV, "TF_CONFIG": json.dumps(tf_config)} if n > 1 else ENV,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return procs
+
+
+def wait_all(procs, timeout=300):
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-worker training hung")
+        outs.append(out.decode())
+        assert p.returncode == 0, out.decode()[-3000:]
+    return outs
+
+
+def weights(model_dir):
+    model = load_export(str(model_dir / "export")).model
+    return {w.path: np.asarray(w) for w in model.weights}
+
+
+def assert_same_weights(got, expected):
+    for path, a in expected.items():
+        if path == "decoder/attention/V/bias":
+            continue  # softmax ignores it: its gradient is round-off, which Adam normalises
+        np.testing.assert_allclose(got[path], a, rtol=1e-4, atol=2e-5, err_msg=path)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same command in one process, one device."""
+    tmp = tmp_path_factory.mktemp("ref")
+    write_features_dir(str(tmp / "f"), {"train": 40})
+    (out,) = wait_all(start_workers(tmp / "f", tmp / "m", 1, *FLAGS))
+    return tmp / "f", weights(tmp / "m"), out
+
+
+def test_two_workers_with_clipping_equal_one_process(one_process, tmp_path):
+    data, expected, _ = one_process
+    outs = wait_all(start_workers(data, tmp_path / "m", 2, *FLAGS))
+    assert "on 2 replica(s)" in outs[0]
+    manifest = load_export(str(tmp_path / "m" / "export")).manifest
+    assert manifest["training"]["replicas"] == 2
+    assert manifest["training"]["steps"] == 4 * 15
+    assert_same_weights(weights(tmp_path / "m"), expected)
+
+
+def test_two_workers_killed_mid_epoch_resume_to_the_same_weights(one_process, tmp_path):
+    data, expected, _ = one_process
+    cmd = (*FLAGS, "--checkpoint_every", "5", "--steps_per_execution", "1")
+    procs = start_workers(data, tmp_path / "m", 2, *cmd)
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt_dir.glob("ckpt-*.index")]
+        if steps and max(steps) >= 20:  # epoch 2, batch 5
+            break
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a worker ended before the kill:\n" + procs[0].stdout.read().decode())
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert not (tmp_path / "m" / "export").exists()
+    outs = wait_all(start_workers(data, tmp_path / "m", 2, *cmd))
+    for out in outs:  # every worker restores the chief's checkpoint, at one position
+        resumed = [line for line in out.splitlines() if "resumed from" in line]
+        assert resumed and os.sep + "checkpoints" + os.sep in resumed[0], out[-2000:]
+    assert (
+        len(
+            {
+                line.split(" at step")[1]
+                for o in outs
+                for line in o.splitlines()
+                if "resumed from" in line
+            }
+        )
+        == 1
+    )
+    manifest = load_export(str(tmp_path / "m" / "export")).manifest
+    assert manifest["training"]["steps"] == 4 * 15
+    assert [h["epoch"] for h in manifest["training"]["history"]] == [1, 2, 3, 4]
+    assert_same_weights(weights(tmp_path / "m"), expected)
+
+
+def test_two_workers_split_whole_files_when_there_are_enough(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 16}, shards=8)  # 24 captions
+    outs = wait_all(start_workers(tmp_path / "f", tmp_path / "m", 2, "--epochs", "2"))
+    assert "on 2 replica(s)" in outs[0]
+    history = load_export(str(tmp_path / "m" / "export")).manifest["training"]["history"]
+    assert [h["pairs"] for h in history] == [24, 24]  # each pair once per epoch, none twice
