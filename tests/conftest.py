@@ -13,3 +13,17 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
+
+_strategies: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
+
+
+def mirrored(*devices: str) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set for the whole session.
+
+    Two strategies over the same devices in one process number their collectives
+    from the same start, and TensorFlow caches a collective by its keys: a later
+    strategy's all-reduce then meets an earlier model's shapes.
+    """
+    if devices not in _strategies:
+        _strategies[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _strategies[devices]

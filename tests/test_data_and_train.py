@@ -16,6 +16,7 @@ from model.decoding import greedy_decode
 from model.export import load_export
 from model.steps import make_step_fns, run_steps
 from model.vocab import END_ID, PAD_ID, START_ID, standardize
+from tests.conftest import mirrored
 from tests.fixtures import caption_for, write_features_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_replicas_update_as_one_device_with_clipping(devices):
     expected, norms = _reference_adam_steps(batches, clip_norm=0.05, attention_penalty=0.5)
     assert min(norms) > 0.05 * len(devices)  # clipping is active on every step, and per
     # replica clipping (each half's norm against 0.05) would give another update
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = mirrored(*devices)
     with strategy.scope():
         keras.utils.set_random_seed(1)
         model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
@@ -362,7 +363,7 @@ def test_train_step_is_traced_once_for_many_caption_lengths(tmp_path):
 
     vocab = write_features_dir(str(tmp_path / "f"), {"train": 36}, captions=captions)
     info = split_info(str(tmp_path / "f"), check_data_dir(str(tmp_path / "f"))[0], "train")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored("/cpu:0", "/cpu:1")
     with strategy.scope():
         model = ShowAttendTell(vocab_size=len(vocab), embedding_dim=8, units=8)
         optimizer = keras.optimizers.Adam(1e-3)
