@@ -113,10 +113,14 @@ class BahdanauAttention(keras.layers.Layer):
         self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Returns the context (B, E) and the attention weights alpha (B, L)."""
-        score = self.V(ops.tanh(projected + ops.expand_dims(self.W2(hidden), 1)))  # (B, L, 1)
-        alpha = ops.softmax(score, axis=1)
-        context = ops.sum(alpha * features, axis=1)  # (B, E)
-        return context, ops.squeeze(alpha, -1)
+        h = ops.tanh(projected + ops.expand_dims(self.W2(hidden), 1))  # (B, L, U)
+        # V^T h as a product and sum, softmax over the last axis: Dense on a rank-3 input
+        # and softmax on axis 1 both transpose with a computed permutation, which XLA
+        # cannot compile inside the decoder loop's gradient.
+        score = ops.sum(h * self.V.kernel[:, 0], axis=-1) + self.V.bias[0]  # (B, L)
+        alpha = ops.softmax(score, axis=-1)  # (B, L)
+        context = ops.sum(ops.expand_dims(alpha, -1) * features, axis=1)  # (B, E)
+        return context, alpha
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "units": self.units}

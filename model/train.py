@@ -51,7 +51,7 @@ RESUME_FLAGS = (
     "clip_norm",
     "shard_policy",
 )
-XLA_LENGTH_MULTIPLE = 8  # with --jit_compile, caption lengths are padded to buckets of 8
+XLA_LENGTH_MULTIPLE = 4  # with --jit_compile, caption lengths are padded to buckets of 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -391,3 +391,14 @@ def test_xla_buckets_round_lengths_up_to_a_multiple_of_8(tmp_path):
         assert b.shape[1] % 8 == 0 and b.shape[1] - a.shape[1] < 8
         np.testing.assert_array_equal(b[:, : a.shape[1]], a)  # only <pad> was added
         assert not b.numpy()[:, a.shape[1] :].any()
+
+
+def test_jit_compile_trains_like_the_graph_step(tmp_path):
+    """XLA compiles forward and backward (the decoder loop's gradient included)."""
+    write_features_dir(str(tmp_path / "f"), {"train": 12})
+    graph = _train(tmp_path, "graph", "--epochs", "1")
+    xla = _train(tmp_path, "xla", "--epochs", "1", "--jit_compile")
+    assert xla["steps"] == graph["steps"] == 5
+    (a,), (b,) = graph["history"], xla["history"]
+    assert b["pairs"] == a["pairs"] == 18
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)  # padding to a bucket is masked

@@ -129,3 +129,19 @@ def test_tutorial_size_model_learns_on_random_features(tmp_path):
     out = greedy_decode(loaded, f[:2], max_length=10)
     assert out.token_ids.shape == (2, 10)
     np.testing.assert_array_equal(out.token_ids, greedy_decode(model, f[:2], 10).token_ids)
+
+
+def test_attention_equals_the_tutorials_formula():
+    """score = V(tanh(W1 f + W2 h)), softmax over locations: the rewrite XLA can compile."""
+
+    rng = np.random.RandomState(0)
+    attention = BahdanauAttention(16)
+    attention.build((None, None, 8), hidden_dim=16)
+    features = rng.rand(3, 64, 8).astype(np.float32)
+    hidden = rng.rand(3, 16).astype(np.float32)
+    context, alpha = attention(features, attention.project(features), hidden)
+    W1, W2, V = attention.W1, attention.W2, attention.V
+    score = V(np.tanh(W1(features) + W2(hidden)[:, None, :]))  # (B, L, 1), Dense on rank 3
+    expected_alpha = tf.nn.softmax(score, axis=1)
+    np.testing.assert_allclose(alpha, expected_alpha[..., 0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(context, tf.reduce_sum(expected_alpha * features, 1), rtol=1e-5)
