@@ -1,17 +1,19 @@
 """Benchmark: the command-line trainer's pairs/s vs its bare compiled step and the matmul bound.
 
-    python -m benchmarks.train [--images 320] [--batch_size 64] [--spe 1,10]
+    python -m benchmarks.train [--images 160] [--batch_size 64] [--spe 10]
 
 Writes feature shards (random features, 5 captions of 8-15 words per image,
-a 5000-word vocabulary) and, for float32 and bfloat16, measures in one run:
+a 5000-word vocabulary) and, for float32, bfloat16 and float32 with XLA, measures
+in one run:
 - bare: the compiled multi-step train function (`model.steps`) on one batch held
-  in memory, with no input pipeline, host work or checkpoints: the bound for the loop;
+  in memory, with no input pipeline, host work or checkpoints: the bound for the loop,
+  timed right before and right after each trainer run (the ratio uses their mean);
 - `model.train --preset tutorial` itself, for each `--steps_per_execution`: the
   steady state is an epoch's pairs over the shortest epoch after the first (so
   model build, feature statistics and tracing drop out);
 - the fraction of the machine's dense matmul FLOP/s (same dtype) that the model
   math reaches, which is where the remaining speed lies.
-Two to four minutes on 2 cores.
+About eight minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -79,8 +82,12 @@ def write_shards(folder: str, images: int) -> float:
     return float(np.mean(lengths))
 
 
-def bare_rate(folder: str, batch_size: int, policy: str, steps: int = 10) -> float:
-    """Pairs/s of the compiled train steps on one in-memory batch, `steps` per call (best of 3)."""
+def bare_step(folder: str, batch_size: int, policy: str, jit: bool) -> Callable[[], float]:
+    """A function measuring pairs/s of the compiled train steps on one in-memory batch.
+
+    Built (and traced) once, so it can be timed right before and right after each
+    trainer run: this shared machine's speed drifts within minutes.
+    """
     import keras
     import tensorflow as tf
 
@@ -89,26 +96,28 @@ def bare_rate(folder: str, batch_size: int, policy: str, steps: int = 10) -> flo
     from model.steps import make_step_fns, run_steps
 
     manifest, vocab = check_data_dir(folder)
-    batch = next(
-        iter(caption_pairs(split_info(folder, manifest, "train").files, vocab, batch_size))
-    )
+    files = split_info(folder, manifest, "train").files
+    batch = next(iter(caption_pairs(files, vocab, batch_size, length_multiple=4 if jit else 1)))
     keras.mixed_precision.set_global_policy(policy)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     with strategy.scope():
         model = ShowAttendTell(vocab_size=VOCAB, embedding_dim=256, units=512)
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
-    fns = make_step_fns(strategy, model, optimizer, 1.0, clip_norm=5.0)
-    ds = tf.data.Dataset.from_tensors(batch).repeat()
+    fns = make_step_fns(strategy, model, optimizer, 1.0, clip_norm=5.0, jit_compile=jit)
+    keras.mixed_precision.set_global_policy("float32")
+    # The same batch again and again, with unknown batch and length dimensions as in training.
+    ds = tf.data.Dataset.from_tensors(batch).repeat().unbatch()
+    ds = ds.padded_batch(batch_size, padded_shapes=([64, 2048], [None])).prefetch(2)
     it = iter(strategy.experimental_distribute_dataset(ds))
     run_steps(fns.train, it, 3)  # trace and warm up
-    rates = []
-    for _ in range(3):  # the best of three: other load on a shared machine only slows a call
+
+    def rate(steps: int = 6) -> float:
         start = time.perf_counter()
         totals = run_steps(fns.train, it, steps)
-        rates.append(totals.pairs / (time.perf_counter() - start))
-    keras.mixed_precision.set_global_policy("float32")
-    return max(rates)
+        return totals.pairs / (time.perf_counter() - start)
+
+    return rate
 
 
 class _EpochClock(io.StringIO):
@@ -125,7 +134,14 @@ class _EpochClock(io.StringIO):
 
 
 def cli_rate(
-    folder: str, model_dir: str, pairs: int, batch: int, spe: int, mixed: bool, epochs: int = 4
+    folder: str,
+    model_dir: str,
+    pairs: int,
+    batch: int,
+    spe: int,
+    mixed: bool,
+    jit: bool,
+    epochs: int = 3,
 ) -> tuple[float, float]:
     """(steady pairs/s, start-up s) of `model.train` run in this process.
 
@@ -140,6 +156,7 @@ def cli_rate(
     argv += ["--batch_size", str(batch), "--steps_per_execution", str(spe), "--verbose", "2"]
     argv += ["--checkpoint_every", "100000", "--patience", "0"]
     argv += ["--mixed_precision", "bfloat16"] if mixed else []
+    argv += ["--jit_compile"] if jit else []
     clock = _EpochClock()
     start = time.perf_counter()
     with contextlib.redirect_stdout(clock):
@@ -151,11 +168,16 @@ def cli_rate(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=96, help="images (5 captions each) per epoch")
+    p.add_argument("--images", type=int, default=160, help="images (5 captions each) per epoch")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--spe", default="1,10", help="--steps_per_execution values to compare")
+    p.add_argument("--spe", type=int, default=10, help="the larger --steps_per_execution")
     a = p.parse_args()
-    spes = [int(s) for s in a.spe.split(",")]
+    # (policy, XLA, --steps_per_execution values)
+    configs = [
+        ("float32", False, [1, a.spe]),
+        ("mixed_bfloat16", False, [1, a.spe]),
+        ("float32", True, [a.spe]),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "features")
         os.makedirs(data)
@@ -164,26 +186,32 @@ def main() -> None:
             f"train: tutorial model (embedding 256, units 512, vocab {VOCAB}), global batch "
             f"{a.batch_size}, {5 * a.images} pairs per epoch, {tokens:.1f} decoder steps per pair"
         )
-        for policy in ("float32", "mixed_bfloat16"):
+        peaks = {dtype: matmul_flops(dtype) for dtype in ("float32", "bfloat16")}
+        for policy, jit, spes in configs:
             dtype = "float32" if policy == "float32" else "bfloat16"
-            peak = matmul_flops(dtype)
-            bare = bare_rate(data, a.batch_size, policy)
-            frac = bare * flops_per_pair(tokens) / peak
-            print(
-                f"  {policy:15s} bare compiled step {bare:7.1f} pairs/s "
-                f"({frac:.2f} of {peak / 1e9:.0f} GFLOP/s {dtype} matmul)"
-            )
+            name = policy + (" XLA" if jit else "")
+            peak = peaks[dtype]
+            bare = bare_step(data, a.batch_size, policy, jit)
+            before = bare()
             for spe in spes:
-                model_dir = os.path.join(tmp, f"m-{policy}-{spe}")
                 steady, startup = cli_rate(
-                    data, model_dir, 5 * a.images, a.batch_size, spe, policy != "float32"
+                    data,
+                    os.path.join(tmp, f"m-{policy}-{jit}-{spe}"),
+                    5 * a.images,
+                    a.batch_size,
+                    spe,
+                    policy != "float32",
+                    jit,
                 )
+                after = bare()
+                bound = (before + after) / 2
                 print(
-                    f"  {policy:15s} model.train --steps_per_execution {spe:<3d} steady "
-                    f"{steady:7.1f} pairs/s: {steady / bare:.2f} of bare, "
-                    f"{steady * flops_per_pair(tokens) / peak:.2f} of matmul "
-                    f"(start-up {startup:.1f} s)"
+                    f"  {name:14s} --steps_per_execution {spe:<3d} model.train {steady:5.1f} pairs/s, "
+                    f"bare step {bound:5.1f}: ratio {steady / bound:.2f}; "
+                    f"{steady * flops_per_pair(tokens) / peak:.2f} of {peak / 1e9:.0f} GFLOP/s "
+                    f"{dtype} matmul (start-up {startup:.1f} s)"
                 )
+                before = after
 
 
 if __name__ == "__main__":
