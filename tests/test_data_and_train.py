@@ -402,3 +402,35 @@ def test_jit_compile_trains_like_the_graph_step(tmp_path):
     (a,), (b,) = graph["history"], xla["history"]
     assert b["pairs"] == a["pairs"] == 18
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)  # padding to a bucket is masked
+
+
+def test_overflowing_step_is_skipped_and_the_loss_scale_halved():
+    from model.steps import DynamicLossScale
+
+    rng = np.random.RandomState(0)
+    batches = [_batch(rng, [3, 7, 4, 6]), _batch(rng, [5, 3, 8, 4])]
+    batches[0][0][3, 5, 7] = np.inf  # one replica's gradient overflows (as float16 would)
+    strategy = mirrored("/cpu:0", "/cpu:1")
+    with strategy.scope():
+        model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
+        optimizer = keras.optimizers.Adam(1e-2)
+        optimizer.build(model.trainable_variables)
+    before = [w.copy() for w in model.get_weights()]
+    scale = DynamicLossScale(initial=1024.0, growth_steps=2)
+    fns = make_step_fns(strategy, model, optimizer, 0.5, clip_norm=1.0, loss_scale=scale)
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(batches),
+        output_signature=(
+            tf.TensorSpec([None, 64, 2048], tf.float32),
+            tf.TensorSpec([None, None], tf.int32),
+        ),
+    )
+    it = iter(strategy.experimental_distribute_dataset(ds))
+    assert run_steps(fns.train, it, 1).steps == 1
+    assert float(scale.scale.numpy()) == 512.0  # halved, and the step skipped on every replica
+    assert int(optimizer.iterations.numpy()) == 0
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    run_steps(fns.train, it, 1)  # finite: applied, and one good step counted
+    assert int(optimizer.iterations.numpy()) == 1 and int(scale.good_steps.numpy()) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
