@@ -101,6 +101,13 @@ def _reference_adam_steps(batches, clip_norm, attention_penalty):
     return model.get_weights(), norms
 
 
+def _distributed(strategy, batches):
+    """An iterator over `batches` with unknown batch and length, as training sees them."""
+    spec = (tf.TensorSpec([None, 64, 2048], tf.float32), tf.TensorSpec([None, None], tf.int32))
+    ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=spec)
+    return iter(strategy.experimental_distribute_dataset(ds))
+
+
 @pytest.mark.parametrize("devices", [["/cpu:0"], ["/cpu:0", "/cpu:1"]])
 def test_replicas_update_as_one_device_with_clipping(devices):
     """N replicas with Adam and an active global-norm clip equal plain Keras on the whole batch."""
@@ -117,14 +124,7 @@ def test_replicas_update_as_one_device_with_clipping(devices):
         optimizer = keras.optimizers.Adam(1e-2)
         optimizer.build(model.trainable_variables)
     fns = make_step_fns(strategy, model, optimizer, attention_penalty=0.5, clip_norm=0.05)
-    ds = tf.data.Dataset.from_generator(
-        lambda: iter(batches),
-        output_signature=(
-            tf.TensorSpec([None, 64, 2048], tf.float32),
-            tf.TensorSpec([None, None], tf.int32),
-        ),
-    )
-    totals = run_steps(fns.train, iter(strategy.experimental_distribute_dataset(ds)), 10)
+    totals = run_steps(fns.train, _distributed(strategy, batches), 10)
     assert totals.steps == 3 and totals.pairs == 12
     assert int(optimizer.iterations.numpy()) == 3
     for w, a, b in zip(model.weights, expected, model.get_weights(), strict=True):
@@ -248,25 +248,10 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 
 def _train(tmp_path, name, *extra):
+    """model.train in this process, with train_cmd's flags (a repeated flag: the last wins)."""
     from model.train import run
 
-    return run(
-        [
-            "--data_dir",
-            str(tmp_path / "f"),
-            "--model_dir",
-            str(tmp_path / name),
-            "--preset",
-            "tiny",
-            "--batch_size",
-            "4",
-            "--warmup_steps",
-            "1",
-            "--verbose",
-            "0",
-            *extra,
-        ]
-    )
+    return run(train_cmd(tmp_path / "f", tmp_path / name, "--verbose", "0", *extra)[3:])
 
 
 def _export_weights(model_dir):
@@ -418,14 +403,7 @@ def test_overflowing_step_is_skipped_and_the_loss_scale_halved():
     before = [w.copy() for w in model.get_weights()]
     scale = DynamicLossScale(initial=1024.0, growth_steps=2)
     fns = make_step_fns(strategy, model, optimizer, 0.5, clip_norm=1.0, loss_scale=scale)
-    ds = tf.data.Dataset.from_generator(
-        lambda: iter(batches),
-        output_signature=(
-            tf.TensorSpec([None, 64, 2048], tf.float32),
-            tf.TensorSpec([None, None], tf.int32),
-        ),
-    )
-    it = iter(strategy.experimental_distribute_dataset(ds))
+    it = _distributed(strategy, batches)
     assert run_steps(fns.train, it, 1).steps == 1
     assert float(scale.scale.numpy()) == 512.0  # halved, and the step skipped on every replica
     assert int(optimizer.iterations.numpy()) == 0
