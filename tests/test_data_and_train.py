@@ -412,3 +412,15 @@ def test_overflowing_step_is_skipped_and_the_loss_scale_halved():
     run_steps(fns.train, it, 1)  # finite: applied, and one good step counted
     assert int(optimizer.iterations.numpy()) == 1 and int(scale.good_steps.numpy()) == 1
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_per_replica_batch_size_sets_the_global_batch(tmp_path):
+    from model.train import parse_args, run
+
+    write_features_dir(str(tmp_path / "f"), {"train": 8})  # 12 captions
+    argv = ["--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")]
+    summary = run([*argv, "--preset", "tiny", "--epochs", "1", "--per_replica_batch_size", "5"])
+    assert summary["global_batch"] == 5 * summary["replicas"] == 5  # one replica in-process
+    assert summary["steps"] == 3 and summary["history"][0]["pairs"] == 12
+    with pytest.raises(SystemExit):  # one or the other
+        parse_args([*argv, "--batch_size", "8", "--per_replica_batch_size", "2"])
