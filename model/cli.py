@@ -50,3 +50,12 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type factory: an integer of at least `minimum`."""
+
+    def check(text: str) -> int:
+        return int(_number(text, int, minimum, f"an integer >= {minimum}"))
+
+    return check

@@ -28,7 +28,14 @@ import tensorflow as tf
 
 from model import formats
 from model.captioner import PRESETS, ShowAttendTell
-from model.cli import non_negative_float, non_negative_int, positive_float, positive_int, run_cli
+from model.cli import (
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
 from model.export import DEFAULT_MAX_LENGTH, save_export
 from model.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
@@ -109,7 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")
-    p.add_argument("--max_tokens", type=_at_least(3), default=40, help="truncate training captions")
+    p.add_argument(
+        "--max_tokens", type=int_at_least(3), default=40, help="truncate training captions"
+    )
     p.add_argument(
         "--max_length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="decoding limit"
     )
@@ -132,16 +141,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.verbose is None:  # a progress bar only where \r redraws it; logs get lines
         args.verbose = 1 if sys.stdout.isatty() else 2
     return args
-
-
-def _at_least(minimum: int) -> Any:
-    def check(text: str) -> int:
-        value = positive_int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
-        return value
-
-    return check
 
 
 # ---------------------------------------------------------------- set-up pieces
