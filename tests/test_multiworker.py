@@ -25,41 +25,64 @@ pytestmark = pytest.mark.slow
 FLAGS = ("--epochs", "4", "--clip_norm", "0.05", "--learning_rate", "1e-2", "--patience", "0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports, all held open until all are chosen."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start_workers(data, model_dir, n, *extra):
-    workers = [f"127.0.0.1:{_free_port()}" for _ in range(n)]
+    """Start n workers; each one's output goes to its own log file (a pipe nobody
+    reads while another worker is awaited would fill and stall the writer)."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(n)]
     procs = []
     for i in range(n):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-        procs.append(
-            subprocess.Popen(
-                train_cmd(data, model_dir, *extra),
-                env={**ENV, "TF_CONFIG": json.dumps(tf_config)} if n > 1 else ENV,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+        log = open(f"{model_dir}.worker{i}.log", "wb")  # noqa: SIM115 - closed in wait_all
+        proc = subprocess.Popen(
+            train_cmd(data, model_dir, *extra),
+            env={**ENV, "TF_CONFIG": json.dumps(tf_config)} if n > 1 else ENV,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+        proc.log = log
+        procs.append(proc)
     return procs
 
 
+def _output(proc) -> str:
+    proc.log.close()
+    with open(proc.log.name, errors="replace") as f:
+        return f.read()
+
+
 def wait_all(procs, timeout=300):
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-worker training hung")
-        outs.append(out.decode())
-        assert p.returncode == 0, out.decode()[-3000:]
-    return outs
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+            q.wait()
+        pytest.fail("multi-worker training hung:\n" + _logs(procs))
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("a worker failed:\n" + _logs(procs))
+    return [_output(p) for p in procs]
+
+
+def _logs(procs) -> str:
+    return "\n".join(
+        f"--- worker {i} (exit {p.returncode}) ---\n{_output(p)[-3000:]}"
+        for i, p in enumerate(procs)
+    )
 
 
 def weights(model_dir):
@@ -104,12 +127,13 @@ def test_two_workers_killed_mid_epoch_resume_to_the_same_weights(one_process, tm
         if steps and max(steps) >= 20:  # epoch 2, batch 5
             break
         if any(p.poll() is not None for p in procs):
-            pytest.fail("a worker ended before the kill:\n" + procs[0].stdout.read().decode())
+            pytest.fail("a worker ended before the kill:\n" + _logs(procs))
         time.sleep(0.02)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait()
+        p.log.close()
     assert not (tmp_path / "m" / "export").exists()
     outs = wait_all(start_workers(data, tmp_path / "m", 2, *cmd))
     for out in outs:  # every worker restores the chief's checkpoint, at one position
