@@ -21,15 +21,26 @@ def plot_attention(
     title: str | None = None,
     columns: int = 5,
 ) -> str:
+    """Writes `attention_figure(...)` to `path` as a PNG and returns `path`."""
+    fig = attention_figure(image, words, attention, title, columns)
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def attention_figure(
+    image: Image.Image | np.ndarray,
+    words: Sequence[str],
+    attention: np.ndarray,
+    title: str | None = None,
+    columns: int = 5,
+) -> plt.Figure:
     """Draws `image` once per word with that step's attention map over it.
 
     Args:
       image: the original image (any size); the attention grid is stretched over it.
       words: the generated words (1 to max_length of them; `<end>` may be included).
       attention: (len(words) or more, L) weights, L a square number (64 = 8x8).
-      path: the PNG to write (local path).
-    Returns:
-      `path`.
     """
     if not words:
         raise ValueError("plot_attention needs at least one word")
@@ -46,19 +57,20 @@ def plot_attention(
     )
     for ax in axes.flat:
         ax.axis("off")
+    # Image and overlay share one extent: with imshow's default pixel-centred
+    # extent beside (0, width), a 1x1 image filled a quarter of its panel.
+    extent = (0, width, height, 0)
     for ax, word, weights in zip(axes.flat, words, attention, strict=False):
-        ax.imshow(pixels)
+        ax.imshow(pixels, extent=extent)
         ax.imshow(
             weights.reshape(side, side),
             cmap="gray",
             alpha=0.6,
-            extent=(0, width, height, 0),
+            extent=extent,
             interpolation="bilinear",
         )
         ax.set_title(word, fontsize=12)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return fig

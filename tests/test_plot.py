@@ -19,3 +19,19 @@ def test_plot_rejects_empty_caption(tmp_path):
         plot_attention(
             np.zeros((8, 8, 3), np.uint8), [], np.zeros((1, 64)), str(tmp_path / "x.png")
         )
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (120, 90)])
+def test_image_and_attention_fill_the_panel(size):
+    import matplotlib.pyplot as plt
+
+    from model.plot import attention_figure
+
+    image = Image.new("RGB", size, (200, 30, 30))
+    fig = attention_figure(image, ["a", "b"], np.full((2, 64), 1 / 64))
+    width, height = size
+    for ax in fig.axes[:2]:
+        assert ax.get_xlim() == (0, width) and ax.get_ylim() == (height, 0)
+        for artist in ax.get_images():
+            assert tuple(artist.get_extent()) == (0, width, height, 0)
+    plt.close(fig)
