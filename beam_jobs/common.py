@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import logging
@@ -13,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_jobs.progress import ERROR_PREFIX, Tally
 from beam_jobs.sources import read_failure, read_file
-from model.cli import positive_int
-from model.preprocess import MAX_PIXELS, Decoded, ImageError, preprocess_image
+from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
+from model.defaults import MAX_PIXELS
+from model.preprocess import Decoded, ImageError, preprocess_image
 
 ERRORS_TAG = "errors"
 LOG = logging.getLogger("show_attend_tell")
@@ -51,38 +51,6 @@ def dry_run_result(result: Any, options: PipelineOptions, job: str) -> dict[str,
         return None
     print(f"{job}: dry run: pipeline translated for the runner; nothing was submitted or run")
     return {"dry_run": True}
-
-
-class UsageError(ValueError):
-    """A bad argument found at start; printed as one line by `main`."""
-
-
-def exit_on_usage_error(run_fn, argv: Sequence[str] | None = None) -> Any:
-    """Runs a job's `run`, turning start-up errors into one line (see model.cli)."""
-    from model.cli import run_cli
-
-    return run_cli(run_fn, argv, errors=(UsageError,))
-
-
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--batch_size",
-        type=positive_int,
-        default=32,
-        help="images per model call (RunInference batch)",
-    )
-    parser.add_argument(
-        "--decode_threads",
-        type=positive_int,
-        default=2,
-        help="threads per worker reading and decoding images ahead of the model (8-16 for gs://)",
-    )
-    parser.add_argument(
-        "--max_pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help="images with more pixels are refused as decompression bombs",
-    )
 
 
 def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
@@ -147,18 +115,20 @@ class PreprocessFn(beam.DoFn):
     """
 
     def __init__(
-        self, namespace: str, max_pixels: int = MAX_PIXELS, threads: int = 2, lookahead: int = 64
+        self,
+        namespace: str,
+        max_pixels: int = MAX_PIXELS,
+        threads: int = 2,
+        lookahead: int = 64,
+        progress_dir: str | None = None,
     ):
-        self.namespace = namespace
         self.max_pixels = max_pixels
         self.threads = threads
         self.lookahead = lookahead
+        self.tally = Tally(namespace, progress_dir)
 
     def setup(self) -> None:
-        self.read = Metrics.counter(self.namespace, "images_read")
-        self.decoded = Metrics.counter(self.namespace, "images_decoded")
-        self.failed = Metrics.counter(self.namespace, "images_failed")
-        self.bytes_read = Metrics.counter(self.namespace, "bytes_read")
+        self.tally.setup()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
@@ -178,19 +148,21 @@ class PreprocessFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         while self.pending:
             yield self._emit_oldest()
+        self.tally.flush()
 
     def _emit_oldest(self) -> Any:
         future, item, timestamp, window = self.pending.popleft()
         outcome: Outcome = future.result()
         if outcome.nbytes:
-            self.read.inc()
-            self.bytes_read.inc(outcome.nbytes)
+            self.tally.inc("images_read")
+            self.tally.inc("bytes_read", outcome.nbytes)
         if outcome.decoded is None:
-            self.failed.inc()
             error = outcome.error
+            self.tally.inc("images_failed")
+            self.tally.inc(ERROR_PREFIX + error.kind)
             row = (item.key, error_row(item.uri, error.kind, str(error)))
             return beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(row, timestamp, (window,)))
-        self.decoded.inc()
+        self.tally.inc("images_decoded")
         d = outcome.decoded
         value = (Meta(item.key, d.width, d.height, outcome.sha256), d.pixels)
         return WindowedValue(value, timestamp, (window,))

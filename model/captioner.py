@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from model.defaults import PRESETS  # noqa: F401 - re-exported
 from model.formats import FEATURE_SHAPE
 from model.layers import PACKAGE, AttentionGRUDecoder, CNNEncoder
 from model.vocab import PAD_ID
@@ -32,13 +33,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "feature_shape": list(self.feature_shape)}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tutorial": {"embedding_dim": 256, "units": 512},
-    "small": {"embedding_dim": 128, "units": 256},
-    "tiny": {"embedding_dim": 32, "units": 64},
-}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -1,13 +1,22 @@
-"""Command-line plumbing: start-up errors as one line and exit status 1, checked numeric flags."""
+"""Command-line plumbing: start-up errors as one line and exit status 1, checked flags.
+
+Nothing here imports TensorFlow, Beam or numpy, so that a command can parse and
+check its arguments and answer a mistake at once; each command imports its
+heavy half only after that.
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from model.formats import FormatError
+
+class UsageError(ValueError):
+    """A bad argument found at start; printed as one line by `run_cli`."""
 
 
 def run_cli(
@@ -18,8 +27,28 @@ def run_cli(
     """Bad arguments (missing file, wrong manifest, ...) print `error: ...`, not a traceback."""
     try:
         return run(argv)
-    except (FormatError, FileNotFoundError, *errors) as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:
+        from model.formats import FormatError  # here, not at the top: see the module doc
+
+        if isinstance(e, (UsageError, FormatError, FileNotFoundError, *errors)):
+            sys.exit(f"error: {e}")
+        raise
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def check_exists(flag: str, path: str | None) -> None:
+    """A local path (or glob) that does not exist fails at once, before the heavy
+    imports; remote paths are checked later through the file system layer."""
+    if path is None or is_remote(path):
+        return
+    if glob.has_magic(path) and not os.path.exists(path):
+        if not glob.glob(path):
+            raise UsageError(f"{flag} matches nothing: {path}")
+    elif not os.path.exists(path):
+        raise UsageError(f"{flag} does not exist: {path}")
 
 
 def _number(text: str, kind: type, minimum: float, what: str) -> int | float:
@@ -59,3 +88,11 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return int(_number(text, int, minimum, f"an integer >= {minimum}"))
 
     return check
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show TensorFlow's start-up log and info-level messages",
+    )

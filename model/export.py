@@ -20,10 +20,9 @@ import keras
 
 from model import formats
 from model.captioner import ShowAttendTell
+from model.defaults import DEFAULT_MAX_LENGTH
 from model.extractor import local_weights_file
 from model.vocab import Vocabulary
-
-DEFAULT_MAX_LENGTH = 20
 
 
 @dataclass

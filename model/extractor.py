@@ -15,12 +15,12 @@ from typing import Any
 import fsspec
 import keras
 
+from model.defaults import PRECISIONS
 from model.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
 from model.preprocess import IMAGE_SIZE, PREPROCESSING
 
 # Random init must be identical in stage 1 and stage 3, or features differ.
 NONE_WEIGHTS_SEED = 1234
-PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def features_identity(weights: str, precision: str = "float32") -> dict[str, Any]:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.defaults import MAX_PIXELS
+
 IMAGE_SIZE = 299
-# PIL's own default bomb threshold (~89.5 MP); bigger images become error rows.
-MAX_PIXELS = 89_478_485
 PREPROCESSING = "pil-exif-rgb-white-alpha-bilinear-299-inception[-1,1]"
 
 _ORIENTATION = 0x0112  # EXIF tag

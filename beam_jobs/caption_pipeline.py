@@ -1,0 +1,334 @@
+"""The pipeline behind `python -m beam_jobs.caption_images` (see that module for
+the command): inputs are matched and expanded, deduplicated by uri, read and
+decoded ahead of the model, captioned in batches by RunInference, and written
+as Parquet tables with a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from beam_jobs.common import (
+    ERRORS_TAG,
+    Loaded,
+    Meta,
+    PreprocessFn,
+    Timer,
+    UsageError,
+    counter_values,
+    dry_run_result,
+    error_row,
+    pipeline_options,
+)
+from beam_jobs.inference import CaptionerHandler, CaptionResult
+from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
+from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
+from model import formats
+
+NAMESPACE = "caption_images"
+
+
+def check_export(export_dir: str) -> dict[str, Any]:
+    """Fails at start, in one line, on a missing or incompatible export."""
+    paths = formats.export_paths(export_dir)
+    manifest = formats.read_manifest(paths["manifest"], formats.KIND_EXPORT)
+    formats.check_backbone(manifest["features"], paths["manifest"])
+    for key in ("model", "vocab"):
+        if not FileSystems.exists(paths[key]):
+            raise formats.FormatError(f"{paths[key]}: missing from the export")
+    return manifest
+
+
+def existing_outputs(output_dir: str) -> list[str]:
+    found = []
+    for table in ("captions", "errors"):
+        pattern = f"{output_dir.rstrip('/')}/{table}-*.parquet"
+        found += [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+    return sorted(found)
+
+
+class ExpandInputsFn(beam.DoFn):
+    """A matched path -> (uri, Item): the file itself unread, or each archive member's bytes."""
+
+    def __init__(self, progress_dir: str | None = None):
+        self.tally = Tally(NAMESPACE, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def process(self, path: str) -> Iterator[tuple[str, Item]]:
+        for item in read_path(path, defer_files=True):
+            self.tally.inc("inputs_matched")
+            yield item.uri, item
+
+    def finish_bundle(self) -> None:
+        self.tally.flush()
+
+
+def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
+    """After grouping by uri: the one Item of each uri not already in the output."""
+    uri, groups = element
+    items, done = groups["input"], groups.get("done", [])
+    if items and not done:
+        yield items[0]  # the same file matched twice (overlapping --input) is captioned once
+
+
+def to_loaded(item: Item) -> Iterator[Any]:
+    """An Item -> Loaded for PreprocessFn (plain files are read there), or its error row."""
+    if item.error_type is not None:
+        row = error_row(item.uri, item.error_type, item.message)
+        yield beam.pvalue.TaggedOutput(ERRORS_TAG, (item.uri, row))
+        return
+    yield Loaded(item.uri, item.uri, item.data)
+
+
+class CountErrorsFn(beam.DoFn):
+    """Counts error rows by error_type (the `error.<type>` counters) and passes them on."""
+
+    def __init__(self, progress_dir: str | None = None):
+        self.tally = Tally(NAMESPACE, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def process(self, element: tuple[str, dict[str, str]]) -> Iterator[tuple[str, dict[str, str]]]:
+        self.tally.inc(ERROR_PREFIX + element[1]["error_type"])
+        yield element
+
+    def finish_bundle(self) -> None:
+        self.tally.flush()
+
+
+class ToRowFn(beam.DoFn):
+    def __init__(self, model_id: str, progress_dir: str | None = None):
+        self.model_id = model_id
+        self.tally = Tally(NAMESPACE, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def finish_bundle(self) -> None:
+        self.tally.flush()
+
+    def process(self, element: tuple[Meta, CaptionResult]) -> Iterator[dict[str, Any]]:
+        meta, result = element
+        self.tally.inc("images_captioned")
+        yield {
+            "uri": meta.key,
+            "caption": result.caption,
+            "token_ids": result.token_ids,
+            "log_prob": result.log_prob,
+            "length": len(result.token_ids),
+            "hit_max_length": result.hit_max_length,
+            "width": meta.width,
+            "height": meta.height,
+            "sha256": meta.sha256,
+            "model_id": self.model_id,
+        }
+
+
+def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
+    from model.plot import plot_attention
+    from model.preprocess import decode_image
+
+    meta, result = element
+    uri = meta.key
+    image, _ = decode_image(read_uri(uri))
+    image.thumbnail((320, 320))
+    words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
+    name = hashlib.sha1(uri.encode()).hexdigest()[:10] + "_" + display_name(uri)
+    path = os.path.join(attention_dir, os.path.splitext(name)[0] + ".png")
+    return plot_attention(image, words or ["<end>"], result.attention, path, title=result.caption)
+
+
+def write_manifest(
+    _: None, output_dir: str, body: dict[str, Any], captioned: int, failed: int, files: list[str]
+) -> str:
+    path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
+    formats.write_manifest(
+        path,
+        formats.KIND_CAPTIONS,
+        {
+            **body,
+            "counts": {"captioned": captioned, "failed": failed, "inputs": captioned + failed},
+            "files": sorted(os.path.basename(f) for f in files),
+        },
+    )
+    return path
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    run_id: str,
+    progress_dir: str | None = None,
+) -> None:
+    model_id = manifest["model_id"]
+    precision = args.precision or manifest["features"].get("precision", "float32")
+    out = args.output_dir.rstrip("/")
+    keyed = (
+        p
+        | "Inputs" >> beam.Create(args.input)
+        | "MatchInputs" >> beam.FlatMap(match_input)
+        | "SpreadPaths" >> beam.Reshuffle()
+        | "ExpandInputs" >> beam.ParDo(ExpandInputsFn(progress_dir))
+    )
+    groups: dict[str, Any] = {"input": keyed}
+    if args.skip_existing:
+        groups["done"] = (
+            p
+            | "ExistingUris" >> beam.io.ReadFromParquet(f"{out}/*-*.parquet", columns=["uri"])
+            | "KeyExisting" >> beam.Map(lambda r: (r["uri"], True))
+        )
+    # Grouping by uri dedupes overlapping inputs, skips finished ones, and
+    # spreads the members of a few big archives over all workers. Plain files
+    # are read after it, so their bytes stream rather than being grouped.
+    fresh = (
+        groups
+        | "GroupByUri" >> beam.CoGroupByKey()
+        | "NewInputs" >> beam.FlatMap(first_new)
+        | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
+    )
+    decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
+        PreprocessFn(
+            NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size, progress_dir
+        )
+    ).with_outputs(ERRORS_TAG, main="pixels")
+    handler = CaptionerHandler(
+        args.model, precision, args.batch_size, args.model_copies, args.large_model
+    )
+    captioned = decoded.pixels | "Caption" >> RunInference(KeyedModelHandler(handler))
+    rows = captioned | "ToRows" >> beam.ParDo(ToRowFn(model_id, progress_dir))
+    input_errors = fresh[ERRORS_TAG] | "CountInputErrors" >> beam.ParDo(
+        CountErrorsFn(progress_dir)
+    )  # PreprocessFn counts its own
+    errors = (
+        (input_errors, decoded[ERRORS_TAG])
+        | "AllErrors" >> beam.Flatten()
+        | "ErrorRows" >> beam.Map(lambda kv: kv[1])
+    )
+    failed = Metrics.counter(NAMESPACE, "errors_written")
+
+    def count_failed(row: dict[str, str]) -> dict[str, str]:
+        failed.inc()
+        return row
+
+    errors = errors | "CountFailed" >> beam.Map(count_failed)
+    prefix = f"-{run_id}" if args.skip_existing else ""
+    written_rows = rows | "WriteCaptions" >> beam.io.WriteToParquet(
+        f"{out}/captions{prefix}",
+        formats.CAPTIONS_SCHEMA,
+        codec=formats.PARQUET_CODEC,
+        file_name_suffix=".parquet",
+        num_shards=args.num_shards,
+    )
+    written_errors = errors | "WriteErrors" >> beam.io.WriteToParquet(
+        f"{out}/errors{prefix}",
+        formats.ERRORS_SCHEMA,
+        codec=formats.PARQUET_CODEC,
+        file_name_suffix=".parquet",
+        num_shards=1,
+    )
+    if args.attention_dir:
+        _ = (
+            captioned
+            | "FirstForPlots"
+            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key, reverse=True)
+            | "EachPlot" >> beam.FlatMap(lambda xs: xs)
+            | "PlotAttention" >> beam.Map(plot_one, args.attention_dir)
+        )
+    body = {
+        "model": args.model,
+        "model_id": model_id,
+        "inputs": list(args.input),
+        "precision": precision,
+        "skip_existing": bool(args.skip_existing),
+        "run_id": run_id,
+    }
+    _ = (
+        p
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest"
+        >> beam.Map(
+            write_manifest,
+            out,
+            body,
+            captioned=beam.pvalue.AsSingleton(
+                rows | "CountRows" >> beam.combiners.Count.Globally()
+            ),
+            failed=beam.pvalue.AsSingleton(
+                errors | "CountErrors" >> beam.combiners.Count.Globally()
+            ),
+            files=beam.pvalue.AsList((written_rows, written_errors) | "Written" >> beam.Flatten()),
+        )
+    )
+
+
+def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
+    """Checks the export and inputs, runs the pipeline, returns a summary dict."""
+    manifest = check_export(args.model)
+    for spec in args.input:
+        if not match_input(spec):
+            raise UsageError(f"--input matches nothing: {spec}")
+    if args.attention_dir:
+        os.makedirs(args.attention_dir, exist_ok=True)
+    existing = existing_outputs(args.output_dir)
+    if existing and not args.skip_existing:
+        # Same command, same rows: replace the previous run's tables rather than adding to them.
+        print(
+            f"caption_images: replacing {len(existing)} files of a previous run "
+            f"in {args.output_dir}"
+        )
+        FileSystems.delete(existing)
+    if args.skip_existing and not existing:
+        args.skip_existing = False  # nothing to skip; plain file names
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    print(
+        f"caption_images: {len(args.input)} input(s) -> {args.output_dir} "
+        f"(model {manifest['model_id']}, batch {args.batch_size})",
+        flush=True,
+    )
+    options = pipeline_options(beam_args)
+    reporter = ProgressReporter(
+        "caption_images",
+        NAMESPACE,
+        done_keys=["images_captioned"],
+        interval=args.progress_seconds,
+        total_key="inputs_matched",
+    )
+    with Timer() as timer, reporter:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, args, manifest, run_id, reporter.dir)
+        result = p.run()
+        reporter.attach(result)
+        result.wait_until_finish()
+    if (dry := dry_run_result(result, options, "caption_images")) is not None:
+        return dry
+    c = counter_values(result, NAMESPACE)
+    done = c.get("images_captioned", 0) + c.get("errors_written", 0)
+    summary = {
+        "matched": c.get("inputs_matched", 0),
+        "captioned": c.get("images_captioned", 0),
+        "failed": c.get("errors_written", 0),
+        "bytes_read": c.get("bytes_read", 0),
+        "seconds": round(timer.seconds, 2),
+        "images_per_second": round(done / timer.seconds, 2) if timer.seconds else 0.0,
+    }
+    print(
+        f"caption_images: done: {summary['captioned']} captioned, {summary['failed']} failed "
+        f"({summary['matched']} matched, {summary['bytes_read'] / 1e6:.1f} MB) in "
+        f"{summary['seconds']}s ({summary['images_per_second']} images/s)",
+        flush=True,
+    )
+    return summary

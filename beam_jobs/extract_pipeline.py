@@ -1,0 +1,368 @@
+"""The pipeline behind `python -m beam_jobs.extract_features` (see that module for
+the command): annotations are parsed, images read and decoded ahead of the
+model, embedded in batches by RunInference (InceptionV3 `mixed10`), and
+written as gzipped TFRecord shards with a vocabulary and a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import posixpath
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from beam_jobs.annotations import ImageRecord, parse_file
+from beam_jobs.common import (
+    ERRORS_TAG,
+    LOG,
+    Loaded,
+    Meta,
+    PreprocessFn,
+    Timer,
+    UsageError,
+    counter_values,
+    dry_run_result,
+    pipeline_options,
+)
+from beam_jobs.inference import FeatureExtractorHandler
+from beam_jobs.progress import ProgressReporter, Tally
+from beam_jobs.tfrecord_sink import WriteGzipTFRecords
+from model import formats
+from model.defaults import IMAGES_PER_SHARD
+from model.extractor import check_weights, features_identity
+from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
+
+NAMESPACE = "extract_features"
+
+
+def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
+    """What the features are: every field a reader must match to reuse them."""
+    return features_identity(args.weights, args.precision)
+
+
+def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Fails at start if FEATURES_DIR holds features computed another way."""
+    path = formats.features_manifest_path(output_dir)
+    if not FileSystems.exists(path):
+        return None
+    existing = formats.read_manifest(path, formats.KIND_FEATURES)
+    for key in formats.FEATURE_IDENTITY_KEYS:
+        if existing.get(key) != body[key]:
+            raise UsageError(
+                f"{output_dir} holds features with {key}={existing.get(key)!r}; this run uses "
+                f"{body[key]!r} (use another --output_dir)"
+            )
+    return existing
+
+
+def image_path(images_dir: str, file_name: str) -> str:
+    return (
+        posixpath.join(images_dir, file_name)
+        if "://" in images_dir
+        else f"{images_dir.rstrip('/')}/{file_name}"
+    )
+
+
+class ToExampleFn(beam.DoFn):
+    """(Meta, float16 features) -> (split, serialized Example, caption count)."""
+
+    def __init__(self, progress_dir: str | None = None):
+        self.tally = Tally(NAMESPACE, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def finish_bundle(self) -> None:
+        self.tally.flush()
+
+    def process(self, element: tuple[Meta, Any]) -> Iterator[tuple[str, bytes, int]]:
+        meta, features = element
+        record: ImageRecord = meta.key
+        self.tally.inc("images_embedded")
+        yield (
+            record.split,
+            formats.make_example(
+                record.image_id,
+                record.file_name,
+                features,
+                record.captions,
+                meta.width,
+                meta.height,
+            ),
+            len(record.captions),
+        )
+
+
+class WordCountFn(beam.CombineFn):
+    """Word frequencies of captions, merged associatively across workers."""
+
+    def create_accumulator(self) -> collections.Counter:
+        return collections.Counter()
+
+    def add_input(self, acc: collections.Counter, caption: str) -> collections.Counter:
+        acc.update(count_words([caption]))
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[collections.Counter]) -> collections.Counter:
+        total: collections.Counter = collections.Counter()
+        for acc in accs:
+            total.update(acc)
+        return total
+
+    def extract_output(self, acc: collections.Counter) -> dict[str, int]:
+        return dict(acc)
+
+
+def write_vocab(counts: dict[str, int], path: str, size: int) -> int:
+    vocab = Vocabulary(tuple(top_k_words(counts, size)))
+    vocab.save(path)
+    return len(vocab)
+
+
+def write_manifest(
+    output_dir: str,
+    body: dict[str, Any],
+    split_stats: dict[str, tuple[int, int]],
+    error_stats: dict[str, int],
+    shards: list[str],
+    vocab: dict[str, Any],
+    splits: Sequence[str],
+    orphans: dict[str, int],
+    images_dir: str = "",
+) -> str:
+    """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
+    path = formats.features_manifest_path(output_dir)
+    existing = (
+        formats.read_manifest(path, formats.KIND_FEATURES) if FileSystems.exists(path) else {}
+    )
+    all_splits = dict(existing.get("splits", {}))
+    for split in splits:
+        images, captions = split_stats.get(split, (0, 0))
+        all_splits[split] = {
+            "images": images,
+            "captions": captions,
+            "errors": error_stats.get(split, 0),
+            "orphan_annotations": orphans.get(split, 0),
+            "images_dir": images_dir,
+            "shards": sorted(
+                posixpath.basename(s)
+                for s in shards
+                if posixpath.basename(s).startswith(f"{split}-")
+            ),
+        }
+    formats.write_manifest(
+        path,
+        formats.KIND_FEATURES,
+        {**body, "splits": all_splits, "vocab": vocab, "created_by": "beam_jobs.extract_features"},
+    )
+    return path
+
+
+def sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    a = b = 0
+    for x, y in pairs:
+        a, b = a + x, b + y
+    return a, b
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    splits: Sequence[str],
+    orphans: dict[str, int],
+    vocab_info: dict[str, Any],
+    progress_dir: str | None = None,
+) -> None:
+    source = args.karpathy_json or args.captions_json
+    body = features_manifest_body(args)
+    records = (
+        p
+        | "AnnotationFile" >> beam.Create([source])
+        | "ParseAnnotations"
+        >> beam.FlatMap(lambda path: parse_file(path, bool(args.karpathy_json), args.split).records)
+        | "SpreadRecords" >> beam.Reshuffle()
+    )
+    images_dir = args.images_dir
+    decoded = (
+        records
+        | "ImagePaths" >> beam.Map(lambda r: Loaded(r, image_path(images_dir, r.file_name)))
+        | "ReadAndPreprocess"
+        >> beam.ParDo(
+            PreprocessFn(
+                NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size, progress_dir
+            )
+        ).with_outputs(ERRORS_TAG, main="pixels")
+    )
+    handler = FeatureExtractorHandler(
+        args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
+    )
+    examples = (
+        decoded.pixels
+        | "InceptionV3" >> RunInference(KeyedModelHandler(handler))
+        | "ToExamples" >> beam.ParDo(ToExampleFn(progress_dir))
+    )
+    errors = decoded[ERRORS_TAG] | "ErrorSplit" >> beam.Map(lambda kv: (kv[0].split, kv[1]))
+
+    if "train" in splits:
+        vocab_size = (
+            records
+            | "TrainOnly" >> beam.Filter(lambda r: r.split == "train")
+            | "TrainCaptions" >> beam.FlatMap(lambda r: r.captions)
+            | "CountWords" >> beam.CombineGlobally(WordCountFn())
+            | "WriteVocab"
+            >> beam.Map(write_vocab, f"{args.output_dir}/{formats.VOCAB_FILE}", args.vocab_size)
+        )
+        vocab_info = {**vocab_info, "size": beam.pvalue.AsSingleton(vocab_size)}
+
+    written = []
+    for split in splits:
+        written.append(
+            examples
+            | f"Select[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+            | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
+            | f"WriteShards[{split}]"
+            >> WriteGzipTFRecords(
+                formats.shard_prefix(args.output_dir, split),
+                file_name_suffix=formats.SHARD_SUFFIX,
+                num_shards=args.num_shards,
+                max_records_per_shard=None if args.num_shards else IMAGES_PER_SHARD,
+            )
+        )
+        written.append(
+            errors
+            | f"SelectErrors[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+            | f"ErrorRows[{split}]" >> beam.Map(lambda e: e[1])
+            | f"WriteErrors[{split}]"
+            >> beam.io.WriteToParquet(
+                f"{args.output_dir.rstrip('/')}/errors-{split}",
+                formats.ERRORS_SCHEMA,
+                codec=formats.PARQUET_CODEC,
+                file_name_suffix=".parquet",
+                num_shards=1,
+            )
+        )
+    split_stats = (
+        examples
+        | "PerSplit" >> beam.Map(lambda e: (e[0], (1, e[2])))
+        | "CountPerSplit" >> beam.CombinePerKey(sum_pairs)
+    )
+    error_stats = errors | "ErrorsPerSplit" >> beam.combiners.Count.PerKey()
+    shard_files = written | "AllWritten" >> beam.Flatten()
+    # The vocabulary size is a side input when this run builds it, a constant otherwise.
+    vocab_static = {k: v for k, v in vocab_info.items() if k != "size"}
+
+    def manifest(_: None, split_stats, error_stats, shards, size) -> str:
+        vocab = {**vocab_static, "size": size}
+        return write_manifest(
+            args.output_dir,
+            body,
+            split_stats,
+            error_stats,
+            shards,
+            vocab,
+            splits,
+            orphans,
+            args.images_dir,
+        )
+
+    _ = (
+        p
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest"
+        >> beam.Map(
+            manifest,
+            split_stats=beam.pvalue.AsDict(split_stats),
+            error_stats=beam.pvalue.AsDict(error_stats),
+            shards=beam.pvalue.AsList(shard_files),
+            size=vocab_info["size"],
+        )
+    )
+
+
+def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, Any]:
+    """Describes the vocabulary; non-train runs must find one at start."""
+    target = f"{args.output_dir.rstrip('/')}/{formats.VOCAB_FILE}"
+    info = {
+        "file": formats.VOCAB_FILE,
+        "built_from": "train",
+        "requested_size": args.vocab_size,
+        "reserved": list(RESERVED),
+        "standardization": f"lowercase; replace {PUNCTUATION!r} with spaces; split on whitespace",
+        "order": "frequency descending, ties alphabetical",
+    }
+    if "train" in splits:
+        return info
+    source = args.vocab or target
+    if not FileSystems.exists(source):
+        raise UsageError(
+            f"no vocabulary for split {','.join(splits)}: {source} does not exist "
+            "(run the train split first or pass --vocab PATH)"
+        )
+    vocab = Vocabulary.load(source)
+    if source != target:
+        vocab.save(target)
+    return {**info, "size": len(vocab)}
+
+
+def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
+    """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds, images/s)."""
+    args.weights = check_weights(args.weights)
+    if not FileSystems.exists(args.images_dir):
+        raise UsageError(f"--images_dir does not exist: {args.images_dir}")
+    source = args.karpathy_json or args.captions_json
+    parsed = parse_file(source, bool(args.karpathy_json), args.split)
+    per_split = collections.Counter(r.split for r in parsed.records)
+    splits = sorted(per_split) if args.karpathy_json else [args.split]
+    if not parsed.records:
+        raise UsageError(f"{source}: no images listed")
+    check_existing_manifest(args.output_dir, features_manifest_body(args))
+    if not FileSystems.exists(args.output_dir):
+        FileSystems.mkdirs(args.output_dir)
+    vocab_info = prepare_vocab(args, splits)
+    orphans = {splits[0]: parsed.orphan_annotations} if parsed.orphan_annotations else {}
+    if parsed.orphan_annotations:
+        LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)
+    print(
+        f"extract_features: {len(parsed.records)} images in "
+        f"{', '.join(f'{s}={per_split[s]}' for s in splits)}"
+        f" -> {args.output_dir} (weights={args.weights}, batch={args.batch_size})",
+        flush=True,
+    )
+    options = pipeline_options(beam_args)
+    reporter = ProgressReporter(
+        "extract_features",
+        NAMESPACE,
+        done_keys=["images_embedded"],
+        interval=args.progress_seconds,
+        total=len(parsed.records),
+    )
+    with Timer() as timer, reporter:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, args, splits, orphans, vocab_info, reporter.dir)
+        result = p.run()
+        reporter.attach(result)
+        result.wait_until_finish()
+    if (dry := dry_run_result(result, options, "extract_features")) is not None:
+        return dry
+    counts = counter_values(result, NAMESPACE)
+    images = len(parsed.records)
+    summary = {
+        "images": images,
+        "embedded": counts.get("images_embedded", 0),
+        "failed": counts.get("images_failed", 0),
+        "bytes_read": counts.get("bytes_read", 0),
+        "seconds": round(timer.seconds, 2),
+        "images_per_second": round(images / timer.seconds, 2) if timer.seconds else 0.0,
+        "output_dir": args.output_dir,
+    }
+    print(
+        f"extract_features: done: {summary['embedded']} embedded, {summary['failed']} failed "
+        f"of {images} images in {summary['seconds']}s ({summary['images_per_second']} images/s)",
+        flush=True,
+    )
+    return summary

@@ -1,0 +1,154 @@
+"""The work behind `python -m model.evaluate` (see that module for the command):
+decode a split, score it with the COCO metrics, write the results and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Any
+
+import fsspec
+import numpy as np
+import tensorflow as tf
+
+from model import formats
+from model.data import check_data_dir, image_records, records, split_info
+from model.decoding import make_greedy_decoder, to_decoded
+from model.export import Export, load_export
+from model.metrics import format_table, score_captions
+from model.vocab import standardize
+
+
+def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
+    for key in formats.FEATURE_IDENTITY_KEYS:
+        if export.features.get(key) != features_manifest.get(key):
+            raise formats.FormatError(
+                f"{data_dir}: features have {key}={features_manifest.get(key)!r} but the model "
+                f"was trained on {export.features.get(key)!r}"
+            )
+
+
+def decode_split(
+    export: Export, files: list[str], batch_size: int, max_length: int
+) -> dict[str, Any]:
+    """Greedy captions for every image: ids, file names, captions, references, attention."""
+    decode = make_greedy_decoder(export.model, max_length)
+    out: dict[str, list] = collections.defaultdict(list)
+    for batch in image_records(files, batch_size):
+        decoded = to_decoded(decode(batch["features"]))
+        out["image_id"] += [int(i) for i in batch["image_id"].numpy()]
+        out["file_name"] += [f.decode("utf-8") for f in batch["file_name"].numpy()]
+        out["caption"] += decoded.captions(export.vocab)
+        out["references"] += [
+            [c.decode("utf-8") for c in row] for row in batch["captions"].to_list()
+        ]
+        out["words"] += [
+            [export.vocab.tokens[t] for t in decoded.words(i)]
+            + ([] if decoded.hit_max_length[i] else ["<end>"])
+            for i in range(len(decoded.lengths))
+        ]
+        out["attention"] += list(decoded.attention)
+    return out
+
+
+def most_frequent_caption(files: list[str]) -> str:
+    """The blind baseline: the most frequent (standardised) training caption."""
+    counts: collections.Counter[str] = collections.Counter()
+    spec = {formats.KEY_CAPTIONS: tf.io.VarLenFeature(tf.string)}
+    for batch in records(files, shuffle_files=False, seed=None).batch(512):
+        caps = tf.io.parse_example(batch, spec)[formats.KEY_CAPTIONS].values.numpy()
+        counts.update(standardize(c.decode("utf-8")) for c in caps)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def write_plots(decoded: dict[str, Any], images_dir: str, out_dir: str, count: int) -> list[str]:
+    from PIL import Image
+
+    from model.plot import plot_attention
+    from model.preprocess import ImageError, decode_image
+
+    paths = []
+    for i in range(min(count, len(decoded["image_id"]))):
+        words = decoded["words"][i]
+        if not words:
+            continue
+        src = f"{images_dir.rstrip('/')}/{decoded['file_name'][i]}"
+        try:
+            with fsspec.open(src, "rb") as f:
+                image, _ = decode_image(f.read())
+        except (OSError, ImageError):
+            print(f"evaluate: no plot for {src} (image not reachable)", file=sys.stderr)
+            continue
+        image.thumbnail((320, 320), Image.BILINEAR)
+        path = os.path.join(out_dir, f"attention_{decoded['image_id'][i]}.png")
+        plot_attention(image, words, decoded["attention"][i], path, title=decoded["caption"][i])
+        paths.append(path)
+    return paths
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    export = load_export(args.model)
+    features_manifest, _ = check_data_dir(args.data_dir)
+    check_compatible(export, features_manifest, args.data_dir)
+    info = split_info(args.data_dir, features_manifest, args.split)
+    out_dir = args.output_dir or os.path.join(
+        os.path.dirname(export.path.rstrip("/")), "eval", args.split
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    max_length = args.max_length or export.max_length
+    decoded = decode_split(export, info.files, args.batch_size, max_length)
+    ids = decoded["image_id"]
+    refs = dict(zip(ids, decoded["references"], strict=True))
+    preds = dict(zip(ids, decoded["caption"], strict=True))
+    use_java = False if args.no_java else None
+    metrics = score_captions(refs, preds, use_java)
+    results: dict[str, Any] = {"model": metrics}
+    train_split = "train" if "train" in features_manifest.get("splits", {}) else None
+    if train_split:
+        blind = most_frequent_caption(
+            split_info(args.data_dir, features_manifest, train_split).files
+        )
+        results["blind baseline"] = score_captions(
+            refs, dict.fromkeys(ids, blind), metrics["comparable"]
+        )
+        results["blind baseline"]["caption"] = blind
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(
+            {
+                **metrics,
+                "split": args.split,
+                "model_id": export.model_id,
+                "baseline": results.get("blind baseline"),
+            },
+            f,
+            indent=2,
+        )
+    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+        json.dump([{"image_id": i, "caption": preds[i]} for i in ids], f)
+    print(f"evaluate: {len(ids)} images of split {args.split!r}, model {export.model_id}")
+    print(format_table(results))
+    if not metrics["comparable"]:
+        print(
+            "evaluate: Java not found: Python tokenizer and no METEOR; not comparable with papers"
+        )
+    plots = []
+    if args.plots:
+        images_dir = args.images_dir or features_manifest["splits"][args.split].get("images_dir")
+        if images_dir:
+            plots = write_plots(decoded, images_dir, out_dir, args.plots)
+        for p in plots:
+            print(f"evaluate: attention plot {p}")
+    print(f"evaluate: wrote {out_dir}/metrics.json and predictions.json")
+    return {
+        "metrics": metrics,
+        "results": results,
+        "output_dir": out_dir,
+        "plots": plots,
+        "predictions": preds,
+        "file_names": dict(zip(ids, decoded["file_name"], strict=True)),
+        "attention_sum": float(np.sum([a.sum() for a in decoded["attention"]])),
+    }

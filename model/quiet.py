@@ -1,0 +1,97 @@
+"""TensorFlow imported without its start-up chatter.
+
+On a machine without a GPU, `import tensorflow` and the first device listing
+print five or so lines through absl before absl is configured, so neither
+TF_CPP_MIN_LOG_LEVEL nor Python logging can stop them, one of them at error
+level (`failed call to cuInit`). They are expected and say nothing a user can
+act on, so `import_tensorflow` runs those two steps with file descriptor 2
+sent to a temporary file and replays every line except the known ones.
+Anything else TensorFlow prints at start (a broken CUDA install, say) still
+reaches the terminal; `--verbose` shows everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+# The known start-up lines of TensorFlow 2.x on CPU-only machines.
+STARTUP_NOISE = re.compile(
+    "|".join(
+        [
+            r"All log messages before absl::InitializeLog\(\) is called",
+            r"cudart_stub\.cc.*Could not find cuda drivers",
+            r"cuda_platform\.cc.*failed call to cuInit",
+            r"cuda_(dnn|fft|blas)\.cc.*Unable to register",
+            r"computation_placer\.cc.*already registered",
+            r"cpu_feature_guard\.cc",
+            r"To enable the following instructions: .*rebuild TensorFlow",
+            r"oneDNN custom operations are on",
+            r"Unable to register cu(DNN|FFT|BLAS) factory",
+            r"TF-TRT Warning: Could not find TensorRT",
+        ]
+    )
+)
+
+# Python warnings our own code triggers on purpose or cannot avoid, kept off the terminal.
+EXPECTED_WARNINGS = (
+    r".*np\.find_common_type is deprecated.*",
+    r".*`build\(\)` was called on layer.*",
+)
+
+
+def drop_noise(text: str) -> str:
+    """`text` without the lines of STARTUP_NOISE."""
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not STARTUP_NOISE.search(line)
+    )
+
+
+@contextlib.contextmanager
+def filtered_stderr() -> Iterator[None]:
+    """Sends file descriptor 2 (C++ logs included) to a temporary file, then replays
+    it without the known start-up lines, even if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = drop_noise(captured.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def import_tensorflow(verbose: bool = False) -> ModuleType:
+    """Imports TensorFlow and lists its devices; quietly unless `verbose`.
+
+    Quiet also means TF_CPP_MIN_LOG_LEVEL=2 (errors only) when the user has not
+    set it, which keeps run-time notices such as the end-of-sequence line each
+    epoch prints off the terminal.
+    """
+    if verbose:
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with filtered_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf

@@ -1,0 +1,453 @@
+"""The training loop behind `python -m model.train` (see that module for the command).
+
+`train(args)` sets up the strategy, data, model and checkpoints (`set_up`),
+runs epochs (`train_epoch`, `end_epoch`) and exports (`finish`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from model import formats
+from model.captioner import ShowAttendTell
+from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
+from model.defaults import PRESETS
+from model.export import save_export
+from model.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
+from model.vocab import Vocabulary
+
+# Per real token: the trained objective (cross-entropy + attention penalty) and
+# the cross-entropy alone (its exp is perplexity), on train and val.
+LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce")
+# Flags that decide the data order or the numerics: a resumed run must keep them.
+RESUME_FLAGS = (
+    "batch_size",
+    "seed",
+    "max_tokens",
+    "shuffle_buffer",
+    "train_split",
+    "precision",
+    "learning_rate",
+    "warmup_steps",
+    "decay",
+    "clip_norm",
+    "shard_policy",
+)
+XLA_LENGTH_MULTIPLE = 4  # with --jit_compile, caption lengths are padded to buckets of 4
+
+
+# ---------------------------------------------------------------- set-up pieces
+
+
+def choose_strategy() -> tuple[tf.distribute.Strategy, bool]:
+    """(strategy, is_chief): MultiWorker when TF_CONFIG names several tasks, else Mirrored."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    jobs = resolver.cluster_spec().as_dict()
+    tasks = sum(len(v) for k, v in jobs.items() if k in ("worker", "chief"))
+    if tasks > 1:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        kind, index = resolver.task_type, resolver.task_id
+        chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in jobs)
+        return strategy, chief
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy([d.name for d in gpus] or ["/cpu:0"]), True
+
+
+def precision_policy(choice: str | None) -> str:
+    """--mixed_precision -> Keras policy name (float16 needs loss scaling, bfloat16 does not)."""
+    if choice is None:
+        return "float32"
+    if choice == "auto":
+        choice = "float16" if tf.config.list_logical_devices("GPU") else "bfloat16"
+    return f"mixed_{choice}"
+
+
+def lr_schedule(
+    peak: float, warmup: int, total: int, decay: str
+) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warm-up to `peak`, then cosine decay to 10% of it ("cosine") or flat ("constant")."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / warmup if warmup else peak,
+        decay_steps=max(total - warmup, 1),
+        alpha=0.1 if decay == "cosine" else 1.0,
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    preset = PRESETS[args.preset]
+    return {
+        "vocab_size": vocab_size,
+        "embedding_dim": args.embedding_dim or preset["embedding_dim"],
+        "units": args.units or preset["units"],
+        "dropout": args.dropout,
+        "attention_penalty": args.attention_penalty,
+        "normalize_features": not args.no_feature_norm,
+    }
+
+
+def check_run_config(
+    model_dir: str, model: dict[str, Any], training: dict[str, Any], chief: bool
+) -> None:
+    """MODEL_DIR/config.json records the model and the data-order/numerics flags.
+
+    A checkpoint of another model, or a resume with a changed flag of
+    `RESUME_FLAGS`, fails at start with one line (a changed batch size would
+    silently misalign the skipped batches; another precision fails deep in restore).
+    """
+    path = os.path.join(model_dir, "config.json")
+    if not tf.io.gfile.exists(path):
+        if chief:
+            tf.io.gfile.makedirs(model_dir)
+            with tf.io.gfile.GFile(path, "w") as f:
+                json.dump({"model": model, "training": training}, f, indent=2)
+        return
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f)
+    saved_model = saved.get("model", saved)  # before 2026-11 the file held the model alone
+    diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
+    if diff:
+        raise formats.FormatError(
+            f"{model_dir} holds a checkpoint of another model: "
+            + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items())
+            + " (use a new --model_dir)"
+        )
+    for key, value in training.items():
+        if key in saved.get("training", {}) and saved["training"][key] != value:
+            raise formats.FormatError(
+                f"{model_dir} was trained with {key} {saved['training'][key]}, this run has "
+                f"{value}: resume with the same --{_flag(key)} (or use a new --model_dir)"
+            )
+
+
+def _flag(key: str) -> str:
+    return {"precision": "mixed_precision"}.get(key, key)
+
+
+def distribute(
+    strategy: tf.distribute.Strategy, ds: tf.data.Dataset, files: int, policy: str
+) -> Any:
+    """Hosts split whole shard files when each gets several, else every batch (DATA)."""
+    workers = num_workers(strategy)
+    by_file = policy == "file" or (policy == "auto" and files >= 4 * workers)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.FILE
+        if by_file
+        else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
+
+
+# ---------------------------------------------------------------- the training state
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: data, strategy, model, optimizer, counters."""
+
+    args: argparse.Namespace
+    features_manifest: dict[str, Any]
+    vocab: Vocabulary
+    train_info: SplitInfo
+    val_info: SplitInfo | None
+    strategy: tf.distribute.Strategy
+    chief: bool
+    policy: str
+    global_batch: int
+    steps_per_epoch: int
+    model: ShowAttendTell
+    optimizer: keras.optimizers.Optimizer
+    fns: StepFns
+    state: dict[str, tf.Variable]  # step, epoch, position, best_val, bad_epochs, ...
+    manager: tf.train.CheckpointManager
+    writer: Any
+
+    def var(self, name: str) -> int:
+        return int(self.state[name].numpy())
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return json.loads(self.state["history"].numpy().decode())
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.args.patience and self.var("bad_epochs") >= self.args.patience)
+
+    @property
+    def done(self) -> bool:
+        return self.var("epoch") >= self.args.epochs or self.stopped_early
+
+    def dataset(self, info: SplitInfo, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
+        return caption_pairs(
+            info.files,
+            self.vocab,
+            self.global_batch,
+            shuffle=shuffle,
+            seed=seed,
+            max_tokens=self.args.max_tokens,
+            pair_buffer=self.args.shuffle_buffer,
+            length_multiple=XLA_LENGTH_MULTIPLE if self.args.jit_compile else 1,
+        )
+
+
+def set_up(args: argparse.Namespace) -> Run:
+    """Reads the data dir, builds strategy, model and optimizer, restores the latest checkpoint."""
+    features_manifest, vocab = check_data_dir(args.data_dir)
+    train_info = split_info(args.data_dir, features_manifest, args.train_split)
+    has_val = args.val_split in features_manifest.get("splits", {})
+    val_info = split_info(args.data_dir, features_manifest, args.val_split) if has_val else None
+
+    strategy, chief = choose_strategy()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = args.batch_size or (args.per_replica_batch_size or 0) * replicas or 64
+    policy = precision_policy(args.mixed_precision)
+    config = model_config(args, len(vocab))
+    training = {k: getattr(args, k, None) for k in RESUME_FLAGS}
+    training.update(batch_size=global_batch, precision=policy)
+    check_run_config(args.model_dir, config, training, chief)
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(args.seed)
+    steps_per_epoch = max(1, math.ceil(train_info.captions / global_batch))
+
+    with strategy.scope():
+        model = ShowAttendTell(**config, name="show_attend_tell")
+        schedule = lr_schedule(
+            args.learning_rate, args.warmup_steps, steps_per_epoch * args.epochs, args.decay
+        )
+        optimizer = keras.optimizers.Adam(schedule)  # clipping happens after the all-reduce
+        optimizer.build(model.trainable_variables)
+    loss_scale = DynamicLossScale() if policy == "mixed_float16" else None
+    state = {
+        "step": tf.Variable(0, dtype=tf.int64, name="step"),
+        "epoch": tf.Variable(0, dtype=tf.int64, name="epoch"),
+        "position": tf.Variable(0, dtype=tf.int64, name="position"),  # batches done this epoch
+        "epoch_sums": tf.Variable(tf.zeros([5], tf.float64), name="epoch_sums"),  # Totals so far
+        "best_val": tf.Variable(float("inf"), dtype=tf.float64, name="best_val"),
+        "bad_epochs": tf.Variable(0, dtype=tf.int64, name="bad_epochs"),
+        "history": tf.Variable("[]", dtype=tf.string, name="history"),  # JSON, all epochs
+    }
+    if loss_scale is not None:
+        state.update(loss_scale=loss_scale.scale, good_steps=loss_scale.good_steps)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+    manager = checkpoint_manager(ckpt, args.model_dir, strategy, chief)
+    fns = make_step_fns(
+        strategy,
+        model,
+        optimizer,
+        args.attention_penalty,
+        clip_norm=args.clip_norm,
+        loss_scale=loss_scale,
+        jit_compile=args.jit_compile,
+    )
+    logs = os.path.join(args.model_dir, "logs" if chief else f"tmp/logs-{_task_id(strategy)}")
+    run = Run(
+        args,
+        features_manifest,
+        vocab,
+        train_info,
+        val_info,
+        strategy,
+        chief,
+        policy,
+        global_batch,
+        steps_per_epoch,
+        model,
+        optimizer,
+        fns,
+        state,
+        manager,
+        tf.summary.create_file_writer(logs),
+    )
+    restore_or_initialise(run, ckpt)
+    return run
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return max(1, sum(len(v) for k, v in spec.items() if k in ("worker", "chief")))
+
+
+def _task_id(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id or 0) if resolver is not None else 0
+
+
+def checkpoint_manager(
+    ckpt: tf.train.Checkpoint, model_dir: str, strategy: tf.distribute.Strategy, chief: bool
+) -> tf.train.CheckpointManager:
+    """The chief writes MODEL_DIR/checkpoints; every worker must save too, into scratch."""
+    if chief:
+        return tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "checkpoints"), 3)
+    scratch = os.path.join(model_dir, "tmp", f"worker-{_task_id(strategy)}")
+    return tf.train.CheckpointManager(ckpt, scratch, max_to_keep=1)
+
+
+def restore_or_initialise(run: Run, ckpt: tf.train.Checkpoint) -> None:
+    """Every worker restores the chief's latest checkpoint, so all resume at one position."""
+    latest = tf.train.latest_checkpoint(os.path.join(run.args.model_dir, "checkpoints"))
+    if latest:  # the checkpoint also restores the feature statistics
+        ckpt.restore(latest).expect_partial()
+        print(
+            f"train: resumed from {latest} at step {run.var('step')} "
+            f"(epoch {run.var('epoch') + 1}, batch {run.var('position')})",
+            flush=True,
+        )
+    elif run.model.config.normalize_features:
+        mean, variance = feature_stats(run.train_info.files)
+        run.model.encoder.set_feature_stats(mean, variance)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains to `args.epochs` (resuming from MODEL_DIR/checkpoints) and exports."""
+    run = set_up(args)
+    print(
+        f"train: {run.train_info.images} images, {run.train_info.captions} captions, "
+        f"{run.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
+        f"{run.global_batch} on {run.strategy.num_replicas_in_sync} replica(s), "
+        f"policy {run.policy}, model {run.model.config.to_dict()}",
+        flush=True,
+    )
+    while not run.done:
+        totals = train_epoch(run)
+        end_epoch(run, totals)
+    run.writer.flush()
+    return finish(run)
+
+
+def train_epoch(run: Run) -> Totals:
+    """Runs the rest of the current epoch; checkpoints every --checkpoint_every steps."""
+    args, e = run.args, run.var("epoch")
+    ds = run.dataset(run.train_info, shuffle=True, seed=args.seed * 1000 + e)
+    iterator = iter(
+        distribute(
+            run.strategy, ds.skip(run.var("position")), len(run.train_info.files), args.shard_policy
+        )
+    )
+    bar = keras.utils.Progbar(
+        run.steps_per_epoch,
+        verbose=int(args.verbose == 1),
+        stateful_metrics=["loss", "ce", "pairs/s"],
+    )
+    totals = Totals(*run.state["epoch_sums"].numpy().tolist()[:4], int(run.state["epoch_sums"][4]))
+    started, pairs = time.perf_counter(), 0.0
+    while True:
+        until_ckpt = args.checkpoint_every - run.var("step") % args.checkpoint_every
+        chunk = run_steps(run.fns.train, iterator, min(args.steps_per_execution, until_ckpt))
+        if chunk.steps == 0:
+            break
+        totals += chunk
+        pairs += chunk.pairs
+        for name in ("step", "position"):
+            run.state[name].assign_add(chunk.steps)
+        run.state["epoch_sums"].assign([*totals[:4], totals.steps])
+        rate = pairs / (time.perf_counter() - started)
+        bar.update(
+            min(run.var("position"), run.steps_per_epoch),
+            [("loss", totals.loss), ("ce", totals.ce), ("pairs/s", rate)],
+        )
+        if run.chief:
+            with run.writer.as_default(step=run.var("step")):
+                tf.summary.scalar("train/loss", chunk.loss)
+                tf.summary.scalar("train/cross_entropy", chunk.ce)
+                tf.summary.scalar("train/learning_rate", run.optimizer.learning_rate)
+                tf.summary.scalar("train/pairs_per_second", rate)
+        if run.var("step") % args.checkpoint_every == 0:
+            run.manager.save(checkpoint_number=run.var("step"))
+        if chunk.steps < min(args.steps_per_execution, until_ckpt):
+            break  # the data ended inside this call
+    return totals
+
+
+def end_epoch(run: Run, totals: Totals) -> None:
+    """Validation, early-stopping bookkeeping, the epoch's record and a checkpoint."""
+    args, e = run.args, run.var("epoch")
+    record: dict[str, Any] = {
+        "epoch": e + 1,
+        "loss": totals.loss,
+        "ce": totals.ce,
+        "pairs": int(totals.pairs),
+        "step": run.var("step"),
+    }
+    if run.val_info is not None:
+        val = evaluate_split(run, run.val_info)
+        record["val_loss"], record["val_ce"] = val.loss, val.ce
+        if val.loss < float(run.state["best_val"].numpy()):
+            run.state["best_val"].assign(val.loss)
+            run.state["bad_epochs"].assign(0)
+            if run.chief:
+                run.model.save_weights(best_weights_path(args.model_dir))
+        else:
+            run.state["bad_epochs"].assign_add(1)
+    run.state["history"].assign(json.dumps([*run.history, record]))
+    run.state["epoch"].assign_add(1)
+    run.state["position"].assign(0)
+    run.state["epoch_sums"].assign(tf.zeros([5], tf.float64))
+    run.manager.save(checkpoint_number=run.var("step"))
+    if run.chief:
+        with run.writer.as_default(step=run.var("step")):
+            for k in LOSS_KEYS:
+                if k in record:
+                    tf.summary.scalar(f"epoch/{k}", record[k])
+    if args.verbose:
+        print(
+            f"train: epoch {e + 1}/{args.epochs} step {run.var('step')} "
+            + " ".join(f"{k} {record[k]:.4f}" for k in LOSS_KEYS if k in record)
+            + (" (early stop)" if run.stopped_early else ""),
+            flush=True,
+        )
+
+
+def evaluate_split(run: Run, info: SplitInfo) -> Totals:
+    """Loss and cross-entropy per real token over a whole split."""
+    ds = run.dataset(info, shuffle=False)
+    iterator = iter(distribute(run.strategy, ds, len(info.files), run.args.shard_policy))
+    totals = ZERO
+    while True:
+        chunk = run_steps(run.fns.evaluate, iterator, 1000)
+        totals += chunk
+        if chunk.steps < 1000:
+            return totals
+
+
+def best_weights_path(model_dir: str) -> str:
+    return os.path.join(model_dir, "best.weights.h5")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Keeps the best epoch (early stopping) and, on the chief, writes the export."""
+    best = best_weights_path(run.args.model_dir)
+    if run.val_info is not None and tf.io.gfile.exists(best):
+        run.model.load_weights(best)
+    summary = {
+        "steps": run.var("step"),
+        "epochs": run.var("epoch"),
+        "steps_per_epoch": run.steps_per_epoch,
+        "global_batch": run.global_batch,
+        "history": run.history,
+        "best_val_loss": float(run.state["best_val"].numpy()) if run.val_info else None,
+        "stopped_early": run.stopped_early,
+        "replicas": run.strategy.num_replicas_in_sync,
+        "policy": run.policy,
+    }
+    if run.chief:
+        export_dir = os.path.join(run.args.model_dir, formats.EXPORT_DIR)
+        save_export(
+            run.model, run.vocab, run.features_manifest, export_dir, run.args.max_length, summary
+        )
+        print(f"train: exported to {export_dir} ({summary['steps']} steps)", flush=True)
+    return summary

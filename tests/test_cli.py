@@ -1,0 +1,120 @@
+"""The command lines as a user meets them: instant argument errors, quiet start-up.
+
+Each command runs as a real subprocess. `python -X importtime` lists every
+module imported before the process ended, so "answered before TensorFlow (or
+Beam) was imported" is checked directly instead of timed.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures import write_features_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# No TF_CPP_MIN_LOG_LEVEL: the commands must be quiet on their own.
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    "PYTHONPATH": ROOT,
+}
+HEAVY = re.compile(r"\|\s+(tensorflow|keras|apache_beam)$", re.MULTILINE)
+
+
+def command(module: str, *args: str, importtime: bool = False) -> subprocess.CompletedProcess:
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run(
+        [sys.executable, *flags, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def own_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("model.train", ["--data_dir", "/no/such/dir", "--model_dir", "m"], "error: --data_dir"),
+        (
+            "model.train",
+            ["--data_dir", ".", "--model_dir", "m", "--batch_size", "0"],
+            "--batch_size",
+        ),
+        ("model.train", ["--data_dir", ".", "--model_dir", "m", "--preset", "huge"], "--preset"),
+        ("model.evaluate", ["--model", "/no/such/export", "--data_dir", "."], "error: --model"),
+        (
+            "model.evaluate",
+            ["--model", ".", "--data_dir", ".", "--batch_size", "-5"],
+            "--batch_size",
+        ),
+        (
+            "beam_jobs.caption_images",
+            ["--model", ".", "--input", "/no/such/*.jpg", "--output_dir", "o"],
+            "error: --input matches nothing",
+        ),
+        (
+            "beam_jobs.caption_images",
+            ["--model", ".", "--input", ".", "--output_dir", "o", "--num_shards", "x"],
+            "--num_shards",
+        ),
+        (
+            "beam_jobs.extract_features",
+            ["--captions_json", "/no/such.json", "--split", "train"]
+            + ["--images_dir", ".", "--output_dir", "o"],
+            "error: --captions_json does not exist",
+        ),
+        (
+            "beam_jobs.extract_features",
+            ["--captions_json", "x.json", "--images_dir", ".", "--output_dir", "o"],
+            "error: --split is required",
+        ),
+        (
+            "beam_jobs.extract_features",
+            ["--karpathy_json", "x.json", "--images_dir", ".", "--output_dir", "o"]
+            + ["--vocab_size", "3"],
+            "--vocab_size",
+        ),
+    ],
+)
+def test_argument_errors_answer_before_tensorflow_or_beam_is_imported(module, args, message):
+    r = command(module, *args, importtime=True)
+    lines = own_lines(r.stderr)
+    assert r.returncode in (1, 2), r.stderr[-2000:]
+    assert message in lines[-1], lines[-5:]
+    assert not HEAVY.findall(r.stderr), f"{module} imported {HEAVY.findall(r.stderr)} first"
+
+
+def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
+    """On a CPU machine TensorFlow's start-up (absl pre-init notice, cuda stubs,
+    cuInit at error level, cpu_feature_guard) is filtered; --verbose 3 keeps it."""
+    os.makedirs(tmp_path / "f")  # exists, but is not a features dir: fails after TF loads
+    quiet = command("model.train", "--data_dir", str(tmp_path / "f"), "--model_dir", "m")
+    assert quiet.returncode == 1
+    assert [line for line in quiet.stderr.splitlines() if line.strip()] == [
+        quiet.stderr.strip().splitlines()[-1]
+    ], quiet.stderr
+    assert quiet.stderr.strip().startswith("error: ")
+    loud = command(
+        "model.train", "--data_dir", str(tmp_path / "f"), "--model_dir", "m", "--verbose", "3"
+    )
+    assert len(loud.stderr.strip().splitlines()) > 1  # TensorFlow's own lines, unfiltered
+
+
+def test_training_output_is_our_lines_only(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 8, "val": 4})
+    r = command(
+        "model.train",
+        *("--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")),
+        *("--epochs", "1", "--preset", "tiny"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr
+    assert all(line.startswith("train: ") for line in r.stdout.splitlines()), r.stdout
