@@ -31,7 +31,13 @@ from beam_jobs.common import (
     pipeline_options,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
-from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
+from beam_jobs.progress import (
+    ERROR_PREFIX,
+    ProgressReporter,
+    Tally,
+    describe_errors,
+    errors_by_type,
+)
 from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
 from model import formats
 
@@ -321,13 +327,15 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         "matched": c.get("inputs_matched", 0),
         "captioned": c.get("images_captioned", 0),
         "failed": c.get("errors_written", 0),
+        "errors": errors_by_type(c),
         "bytes_read": c.get("bytes_read", 0),
         "seconds": round(timer.seconds, 2),
         "images_per_second": round(done / timer.seconds, 2) if timer.seconds else 0.0,
     }
     print(
-        f"caption_images: done: {summary['captioned']} captioned, {summary['failed']} failed "
-        f"({summary['matched']} matched, {summary['bytes_read'] / 1e6:.1f} MB) in "
+        f"caption_images: done: {summary['captioned']} captioned, {summary['failed']} failed"
+        f"{describe_errors(summary['errors'])} ({summary['matched']} matched, "
+        f"{summary['bytes_read'] / 1e6:.1f} MB) in "
         f"{summary['seconds']}s ({summary['images_per_second']} images/s)",
         flush=True,
     )

@@ -30,7 +30,7 @@ from beam_jobs.common import (
     pipeline_options,
 )
 from beam_jobs.inference import FeatureExtractorHandler
-from beam_jobs.progress import ProgressReporter, Tally
+from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.defaults import IMAGES_PER_SHARD
@@ -355,14 +355,16 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         "images": images,
         "embedded": counts.get("images_embedded", 0),
         "failed": counts.get("images_failed", 0),
+        "errors": errors_by_type(counts),
         "bytes_read": counts.get("bytes_read", 0),
         "seconds": round(timer.seconds, 2),
         "images_per_second": round(images / timer.seconds, 2) if timer.seconds else 0.0,
         "output_dir": args.output_dir,
     }
     print(
-        f"extract_features: done: {summary['embedded']} embedded, {summary['failed']} failed "
-        f"of {images} images in {summary['seconds']}s ({summary['images_per_second']} images/s)",
+        f"extract_features: done: {summary['embedded']} embedded, {summary['failed']} failed"
+        f"{describe_errors(summary['errors'])} of {images} images in {summary['seconds']}s "
+        f"({summary['images_per_second']} images/s)",
         flush=True,
     )
     return summary

@@ -10,7 +10,7 @@ and prints one line to stderr, redrawn in place on a terminal, as plain lines
 in a log:
 
     caption_images: 120/360 (33%) | 14.2 images/s now, 12.9 overall
-        | 3 errors: not_an_image 2, too_large 1 | 0:19 left
+        | 3 errors (not_an_image 2, too_large 1) | 0:19 left
 """
 
 from __future__ import annotations
@@ -112,6 +112,20 @@ def query_counters(result: Any, namespace: str) -> dict[str, int]:
     return dict(values)
 
 
+def errors_by_type(counts: Mapping[str, int]) -> dict[str, int]:
+    """{error_type: n} from the `error.<type>` counters."""
+    return {
+        k[len(ERROR_PREFIX) :]: v for k, v in counts.items() if k.startswith(ERROR_PREFIX) and v
+    }
+
+
+def describe_errors(errors: Mapping[str, int]) -> str:
+    """' (not_an_image 2, too_large 1)', most frequent first; '' for none."""
+    if not errors:
+        return ""
+    return " (" + ", ".join(f"{k} {v}" for k, v in sorted(errors.items(), key=_by_count)) + ")"
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -139,11 +153,9 @@ class ProgressLine:
             parts.append(f"{self.done} done")
         parts.append(f"{self.rate_now:.1f} {self.unit}/s now, {self.rate_overall:.1f} overall")
         n_errors = sum(self.errors.values())
-        if n_errors:
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items(), key=_by_count))
-            parts.append(f"{n_errors} error{'s' if n_errors > 1 else ''}: {kinds}")
-        else:
-            parts.append("0 errors")
+        parts.append(
+            f"{n_errors} error{'' if n_errors == 1 else 's'}{describe_errors(self.errors)}"
+        )
         if self.total and self.done >= self.total:
             parts.append("finishing")
         elif self.total and self.rate_overall > 0:
@@ -166,9 +178,7 @@ def progress_line(
     rate_now: float,
     rate_overall: float,
 ) -> ProgressLine:
-    errors = {
-        k[len(ERROR_PREFIX) :]: v for k, v in counts.items() if k.startswith(ERROR_PREFIX) and v
-    }
+    errors = errors_by_type(counts)
     done = sum(counts.get(k, 0) for k in done_keys) + sum(errors.values())
     return ProgressLine(job, done, total, unit, rate_now, rate_overall, errors)
 
