@@ -46,7 +46,9 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
         self.namespace = namespace
 
     def load_model(self) -> Callable:
-        import tensorflow as tf
+        from model.quiet import import_tensorflow
+
+        tf = import_tensorflow()  # on a worker process, as quiet as the launcher
 
         from model.extractor import build_feature_extractor
 
@@ -148,6 +150,9 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         self.precision = precision
 
     def load_model(self) -> LoadedCaptioner:
+        from model.quiet import import_tensorflow
+
+        import_tensorflow()  # on a worker process, as quiet as the launcher
         from model.export import load_export
 
         export = load_export(self.export_dir)

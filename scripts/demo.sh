@@ -7,7 +7,6 @@ PY=${PY:-.venv/bin/python}
 TRAIN=${DEMO_TRAIN:-1000}
 VAL=${DEMO_VAL:-100}
 EPOCHS=${DEMO_EPOCHS:-12}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 rm -rf "$OUT"
 step() { printf '\n=== %s ===\n' "$*"; }
 
