@@ -13,6 +13,8 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from model.formats import FormatError
+
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
@@ -42,8 +44,8 @@ def load_json(path: str) -> Any:
         if "not found" in str(e).lower() or "no such file" in str(e).lower():
             raise FileNotFoundError(f"annotation file not found: {path}") from None
         raise
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
 
 
 def parse_coco(data: dict[str, Any], split: str) -> Parsed:
@@ -85,5 +87,7 @@ def parse_file(path: str, karpathy: bool, split: str | None) -> Parsed:
     data = load_json(path)
     try:
         return parse_karpathy(data) if karpathy else parse_coco(data, split or "train")
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise FormatError(f"{path}: an entry lacks the field {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"{path}: {e}") from None

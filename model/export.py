@@ -9,6 +9,7 @@ model id), and `extractor.weights.h5` when the features came from a weights file
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 
 import fsspec
 import keras
+import numpy as np
 
 from model import formats
 from model.captioner import ShowAttendTell
@@ -59,6 +61,31 @@ def _put(local: str, remote: str) -> None:
         shutil.copyfileobj(src, dst, 1 << 24)
 
 
+def model_id(
+    model: ShowAttendTell,
+    vocab: Vocabulary,
+    decoding: dict[str, Any],
+    features_manifest: dict[str, Any],
+) -> str:
+    """16 hex digits that name what the export computes: its weights (by path, shape,
+    dtype and bytes), architecture, vocabulary, decoding settings and how its input
+    features are made. Equal for equal weights, whenever and however often it is saved
+    (the `.keras` zip itself holds a save timestamp)."""
+    h = hashlib.sha256()
+    identity = {
+        "model": model.config.to_dict(),
+        "vocab": list(vocab.tokens),
+        "decoding": decoding,
+        "features": {k: features_manifest.get(k) for k in formats.FEATURE_IDENTITY_KEYS},
+    }
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    for w in sorted(model.weights, key=lambda w: w.path):
+        value = np.ascontiguousarray(w.numpy())
+        h.update(f"\n{w.path} {value.dtype} {value.shape}\n".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_export(
     model: ShowAttendTell,
     vocab: Vocabulary,
@@ -82,18 +109,17 @@ def save_export(
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, formats.EXPORT_MODEL_FILE)
         serving.save(local)
-        with open(local, "rb") as f:
-            model_id = hashlib.sha256(f.read()).hexdigest()[:16]
         _put(local, paths["model"])
     vocab.save(paths["vocab"])
     weights = features_manifest.get("weights", "none")
     if weights not in ("imagenet", "none"):
         _put(local_weights_file(weights), paths["extractor_weights"])
+    decoding = {"strategy": "greedy", "max_length": int(max_length)}
     body = {
-        "model_id": model_id,
+        "model_id": model_id(serving, vocab, decoding, features_manifest),
         "model": model.config.to_dict(),
         "vocab_size": len(vocab),
-        "decoding": {"strategy": "greedy", "max_length": int(max_length)},
+        "decoding": decoding,
         "features": features_manifest,
         "training": training or {},
     }

@@ -138,6 +138,8 @@ def read_manifest(path: str, kind: str) -> dict[str, Any]:
         raise FormatError(f"{path}: no {kind} manifest here") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{path}: manifest is not a JSON object")
     if manifest.get("kind") != kind:
         raise FormatError(f"{path}: expected a {kind} manifest, found {manifest.get('kind')!r}")
     if manifest.get("format_version") != FORMAT_VERSION:

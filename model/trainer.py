@@ -113,7 +113,12 @@ def check_run_config(
                 json.dump({"model": model, "training": training}, f, indent=2)
         return
     with tf.io.gfile.GFile(path) as f:
-        saved = json.load(f)
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise formats.FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise formats.FormatError(f"{path}: not a JSON object")
     saved_model = saved.get("model", saved)  # before 2026-11 the file held the model alone
     diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
     if diff:

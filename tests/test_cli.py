@@ -118,3 +118,37 @@ def test_training_output_is_our_lines_only(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == "", r.stderr
     assert all(line.startswith("train: ") for line in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"images": [', "not valid JSON"),
+        ("[1, 2, 3]", "not a COCO captions file"),
+        ('{"images": [{"id": 1}], "annotations": []}', "lacks the field 'file_name'"),
+        ('{"images": [{"id": "x", "file_name": "a.jpg"}], "annotations": []}', "invalid literal"),
+        ('{"images": [], "annotations": [{"caption": "a"}]}', "lacks the field 'image_id'"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ],
+)
+def test_a_malformed_annotation_file_is_one_line(tmp_path, content, message):
+    ann = tmp_path / "captions.json"
+    ann.write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = command(
+        "beam_jobs.extract_features",
+        *("--captions_json", str(ann), "--split", "train", "--images_dir", str(tmp_path)),
+        *("--output_dir", str(tmp_path / "f"), "--weights", "none"),
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: {ann}: ") and message in r.stderr
+
+
+@pytest.mark.parametrize("content", ["[]", '"manifest"', "{"])
+def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path, content):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "manifest.json").write_text(content)
+    r = command("model.train", "--data_dir", str(tmp_path / "f"), "--model_dir", "m")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]
+    assert "manifest" in r.stderr and r.stderr.startswith("error: ")

@@ -145,3 +145,27 @@ def test_attention_equals_the_tutorials_formula():
     expected_alpha = tf.nn.softmax(score, axis=1)
     np.testing.assert_allclose(alpha, expected_alpha[..., 0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(context, tf.reduce_sum(expected_alpha * features, 1), rtol=1e-5)
+
+
+def test_model_id_names_the_weights_not_the_save(tmp_path):
+    """The same weights saved twice, seconds apart (the .keras zip records the save time),
+    get one id; one changed weight or another decoding limit gets another."""
+    import time
+
+    from model.export import load_export, save_export
+    from tests.fixtures import write_tiny_export
+
+    first = load_export(write_tiny_export(str(tmp_path / "a")))
+    time.sleep(2.1)
+    again = load_export(write_tiny_export(str(tmp_path / "b")))
+    assert first.model_id == again.model_id
+    features = first.manifest["features"]
+    save_export(again.model, again.vocab, features, str(tmp_path / "c"), max_length=6)
+    assert load_export(str(tmp_path / "c")).model_id == first.model_id  # a re-export
+    save_export(again.model, again.vocab, features, str(tmp_path / "d"), max_length=7)
+    assert load_export(str(tmp_path / "d")).model_id != first.model_id
+    weights = again.model.get_weights()
+    weights[-1] = weights[-1] + 1e-3
+    again.model.set_weights(weights)
+    save_export(again.model, again.vocab, features, str(tmp_path / "e"), max_length=6)
+    assert load_export(str(tmp_path / "e")).model_id != first.model_id
