@@ -7,13 +7,15 @@ start and the pipeline can re-read the same file on a worker.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
 from model.formats import FormatError
+from model.vocab import tokenize
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -32,6 +34,22 @@ class ImageRecord:
 class Parsed:
     records: list[ImageRecord]
     orphan_annotations: int  # captions whose image id is not in the file's image list
+    # Per split: captions without a word (empty, punctuation only, null, not text),
+    # which would otherwise train as `<start> <end>`.
+    dropped_captions: dict[str, int] = field(default_factory=dict)
+
+
+def clean_caption(raw: Any) -> str | None:
+    """The caption, stripped; None when it has no word to train on."""
+    if not isinstance(raw, str) or not tokenize(raw):
+        return None
+    return raw.strip()
+
+
+def _clean_all(raws: Iterable[Any], split: str, dropped: Counter[str]) -> tuple[str, ...]:
+    kept = tuple(c for c in map(clean_caption, raws) if c is not None)
+    dropped[split] += 0  # every split appears, with 0 when nothing was dropped
+    return kept
 
 
 def load_json(path: str) -> Any:
@@ -52,18 +70,19 @@ def parse_coco(data: dict[str, Any], split: str) -> Parsed:
     """COCO captions format: {"images": [{id, file_name}], "annotations": [{image_id, caption}]}."""
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError("not a COCO captions file: needs 'images' and 'annotations'")
-    captions: dict[int, list[str]] = defaultdict(list)
+    captions: dict[int, list[Any]] = defaultdict(list)
     for ann in data["annotations"]:
-        captions[int(ann["image_id"])].append(str(ann["caption"]).strip())
+        captions[int(ann["image_id"])].append(ann["caption"])
     known = {int(img["id"]) for img in data["images"]}
     orphans = sum(len(c) for i, c in captions.items() if i not in known)
-    records = [
-        ImageRecord(
-            int(img["id"]), img["file_name"], tuple(captions.get(int(img["id"]), ())), split
-        )
-        for img in sorted(data["images"], key=lambda i: int(i["id"]))
-    ]
-    return Parsed(records, orphans)
+    dropped: Counter[str] = Counter()
+    records = []
+    for img in sorted(data["images"], key=lambda i: int(i["id"])):
+        raws = captions.get(int(img["id"]), [])
+        kept = _clean_all(raws, split, dropped)
+        dropped[split] += len(raws) - len(kept)
+        records.append(ImageRecord(int(img["id"]), img["file_name"], kept, split))
+    return Parsed(records, orphans, dict(dropped))
 
 
 def parse_karpathy(data: dict[str, Any]) -> Parsed:
@@ -71,16 +90,19 @@ def parse_karpathy(data: dict[str, Any]) -> Parsed:
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError("not a Karpathy split file: needs 'images'")
     records = []
+    dropped: Counter[str] = Counter()
     for img in data["images"]:
         split = KARPATHY_SPLITS.get(img.get("split", ""))
         if split is None:
             continue
         image_id = int(img.get("cocoid", img.get("imgid")))
         rel = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else img["filename"]
-        caps = tuple(s.get("raw", " ".join(s.get("tokens", []))).strip() for s in img["sentences"])
+        raws = [s.get("raw", " ".join(s.get("tokens", []))) for s in img["sentences"]]
+        caps = _clean_all(raws, split, dropped)
+        dropped[split] += len(raws) - len(caps)
         records.append(ImageRecord(image_id, rel, caps, split))
     records.sort(key=lambda r: (r.split, r.image_id))
-    return Parsed(records, 0)
+    return Parsed(records, 0, dict(dropped))
 
 
 def parse_file(path: str, karpathy: bool, split: str | None) -> Parsed:

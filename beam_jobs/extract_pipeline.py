@@ -134,6 +134,7 @@ def write_manifest(
     splits: Sequence[str],
     orphans: dict[str, int],
     images_dir: str = "",
+    dropped: dict[str, int] | None = None,
 ) -> str:
     """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
     path = formats.features_manifest_path(output_dir)
@@ -148,6 +149,7 @@ def write_manifest(
             "captions": captions,
             "errors": error_stats.get(split, 0),
             "orphan_annotations": orphans.get(split, 0),
+            "dropped_captions": (dropped or {}).get(split, 0),
             "images_dir": images_dir,
             "shards": sorted(
                 posixpath.basename(s)
@@ -177,6 +179,7 @@ def build_pipeline(
     orphans: dict[str, int],
     vocab_info: dict[str, Any],
     progress_dir: str | None = None,
+    dropped: dict[str, int] | None = None,
 ) -> None:
     source = args.karpathy_json or args.captions_json
     body = features_manifest_body(args)
@@ -268,6 +271,7 @@ def build_pipeline(
             splits,
             orphans,
             args.images_dir,
+            dropped,
         )
 
     _ = (
@@ -327,6 +331,13 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     orphans = {splits[0]: parsed.orphan_annotations} if parsed.orphan_annotations else {}
     if parsed.orphan_annotations:
         LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)
+    if n_dropped := sum(parsed.dropped_captions.values()):
+        LOG.warning(
+            "%s: %d captions have no word (empty, punctuation only or not text); "
+            "not used (manifest: dropped_captions)",
+            source,
+            n_dropped,
+        )
     print(
         f"extract_features: {len(parsed.records)} images in "
         f"{', '.join(f'{s}={per_split[s]}' for s in splits)}"
@@ -343,7 +354,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     )
     with Timer() as timer, reporter:
         p = beam.Pipeline(options=options)
-        build_pipeline(p, args, splits, orphans, vocab_info, reporter.dir)
+        build_pipeline(p, args, splits, orphans, vocab_info, reporter.dir, parsed.dropped_captions)
         result = p.run()
         reporter.attach(result)
         result.wait_until_finish()

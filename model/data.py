@@ -15,9 +15,11 @@ from typing import Any
 import tensorflow as tf
 
 from model import formats
-from model.vocab import END_ID, PUNCTUATION, START_ID, UNK_ID, Vocabulary
+from model.vocab import END_ID, PUNCTUATION, START_ID, UNK_ID, WHITESPACE, Vocabulary
 
-_PUNCT_RE = "[" + re.escape(PUNCTUATION) + "]"
+# RE2 spells every whitespace character as \x{HHHH}: a literal tab or no-break
+# space inside a character class is easy to lose in transit.
+_PUNCT_RE = "[" + re.escape(PUNCTUATION) + "".join(f"\\x{{{ord(c):04x}}}" for c in WHITESPACE) + "]"
 
 
 def tf_standardize(text: tf.Tensor) -> tf.Tensor:

@@ -21,12 +21,16 @@ PAD_ID, UNK_ID, START_ID, END_ID = range(len(RESERVED))
 # ASCII punctuation only: the same set is expressible in Python `re` and in
 # RE2 (tf.strings.regex_replace), so both tokenisers agree byte for byte.
 PUNCTUATION = string.punctuation
-_STRIP = str.maketrans({c: " " for c in PUNCTUATION})
+# Every character Python's `str.split()` splits on (no-break, thin and ideographic
+# spaces, line separators, ...; none lies above U+3000). tf.strings.split knows
+# only ASCII whitespace, so both tokenisers first turn these into plain spaces.
+WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_STRIP = str.maketrans({c: " " for c in PUNCTUATION + WHITESPACE})
 
 
 def standardize(text: str) -> str:
-    """Lowercases, replaces ASCII punctuation with spaces and collapses whitespace."""
-    return " ".join(text.lower().translate(_STRIP).split())
+    """Lowercases, replaces ASCII punctuation and any whitespace with spaces, collapses them."""
+    return " ".join(w for w in text.lower().translate(_STRIP).split(" ") if w)
 
 
 def tokenize(text: str) -> list[str]:

@@ -33,6 +33,8 @@ def coco(tmp_path_factory):
     data["images"].append({"id": 600, "file_name": "missing.jpg"})
     expected_errors["missing.jpg"] = "missing_file"
     data["annotations"].append({"id": 9999, "image_id": 424242, "caption": "orphan caption"})
+    for k, wordless in enumerate(["", " ... !", None, "\u00a0\u3000"]):  # dropped, counted
+        data["annotations"].append({"id": 8000 + k, "image_id": 1, "caption": wordless})
     json.dump(data, open(ann_path, "w"))
     return root, expected_errors
 
@@ -104,6 +106,7 @@ def test_manifest_counts_every_image(extracted, coco):
     assert train["images"] == 12 and train["captions"] == 60
     assert train["errors"] == len(expected_errors)
     assert train["orphan_annotations"] == 1
+    assert train["dropped_captions"] == 4  # and every stored image keeps its 5 real captions
     assert train["images"] + train["errors"] == 12 + len(expected_errors)  # nothing dropped
     assert (m["weights"], m["feature_dtype"], m["feature_shape"]) == ("none", "float16", [64, 2048])
 
@@ -124,7 +127,12 @@ def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
     assert vocab.tokens[:4] == RESERVED
     data = json.load(open(root / "annotations" / "captions_train.json"))
     expected = Vocabulary.build(
-        [a["caption"] for a in data["annotations"] if a["image_id"] != 424242], 5000
+        [
+            a["caption"]
+            for a in data["annotations"]
+            if a["image_id"] != 424242 and isinstance(a["caption"], str)
+        ],
+        5000,
     )
     assert vocab == expected
 
