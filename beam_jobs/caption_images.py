@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from beam_jobs.flags import add_common_flags
-from model.cli import check_exists, non_negative_int, positive_int, run_cli
+from model.cli import add_decoding_flags, check_exists, non_negative_int, positive_int, run_cli
 from model.defaults import PRECISIONS
 
 
@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument(
         "--attention_plots", type=non_negative_int, default=8, help="how many (smallest uris)"
     )
+    add_decoding_flags(p)
     add_common_flags(p)
     return p.parse_known_args(argv)
 

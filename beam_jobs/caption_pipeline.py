@@ -40,6 +40,7 @@ from beam_jobs.progress import (
 )
 from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
 from model import formats
+from model.cli import decoding_settings
 
 NAMESPACE = "caption_images"
 
@@ -212,7 +213,12 @@ def build_pipeline(
         )
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(
-        args.model, precision, args.batch_size, args.model_copies, args.large_model
+        args.model,
+        precision,
+        args.batch_size,
+        args.model_copies,
+        args.large_model,
+        decoding_settings(args),
     )
     captioned = decoded.pixels | "Caption" >> RunInference(KeyedModelHandler(handler))
     rows = captioned | "ToRows" >> beam.ParDo(ToRowFn(model_id, progress_dir))
@@ -259,6 +265,7 @@ def build_pipeline(
         "model_id": model_id,
         "inputs": list(args.input),
         "precision": precision,
+        "decoding": {"max_length": manifest["decoding"]["max_length"], **decoding_settings(args)},
         "skip_existing": bool(args.skip_existing),
         "run_id": run_id,
     }

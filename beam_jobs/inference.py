@@ -89,15 +89,18 @@ class LoadedCaptioner:
     export: Any
 
 
-def build_caption_fn(export: Any, precision: str = "float32") -> Callable:
-    """One compiled graph per batch: InceptionV3 -> float16 round trip -> greedy decode.
+def build_caption_fn(
+    export: Any, precision: str = "float32", decoding: dict[str, Any] | None = None
+) -> Callable:
+    """One compiled graph per batch: InceptionV3 -> float16 round trip -> decoding
+    (greedy, or beam search with `decoding` = `model.cli.decoding_settings`).
 
     The float16 round trip reproduces the features exactly as stage 1 stored them,
     so bulk captions equal what evaluation decodes from the shards.
     """
     import tensorflow as tf
 
-    from model.decoding import greedy_decode_graph
+    from model.decoding import decode_graph
     from model.extractor import build_feature_extractor
 
     extractor = build_feature_extractor(export.extractor_weights(), precision)
@@ -106,7 +109,7 @@ def build_caption_fn(export: Any, precision: str = "float32") -> Callable:
     @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
     def caption_batch(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         features = tf.cast(tf.cast(extractor(pixels, training=False), tf.float16), tf.float32)
-        return greedy_decode_graph(model, features, max_length)
+        return decode_graph(model, features, max_length, **(decoding or {}))
 
     return caption_batch
 
@@ -142,12 +145,14 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         batch_size: int = 32,
         model_copies: int | None = None,
         large_model: bool = False,
+        decoding: dict[str, Any] | None = None,
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
         )
         self.export_dir = export_dir
         self.precision = precision
+        self.decoding = decoding or {}
 
     def load_model(self) -> LoadedCaptioner:
         from model.quiet import import_tensorflow
@@ -156,7 +161,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         from model.export import load_export
 
         export = load_export(self.export_dir)
-        return LoadedCaptioner(build_caption_fn(export, self.precision), export)
+        return LoadedCaptioner(build_caption_fn(export, self.precision, self.decoding), export)
 
     def run_inference(
         self,

@@ -96,3 +96,26 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also show TensorFlow's start-up log and info-level messages",
     )
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--beam_size, --length_penalty, --allow_unk (model.evaluate, beam_jobs.caption_images)."""
+    parser.add_argument(
+        "--beam_size", type=positive_int, default=1, help="1: greedy decoding; K: beam search"
+    )
+    parser.add_argument(
+        "--length_penalty",
+        type=non_negative_float,
+        default=0.0,
+        help="beam search ranks captions by log-prob / ((5 + length) / 6) ** this (GNMT alpha)",
+    )
+    parser.add_argument("--allow_unk", action="store_true", help="beam search may produce <unk>")
+
+
+def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags as keyword arguments of `model.decoding.make_decoder`."""
+    return {
+        "beam_size": args.beam_size,
+        "length_penalty": args.length_penalty,
+        "allow_unk": args.allow_unk,
+    }

@@ -1,7 +1,9 @@
-"""Batched greedy decoding, compiled into one graph call per batch.
+"""Batched decoding, compiled into one graph call per batch: greedy, or beam search.
 
-Each row stops at `<end>`; the whole batch stops when every row is done or
-`max_length` tokens were produced. Deterministic (argmax, no sampling).
+Greedy: each row stops at `<end>`; the whole batch stops when every row is done
+or `max_length` tokens were produced. Deterministic (argmax, no sampling).
+Beam search (`model.beam_search`) keeps K hypotheses per row; beam size 1 is
+greedy decoding.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from model.beam_search import beam_search
 from model.captioner import ShowAttendTell
-from model.vocab import END_ID, PAD_ID, START_ID, Vocabulary
+from model.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 
 @dataclass(frozen=True)
@@ -109,17 +112,77 @@ def greedy_decode_graph(
     }
 
 
-def make_greedy_decoder(
-    model: ShowAttendTell, max_length: int
+def beam_decode_graph(
+    model: ShowAttendTell,
+    features: tf.Tensor,
+    max_length: int,
+    beam_size: int,
+    length_penalty: float = 0.0,
+    allow_unk: bool = False,
+) -> dict[str, tf.Tensor]:
+    """Beam search (`model.beam_search`): features (B, L, D) -> the tensors of `Decoded`."""
+    batch = tf.shape(features)[0]
+    encoded, projected = model.encode(features)
+    encoded = tf.repeat(encoded, beam_size, axis=0)  # row b's beams at b*K .. b*K+K-1
+    projected = tf.repeat(projected, beam_size, axis=0)
+    decoder = model.decoder
+
+    def step(tokens: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return decoder.step(tokens, hidden, encoded, projected)
+
+    out = beam_search(
+        step,
+        decoder.initial_state(batch * beam_size),
+        batch,
+        START_ID,
+        END_ID,
+        model.config.vocab_size,
+        tf.shape(features)[1],
+        beam_size,
+        max_length,
+        length_penalty,
+        banned=(PAD_ID, START_ID) if allow_unk else (PAD_ID, START_ID, UNK_ID),
+    )
+    out.pop("score")
+    return out
+
+
+def decode_graph(
+    model: ShowAttendTell,
+    features: tf.Tensor,
+    max_length: int,
+    beam_size: int = 1,
+    length_penalty: float = 0.0,
+    allow_unk: bool = False,
+) -> dict[str, tf.Tensor]:
+    """Greedy decoding for beam_size 1 (exactly as before beam search existed), else beam search."""
+    if beam_size == 1:
+        return greedy_decode_graph(model, features, max_length)
+    return beam_decode_graph(model, features, max_length, beam_size, length_penalty, allow_unk)
+
+
+def make_decoder(
+    model: ShowAttendTell,
+    max_length: int,
+    beam_size: int = 1,
+    length_penalty: float = 0.0,
+    allow_unk: bool = False,
 ) -> tf.types.experimental.ConcreteFunction:
     """A tf.function over features of any batch size: one graph call per batch."""
     feature_shape = list(model.config.feature_shape)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *feature_shape], tf.float32)])
     def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:
-        return greedy_decode_graph(model, features, max_length)
+        return decode_graph(model, features, max_length, beam_size, length_penalty, allow_unk)
 
     return decode
+
+
+def make_greedy_decoder(
+    model: ShowAttendTell, max_length: int
+) -> tf.types.experimental.ConcreteFunction:
+    """A tf.function over features of any batch size: one graph call per batch."""
+    return make_decoder(model, max_length)
 
 
 def to_decoded(outputs: dict[str, tf.Tensor]) -> Decoded:

@@ -17,7 +17,14 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from model.cli import add_verbose_flag, check_exists, non_negative_int, positive_int, run_cli
+from model.cli import (
+    add_decoding_flags,
+    add_verbose_flag,
+    check_exists,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -33,6 +40,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--images_dir", help="source images for plots (default: from the manifest)")
     p.add_argument("--no_java", action="store_true", help="Python tokenizer, no METEOR")
+    add_decoding_flags(p)
     add_verbose_flag(p)
     return p.parse_args(argv)
 

@@ -16,8 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from model import formats
+from model.cli import decoding_settings
 from model.data import check_data_dir, image_records, records, split_info
-from model.decoding import make_greedy_decoder, to_decoded
+from model.decoding import make_decoder, to_decoded
 from model.export import Export, load_export
 from model.metrics import format_table, score_captions
 from model.vocab import standardize
@@ -33,10 +34,14 @@ def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir
 
 
 def decode_split(
-    export: Export, files: list[str], batch_size: int, max_length: int
+    export: Export,
+    files: list[str],
+    batch_size: int,
+    max_length: int,
+    decoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Greedy captions for every image: ids, file names, captions, references, attention."""
-    decode = make_greedy_decoder(export.model, max_length)
+    decode = make_decoder(export.model, max_length, **(decoding or {}))
     out: dict[str, list] = collections.defaultdict(list)
     for batch in image_records(files, batch_size):
         decoded = to_decoded(decode(batch["features"]))
@@ -100,7 +105,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     os.makedirs(out_dir, exist_ok=True)
     max_length = args.max_length or export.max_length
-    decoded = decode_split(export, info.files, args.batch_size, max_length)
+    decoding = decoding_settings(args)
+    decoded = decode_split(export, info.files, args.batch_size, max_length, decoding)
     ids = decoded["image_id"]
     refs = dict(zip(ids, decoded["references"], strict=True))
     preds = dict(zip(ids, decoded["caption"], strict=True))
@@ -122,6 +128,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 **metrics,
                 "split": args.split,
                 "model_id": export.model_id,
+                "decoding": {"max_length": max_length, **decoding},
                 "baseline": results.get("blind baseline"),
             },
             f,
@@ -129,7 +136,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         )
     with open(os.path.join(out_dir, "predictions.json"), "w") as f:
         json.dump([{"image_id": i, "caption": preds[i]} for i in ids], f)
-    print(f"evaluate: {len(ids)} images of split {args.split!r}, model {export.model_id}")
+    how = "greedy" if decoding["beam_size"] == 1 else f"beam {decoding['beam_size']}"
+    print(
+        f"evaluate: {len(ids)} images of split {args.split!r}, model {export.model_id}, "
+        f"{how} decoding"
+    )
     print(format_table(results))
     if not metrics["comparable"]:
         print(

@@ -29,9 +29,12 @@ def _tokenize(captions: Mapping[Any, Sequence[str]], use_java: bool) -> dict[Any
     if use_java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize(
-            {k: [{"caption": c} for c in v] for k, v in captions.items()}
-        )
+        from model.quiet import PTB_TOKENIZER_NOTICE, filtered_stderr
+
+        with filtered_stderr(PTB_TOKENIZER_NOTICE):
+            return PTBTokenizer().tokenize(
+                {k: [{"caption": c} for c in v] for k, v in captions.items()}
+            )
     return {k: [standardize(c) for c in v] for k, v in captions.items()}
 
 

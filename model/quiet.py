@@ -7,7 +7,8 @@ level (`failed call to cuInit`). They are expected and say nothing a user can
 act on, so `import_tensorflow` runs those two steps with file descriptor 2
 sent to a temporary file and replays every line except the known ones.
 Anything else TensorFlow prints at start (a broken CUDA install, say) still
-reaches the terminal; `--verbose` shows everything.
+reaches the terminal; `--verbose` shows everything. `filtered_stderr` also
+keeps the COCO metrics' Java tokenizer from reporting each run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -39,24 +39,19 @@ STARTUP_NOISE = re.compile(
     )
 )
 
-# Python warnings our own code triggers on purpose or cannot avoid, kept off the terminal.
-EXPECTED_WARNINGS = (
-    r".*np\.find_common_type is deprecated.*",
-    r".*`build\(\)` was called on layer.*",
-)
+def drop_noise(text: str, noise: re.Pattern[str] = STARTUP_NOISE) -> str:
+    """`text` without the lines `noise` matches."""
+    return "".join(line for line in text.splitlines(keepends=True) if not noise.search(line))
 
 
-def drop_noise(text: str) -> str:
-    """`text` without the lines of STARTUP_NOISE."""
-    return "".join(
-        line for line in text.splitlines(keepends=True) if not STARTUP_NOISE.search(line)
-    )
+# The Stanford PTB tokenizer (pycocoevalcap, a Java subprocess) reports each run.
+PTB_TOKENIZER_NOTICE = re.compile(r"^PTBTokenizer tokenized \d+ tokens at ")
 
 
 @contextlib.contextmanager
-def filtered_stderr() -> Iterator[None]:
-    """Sends file descriptor 2 (C++ logs included) to a temporary file, then replays
-    it without the known start-up lines, even if the block raises."""
+def filtered_stderr(noise: re.Pattern[str] = STARTUP_NOISE) -> Iterator[None]:
+    """Sends file descriptor 2 (C++ logs and child processes included) to a temporary
+    file, then replays it without the lines `noise` matches, even if the block raises."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -68,7 +63,7 @@ def filtered_stderr() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = drop_noise(captured.read().decode(errors="replace"))
+            kept = drop_noise(captured.read().decode(errors="replace"), noise)
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
@@ -86,8 +81,6 @@ def import_tensorflow(verbose: bool = False) -> ModuleType:
 
         return tf
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for pattern in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     with filtered_stderr():

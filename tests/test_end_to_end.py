@@ -13,7 +13,7 @@ from model.metrics import METRIC_KEYS
 RUNNER = ["--runner", "FnApiRunner"]
 
 
-def test_extract_train_evaluate_caption(tmp_path):
+def test_extract_train_evaluate_caption(tmp_path, capfd):
     data, feats, model_dir, caps = (tmp_path / d for d in ("data", "features", "model", "captions"))
     for split, n, first in (("train", 48, 1), ("val", 12, 1000)):
         make_split(str(data), split, n, seed=5, first_id=first)
@@ -102,3 +102,31 @@ def test_extract_train_evaluate_caption(tmp_path):
     same = sum(bulk[name] == caption for name, caption in from_features.items())
     # Stage 3 computes features from raw images; evaluation decodes stage 1's float16 shards.
     assert same / len(from_features) >= 0.95, (bulk, from_features)
+
+    # Beam search through both commands: recorded, and the same captions from both paths.
+    beam = ["--beam_size", "3", "--length_penalty", "0.6"]
+    beam_result = evaluate.run(
+        ["--model", str(export), "--data_dir", str(feats), "--split", "val"]
+        + ["--output_dir", str(tmp_path / "eval_beam"), *beam]
+    )
+    beam_metrics = json.load(open(tmp_path / "eval_beam" / "metrics.json"))
+    assert beam_metrics["decoding"] == {
+        "max_length": 12,
+        "beam_size": 3,
+        "length_penalty": 0.6,
+        "allow_unk": False,
+    }
+    caption_images.run(
+        ["--model", str(export), "--input", str(data / "val"), "--output_dir", str(tmp_path / "b")]
+        + ["--batch_size", "8", *beam, *RUNNER]
+    )
+    assert json.load(open(tmp_path / "b" / "manifest.json"))["decoding"]["beam_size"] == 3
+    beam_files = sorted(str(p) for p in (tmp_path / "b").glob("captions-*.parquet"))
+    rows = pq.read_table(beam_files).to_pylist()
+    bulk = {os.path.basename(r["uri"]): r["caption"] for r in rows}
+    from_features = {beam_result["file_names"][i]: c for i, c in beam_result["predictions"].items()}
+    same = sum(bulk[name] == caption for name, caption in from_features.items())
+    assert same / len(from_features) >= 0.95, (bulk, from_features)
+    # Quiet: progress lines and our own, nothing from Java's tokenizer or TF's start-up.
+    err = capfd.readouterr().err
+    assert "PTBTokenizer" not in err and "cuInit" not in err and "absl" not in err, err
