@@ -39,6 +39,7 @@ STARTUP_NOISE = re.compile(
     )
 )
 
+
 def drop_noise(text: str, noise: re.Pattern[str] = STARTUP_NOISE) -> str:
     """`text` without the lines `noise` matches."""
     return "".join(line for line in text.splitlines(keepends=True) if not noise.search(line))
