@@ -54,6 +54,8 @@ def main() -> None:
                 a.precision,
                 "--runner",
                 "FnApiRunner",
+                "--progress_seconds",
+                "0",
             ]
 
         bare = bare_inception_rate(a.batch_size, a.precision)

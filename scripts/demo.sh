@@ -24,8 +24,13 @@ step "3/6 Train Show-Attend-Tell (MirroredStrategy, step checkpoints, TensorBoar
 $PY -m model.train --data_dir "$OUT/features" --model_dir "$OUT/model" --preset small \
   --epochs "$EPOCHS" --batch_size 64 --learning_rate 3e-3 --warmup_steps 50 --patience 3 --max_length 16
 
-step "4/6 Evaluate on val with the COCO caption metrics, next to a blind baseline"
-$PY -m model.evaluate --model "$OUT/model/export" --data_dir "$OUT/features" --split val --plots 3
+step "4/6 Evaluate on val with the COCO caption metrics: greedy and beam 3, next to a blind baseline"
+$PY -m model.evaluate --model "$OUT/model/export" --data_dir "$OUT/features" --split val \
+  --plots 3 > /dev/null
+$PY -m model.evaluate --model "$OUT/model/export" --data_dir "$OUT/features" --split val \
+  --beam_size 3 --output_dir "$OUT/model/eval/val_beam3" > /dev/null
+$PY -m scripts.compare_metrics greedy="$OUT/model/eval/val/metrics.json" \
+  "beam 3"="$OUT/model/eval/val_beam3/metrics.json"
 
 step "5/6 Bulk-caption the val folder and a tar.gz of it into Parquet"
 (cd "$OUT/data" && tar -czf ../val_images.tar.gz val/*.jpg)  # files only, no directory entries
