@@ -154,7 +154,7 @@ def cli_rate(
 
     argv = ["--data_dir", folder, "--model_dir", model_dir, "--epochs", str(epochs)]
     argv += ["--batch_size", str(batch), "--steps_per_execution", str(spe), "--verbose", "2"]
-    argv += ["--checkpoint_every", "100000", "--patience", "0"]
+    argv += ["--checkpoint_every", "100000", "--patience", "0", "--no_serving_export"]
     argv += ["--mixed_precision", "bfloat16"] if mixed else []
     argv += ["--jit_compile"] if jit else []
     clock = _EpochClock()

@@ -100,6 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--no_serving_export",
+        action="store_true",
+        help="skip MODEL_DIR/export/serving (the SavedModel for TF Serving; python -m "
+        "model.serving builds it later)",
+    )
+    p.add_argument(
         "--verbose",
         type=int,
         default=None,

@@ -455,4 +455,9 @@ def finish(run: Run) -> dict[str, Any]:
             run.model, run.vocab, run.features_manifest, export_dir, run.args.max_length, summary
         )
         print(f"train: exported to {export_dir} ({summary['steps']} steps)", flush=True)
+        if not getattr(run.args, "no_serving_export", False):
+            from model.serving import write_serving_export
+
+            path = write_serving_export(export_dir)
+            print(f"train: serving SavedModel in {path}", flush=True)
     return summary

@@ -169,6 +169,7 @@ def train_cmd(data, model_dir, *extra):
         "1",
         "--verbose",
         "2",
+        "--no_serving_export",  # the end-to-end test builds and checks it
         *extra,
     ]
 

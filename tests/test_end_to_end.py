@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 
@@ -11,6 +13,31 @@ from model.datasets.make_shapes import make_split
 from model.metrics import METRIC_KEYS
 
 RUNNER = ["--runner", "FnApiRunner"]
+SERVE = """
+import json, sys
+import tensorflow as tf
+fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+paths = sys.argv[2:]
+out = fn(images=tf.constant([open(p, "rb").read() for p in paths]))
+assert out["caption"].dtype == tf.string and out["token_ids"].dtype == tf.int32
+assert not [m for m in sys.modules if m.split(".")[0] in ("model", "beam_jobs")]
+print(json.dumps(dict(zip(paths, [c.decode() for c in out["caption"].numpy()]))))
+"""
+
+
+def serve_in_clean_process(saved_model, images):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-c", SERVE, str(saved_model), *map(str, images)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=saved_model,  # not the repository: its packages cannot be imported
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    captions = json.loads(r.stdout.strip().splitlines()[-1])
+    return {os.path.basename(p): c for p, c in captions.items()}
 
 
 def test_extract_train_evaluate_caption(tmp_path, capfd):
@@ -102,6 +129,11 @@ def test_extract_train_evaluate_caption(tmp_path, capfd):
     same = sum(bulk[name] == caption for name, caption in from_features.items())
     # Stage 3 computes features from raw images; evaluation decodes stage 1's float16 shards.
     assert same / len(from_features) >= 0.95, (bulk, from_features)
+
+    # The serving SavedModel, loaded by a process that has none of this project's code.
+    served = serve_in_clean_process(export / "serving", sorted((data / "val").glob("*.jpg")))
+    assert served.keys() == bulk.keys()
+    assert served == bulk  # decoding and resizing in the graph match PIL's to +-1 level
 
     # Beam search through both commands: recorded, and the same captions from both paths.
     beam = ["--beam_size", "3", "--length_penalty", "0.6"]
