@@ -1,6 +1,10 @@
 """The serving SavedModel: built by its command for an existing export, same captions
 as caption_images on every image format the job accepts."""
 
+import os
+import subprocess
+import sys
+
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -9,6 +13,7 @@ from beam_jobs.caption_images import run as caption_run
 from model.serving import run as serving_run
 from tests.fixtures import write_tiny_export
 from tests.helpers import encode, good_images, noise
+from tests.test_cli import ENV, ROOT
 
 # TensorFlow cannot read EXIF orientation: the served model sees this photo as stored.
 NOT_UPRIGHT = {"exif_rotated.jpg"}
@@ -36,7 +41,7 @@ def served(tmp_path_factory):
     fn = tf.saved_model.load(path).signatures["serving_default"]
     names = sorted(files)
     out = fn(images=tf.constant([files[n] for n in names]))
-    return path, names, {k: v.numpy() for k, v in out.items()}, bulk
+    return path, names, {k: v.numpy() for k, v in out.items()}, bulk, images, export
 
 
 def test_the_command_writes_export_serving(served):
@@ -49,7 +54,7 @@ def test_the_command_writes_export_serving(served):
 
 
 def test_served_captions_equal_the_bulk_job_on_every_format(served):
-    _, names, out, bulk = served
+    _, names, out, bulk, *_ = served
     assert set(bulk) == set(names)  # every format captioned by the job too
     for i, name in enumerate(names):
         row = bulk[name]
@@ -67,3 +72,40 @@ def test_an_undecodable_image_fails_the_request(served):
     fn = tf.saved_model.load(path).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         fn(images=tf.constant([b"not an image"]))
+
+
+def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
+    *_, bulk, images, export = served
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    files = [images / "rgb.jpg", tmp_path / "missing.png", images / "webp.webp"]
+    files += [tmp_path / "broken.jpg", images / "photo_640.jpg"]
+    r = subprocess.run(
+        [sys.executable, "-m", "model.caption", "--model", export, *map(str, files)]
+        + ["--plots", str(tmp_path / "plots")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert r.returncode == 1  # two files failed
+    assert r.stderr == ""
+    lines = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [p for p, _ in lines] == list(map(str, files))
+    for path, text in lines:
+        name = os.path.basename(path)
+        if name in bulk:
+            assert text == bulk[name]["caption"]
+    assert lines[1][1].startswith("error: missing_file")
+    assert lines[3][1].startswith("error: not_an_image")
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 3
+
+
+def test_model_caption_beam_search(served):
+    *_, images, export = served
+    from model.caption import run
+
+    greedy = run(["--model", export, str(images / "rgb.jpg")])[0]
+    beam = run(["--model", export, str(images / "rgb.jpg"), "--beam_size", "3"])[0]
+    # Here (no length penalty) beam search finds a caption at least as probable as greedy
+    assert greedy["log_prob"] <= beam["log_prob"] <= 0

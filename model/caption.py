@@ -1,0 +1,140 @@
+"""Captions a few image files, local or remote, without Beam: one line per file.
+
+    python -m model.caption --model MODEL_DIR/export IMAGE [IMAGE ...] [--beam_size K] [--plots DIR]
+
+Prints `FILE<TAB>caption` per file, in the order given, or `FILE<TAB>error: TYPE: message`
+for a file that cannot be read or decoded; the exit status is 1 if any failed.
+Images go through the same preprocessing, extractor and decoder as
+`beam_jobs.caption_images`, so the captions are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from model.cli import (
+    add_decoding_flags,
+    check_exists,
+    decoding_settings,
+    is_remote,
+    positive_int,
+    run_cli,
+)
+from model.defaults import PRECISIONS
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="MODEL_DIR/export written by model.train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, local or gs://, ...")
+    p.add_argument("--plots", help="write an attention plot per image into this folder")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
+    )
+    p.add_argument("--batch_size", type=positive_int, default=16, help="images per model call")
+    p.add_argument("--log_prob", action="store_true", help="also print each caption's log-prob")
+    add_decoding_flags(p)
+    p.add_argument("--verbose", action="store_true", help="TensorFlow's start-up log too")
+    return p.parse_args(argv)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """[{"path", "caption", "log_prob", ...} or {"path", "error_type", "message"}] in order."""
+    import numpy as np
+
+    from model.captioning import build_caption_fn, split_results
+    from model.export import load_export
+    from model.preprocess import ImageError, preprocess_image
+
+    export = load_export(args.model)
+    precision = args.precision or export.features.get("precision", "float32")
+    caption_batch = build_caption_fn(export, precision, decoding_settings(args))
+    rows: list[dict[str, Any]] = []
+    ready: list[tuple[int, Any]] = []  # (row index, pixels)
+
+    def flush() -> None:
+        if not ready:
+            return
+        outputs = caption_batch(np.stack([pixels for _, pixels in ready]))
+        for (i, _), result in zip(ready, split_results(outputs, export.vocab), strict=True):
+            rows[i].update(result=result, caption=result.caption, log_prob=result.log_prob)
+        ready.clear()
+
+    for path in args.images:
+        row: dict[str, Any] = {"path": path}
+        rows.append(row)
+        try:
+            decoded = preprocess_image(read_bytes(path))
+        except ImageError as e:
+            row.update(error_type=e.kind, message=str(e))
+            continue
+        except FileNotFoundError:
+            row.update(error_type="missing_file", message="no such file")
+            continue
+        except OSError as e:
+            row.update(error_type="read_error", message=f"{type(e).__name__}: {e}")
+            continue
+        row.update(width=decoded.width, height=decoded.height)
+        ready.append((len(rows) - 1, decoded.pixels))
+        if len(ready) == args.batch_size:
+            flush()
+    flush()
+    return rows
+
+
+def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
+    from model.plot import plot_attention
+    from model.preprocess import decode_image
+
+    image, _ = decode_image(read_bytes(row["path"]))
+    image.thumbnail((320, 320))
+    result = row["result"]
+    words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
+    name = f"{index:03d}_{os.path.splitext(os.path.basename(row['path']))[0]}.png"
+    return plot_attention(
+        image, words or ["<end>"], result.attention, os.path.join(folder, name), result.caption
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    check_exists("--model", args.model)
+    from model.quiet import import_tensorflow
+
+    import_tensorflow(args.verbose)
+    rows = caption_files(args)
+    if args.plots:
+        os.makedirs(args.plots, exist_ok=True)
+    for i, row in enumerate(rows):
+        if "caption" in row:
+            extra = f"\t{row['log_prob']:.3f}" if args.log_prob else ""
+            print(f"{row['path']}\t{row['caption']}{extra}", flush=True)
+            if args.plots:
+                row["plot"] = write_plot(row, args.plots, i)
+        else:
+            print(f"{row['path']}\terror: {row['error_type']}: {row['message']}", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    rows = run_cli(run, argv)
+    if any("caption" not in row for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
