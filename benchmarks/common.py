@@ -80,7 +80,11 @@ def job_bench_args(doc: str | None) -> argparse.Namespace:
     p.add_argument(
         "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
     )
-    return p.parse_args()
+    args = p.parse_args()
+    from model.quiet import import_tensorflow
+
+    import_tensorflow()  # without its start-up chatter
+    return args
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--spe", type=int, default=10, help="the larger --steps_per_execution")
     a = p.parse_args()
+    from model.quiet import import_tensorflow
+
+    import_tensorflow()  # without its start-up chatter
     # (policy, XLA, --steps_per_execution values)
     configs = [
         ("float32", False, [1, a.spe]),
