@@ -23,12 +23,12 @@ from beam_jobs.common import (
     Loaded,
     Meta,
     PreprocessFn,
-    Timer,
     UsageError,
     counter_values,
     dry_run_result,
     error_row,
     pipeline_options,
+    run_pipeline,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
 from beam_jobs.progress import (
@@ -320,12 +320,9 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         interval=args.progress_seconds,
         total_key="inputs_matched",
     )
-    with Timer() as timer, reporter:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, args, manifest, run_id, reporter.dir)
-        result = p.run()
-        reporter.attach(result)
-        result.wait_until_finish()
+    result, seconds = run_pipeline(
+        options, lambda p, progress: build_pipeline(p, args, manifest, run_id, progress), reporter
+    )
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
         return dry
     c = counter_values(result, NAMESPACE)
@@ -336,8 +333,8 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         "failed": c.get("errors_written", 0),
         "errors": errors_by_type(c),
         "bytes_read": c.get("bytes_read", 0),
-        "seconds": round(timer.seconds, 2),
-        "images_per_second": round(done / timer.seconds, 2) if timer.seconds else 0.0,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(done / seconds, 2) if seconds else 0.0,
     }
     print(
         f"caption_images: done: {summary['captioned']} captioned, {summary['failed']} failed"

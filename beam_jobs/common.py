@@ -6,7 +6,7 @@ import collections
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_jobs.progress import ERROR_PREFIX, Tally
+from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
 from beam_jobs.sources import read_failure, read_file
 from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
 from model.defaults import MAX_PIXELS
@@ -185,6 +185,22 @@ def counter_values(result: Any, namespace: str) -> dict[str, int]:
         value = c.committed if c.committed is not None else c.attempted
         values[c.key.metric.name] = values.get(c.key.metric.name, 0) + int(value or 0)
     return values
+
+
+def run_pipeline(
+    options: PipelineOptions,
+    build: Callable[[beam.Pipeline, str], None],
+    reporter: ProgressReporter,
+) -> tuple[Any, float]:
+    """Builds a pipeline with `build(pipeline, progress_dir)` and runs it to the end while
+    `reporter` prints progress; returns (result, seconds)."""
+    with Timer() as timer, reporter:
+        p = beam.Pipeline(options=options)
+        build(p, reporter.dir)
+        result = p.run()
+        reporter.attach(result)  # runners whose run() returns at once report counters
+        result.wait_until_finish()
+    return result, timer.seconds
 
 
 class Timer:

@@ -23,11 +23,11 @@ from beam_jobs.common import (
     Loaded,
     Meta,
     PreprocessFn,
-    Timer,
     UsageError,
     counter_values,
     dry_run_result,
     pipeline_options,
+    run_pipeline,
 )
 from beam_jobs.inference import FeatureExtractorHandler
 from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
@@ -352,12 +352,13 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         interval=args.progress_seconds,
         total=len(parsed.records),
     )
-    with Timer() as timer, reporter:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, args, splits, orphans, vocab_info, reporter.dir, parsed.dropped_captions)
-        result = p.run()
-        reporter.attach(result)
-        result.wait_until_finish()
+    result, seconds = run_pipeline(
+        options,
+        lambda p, progress: build_pipeline(
+            p, args, splits, orphans, vocab_info, progress, parsed.dropped_captions
+        ),
+        reporter,
+    )
     if (dry := dry_run_result(result, options, "extract_features")) is not None:
         return dry
     counts = counter_values(result, NAMESPACE)
@@ -368,8 +369,8 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         "failed": counts.get("images_failed", 0),
         "errors": errors_by_type(counts),
         "bytes_read": counts.get("bytes_read", 0),
-        "seconds": round(timer.seconds, 2),
-        "images_per_second": round(images / timer.seconds, 2) if timer.seconds else 0.0,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / seconds, 2) if seconds else 0.0,
         "output_dir": args.output_dir,
     }
     print(

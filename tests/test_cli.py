@@ -109,15 +109,29 @@ def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
 
 
 def test_training_output_is_our_lines_only(tmp_path):
+    """Nothing but our lines and the progress bar, whose last loss is the epoch line's;
+    the serving export at the end is as quiet."""
     write_features_dir(str(tmp_path / "f"), {"train": 8, "val": 4})
     r = command(
         "model.train",
         *("--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")),
-        *("--epochs", "1", "--preset", "tiny"),
+        *("--epochs", "2", "--preset", "tiny", "--batch_size", "4", "--verbose", "1"),
+        *("--steps_per_execution", "1"),
     )
     assert r.returncode == 0, r.stderr
     assert r.stderr == "", r.stderr
-    assert all(line.startswith("train: ") for line in r.stdout.splitlines()), r.stdout
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert all(line.startswith("train: ") or "━" in line for line in lines), r.stdout
+    assert "train: serving SavedModel in" in r.stdout
+    checked, bar = 0, None
+    for line in lines:
+        if "━" in line:
+            bar = line
+        elif line.startswith("train: epoch "):  # the bar's last state just before it
+            bar_loss = float(re.search(r" - loss: ([-\d.e]+)", bar).group(1))
+            assert f" loss {bar_loss:.4f} " in line, (bar, line)
+            checked += 1
+    assert checked == 2
 
 
 @pytest.mark.parametrize(
@@ -132,23 +146,40 @@ def test_training_output_is_our_lines_only(tmp_path):
     ],
 )
 def test_a_malformed_annotation_file_is_one_line(tmp_path, content, message):
+    """In this process, through the command's own `main` (one subprocess case below)."""
+    from beam_jobs.extract_features import main
+
     ann = tmp_path / "captions.json"
     ann.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["--captions_json", str(ann), "--split", "train", "--images_dir", str(tmp_path)]
+            + ["--output_dir", str(tmp_path / "f"), "--weights", "none"]
+        )
+    text = str(exit_.value.code)
+    assert text.startswith(f"error: {ann}: ") and message in text and "\n" not in text
+
+
+def test_a_malformed_annotation_file_through_the_command(tmp_path):
+    ann = tmp_path / "captions.json"
+    ann.write_text('{"images": [')
     r = command(
         "beam_jobs.extract_features",
         *("--captions_json", str(ann), "--split", "train", "--images_dir", str(tmp_path)),
         *("--output_dir", str(tmp_path / "f"), "--weights", "none"),
     )
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]
-    assert r.stderr.startswith(f"error: {ann}: ") and message in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: {ann}: not valid JSON")
 
 
 @pytest.mark.parametrize("content", ["[]", '"manifest"', "{"])
 def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path, content):
+    from model.train import main
+
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "manifest.json").write_text(content)
-    r = command("model.train", "--data_dir", str(tmp_path / "f"), "--model_dir", "m")
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]
-    assert "manifest" in r.stderr and r.stderr.startswith("error: ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")])
+    text = str(exit_.value.code)
+    assert text.startswith("error: ") and "manifest" in text and "\n" not in text
