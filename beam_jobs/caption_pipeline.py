@@ -38,9 +38,17 @@ from beam_jobs.progress import (
     describe_errors,
     errors_by_type,
 )
-from beam_jobs.sources import Item, display_name, match_input, read_path, read_uri
+from beam_jobs.sources import (
+    Item,
+    display_name,
+    match_input,
+    printable_uri,
+    read_path,
+    read_uri,
+)
 from model import formats
 from model.cli import decoding_settings
+from model.defaults import MAX_BYTES
 
 NAMESPACE = "caption_images"
 
@@ -67,19 +75,42 @@ def existing_outputs(output_dir: str) -> list[str]:
 class ExpandInputsFn(beam.DoFn):
     """A matched path -> (uri, Item): the file itself unread, or each archive member's bytes."""
 
-    def __init__(self, progress_dir: str | None = None):
+    def __init__(self, progress_dir: str | None = None, max_bytes: int = MAX_BYTES):
         self.tally = Tally(NAMESPACE, progress_dir)
+        self.max_bytes = max_bytes
 
     def setup(self) -> None:
         self.tally.setup()
 
-    def process(self, path: str) -> Iterator[tuple[str, Item]]:
-        for item in read_path(path, defer_files=True):
+    def process(self, path: str | Item) -> Iterator[tuple[str, Item]]:
+        if isinstance(path, Item):  # already an error row (see matched_inputs)
+            self.tally.inc("inputs_matched")
+            yield path.uri, path
+            return
+        for item in read_path(path, defer_files=True, max_bytes=self.max_bytes):
+            if (printable := printable_uri(item.uri)) is not None:
+                item = bad_file_name(printable)
             self.tally.inc("inputs_matched")
             yield item.uri, item
 
     def finish_bundle(self) -> None:
         self.tally.flush()
+
+
+def bad_file_name(printable: str) -> Item:
+    return Item(
+        printable,
+        error_type="bad_file_name",
+        message="the file name is not valid UTF-8; rename the file",
+    )
+
+
+def matched_inputs(spec: str) -> Iterator[str | Item]:
+    """The paths one --input matches; a path whose name is not UTF-8 (which Beam could not
+    even carry as a string) is already its error row."""
+    for path in match_input(spec):
+        printable = printable_uri(path)
+        yield path if printable is None else bad_file_name(printable)
 
 
 def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
@@ -187,9 +218,9 @@ def build_pipeline(
     keyed = (
         p
         | "Inputs" >> beam.Create(args.input)
-        | "MatchInputs" >> beam.FlatMap(match_input)
+        | "MatchInputs" >> beam.FlatMap(matched_inputs)
         | "SpreadPaths" >> beam.Reshuffle()
-        | "ExpandInputs" >> beam.ParDo(ExpandInputsFn(progress_dir))
+        | "ExpandInputs" >> beam.ParDo(ExpandInputsFn(progress_dir, args.max_bytes))
     )
     groups: dict[str, Any] = {"input": keyed}
     if args.skip_existing:
@@ -209,7 +240,12 @@ def build_pipeline(
     )
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn(
-            NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size, progress_dir
+            NAMESPACE,
+            args.max_pixels,
+            args.decode_threads,
+            2 * args.batch_size,
+            progress_dir,
+            args.max_bytes,
         )
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(

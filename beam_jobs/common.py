@@ -16,9 +16,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
-from beam_jobs.sources import read_failure, read_file
+from beam_jobs.sources import check_plain_file, read_failure, read_file
 from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
-from model.defaults import MAX_PIXELS
+from model.defaults import MAX_BYTES, MAX_PIXELS
 from model.preprocess import Decoded, ImageError, preprocess_image
 
 ERRORS_TAG = "errors"
@@ -89,12 +89,15 @@ class Outcome:
     sha256: str = ""
 
 
-def load_and_decode(item: Loaded, max_pixels: int) -> Outcome:
+def load_and_decode(item: Loaded, max_pixels: int, max_bytes: int = MAX_BYTES) -> Outcome:
     """Reads (if needed) and preprocesses one input; never raises for a bad input."""
     data = item.data
     if data is None:
         try:
+            check_plain_file(item.uri, max_bytes)
             data = read_file(item.uri)
+        except ImageError as e:  # not a regular file, or too large: refused unread
+            return Outcome(None, e)
         except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
             return Outcome(None, read_failure(item.uri, e))
     sha256 = hashlib.sha256(data).hexdigest()
@@ -121,8 +124,10 @@ class PreprocessFn(beam.DoFn):
         threads: int = 2,
         lookahead: int = 64,
         progress_dir: str | None = None,
+        max_bytes: int = MAX_BYTES,
     ):
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.threads = threads
         self.lookahead = lookahead
         self.tally = Tally(namespace, progress_dir)
@@ -140,7 +145,7 @@ class PreprocessFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
-        future = self.pool.submit(load_and_decode, item, self.max_pixels)
+        future = self.pool.submit(load_and_decode, item, self.max_pixels, self.max_bytes)
         self.pending.append((future, item, timestamp, window))
         while self.pending and (len(self.pending) > self.lookahead or self.pending[0][0].done()):
             yield self._emit_oldest()

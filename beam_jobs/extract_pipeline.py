@@ -197,7 +197,12 @@ def build_pipeline(
         | "ReadAndPreprocess"
         >> beam.ParDo(
             PreprocessFn(
-                NAMESPACE, args.max_pixels, args.decode_threads, 2 * args.batch_size, progress_dir
+                NAMESPACE,
+                args.max_pixels,
+                args.decode_threads,
+                2 * args.batch_size,
+                progress_dir,
+                args.max_bytes,
             )
         ).with_outputs(ERRORS_TAG, main="pixels")
     )

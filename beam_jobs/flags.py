@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from model.cli import add_verbose_flag, non_negative_float, positive_int
-from model.defaults import MAX_PIXELS
+from model.defaults import MAX_BYTES, MAX_PIXELS
 
 PROGRESS_SECONDS = 5.0
 
@@ -28,6 +28,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=MAX_PIXELS,
         help="images with more pixels are refused as decompression bombs",
+    )
+    parser.add_argument(
+        "--max_bytes",
+        type=positive_int,
+        default=MAX_BYTES,
+        help="files and archive members larger than this are refused unread (error rows)",
     )
     parser.add_argument(
         "--progress_seconds",

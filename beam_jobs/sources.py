@@ -2,25 +2,34 @@
 
 Archive members are streamed (tar in 'r|*' mode, zip through a seekable
 handle) and never extracted: a member is only ever a byte string with a uri
-`ARCHIVE_URI!/member`. Links, directories, and names with `..` or an absolute
-path become error rows instead of being read.
+`ARCHIVE_URI!/member`. Directory entries are not inputs. Links, archives inside
+the archive, members larger than `max_bytes` and names with `..` or an absolute
+path become error rows instead of being read. A zip member that fails its CRC
+is an error row and the next member is read; a tar stream that breaks ends
+with one `bad_archive` row saying how many members came before the damage.
+Plain files that are not regular files (FIFOs, devices, sockets) or are larger
+than `max_bytes` become error rows before a byte is read.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
+from model.defaults import MAX_BYTES
 from model.preprocess import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
-MAX_MEMBER_BYTES = 256 << 20
 MEMBER_SEPARATOR = "!/"
 
 
@@ -72,16 +81,27 @@ def unsafe_member(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
-def _member_item(uri: str, name: str, size: int, kind: str, read) -> Item:
+def _member_item(uri: str, name: str, size: int, kind: str, max_bytes: int) -> Item | None:
+    """The error row of a member that must not be read, or None to read it."""
     if unsafe_member(name):
         return Item(
             uri, error_type="unsafe_path", message=f"member name escapes the archive: {name!r}"
         )
     if kind != "file":
         return Item(uri, error_type="not_a_file", message=f"archive member is a {kind}")
-    if size > MAX_MEMBER_BYTES:
-        return Item(uri, error_type="too_large", message=f"{size} bytes > {MAX_MEMBER_BYTES}")
-    return Item(uri, data=read())
+    if is_archive_name(name):
+        return Item(
+            uri,
+            error_type="nested_archive",
+            message="an archive inside an archive is not opened; extract it and pass it as --input",
+        )
+    if size > max_bytes:
+        return Item(uri, error_type="too_large", message=f"{size} bytes > --max_bytes {max_bytes}")
+    return None
+
+
+def _is_input(name: str) -> bool:
+    return is_image_name(name) or is_archive_name(name)
 
 
 def _tar_kind(m: tarfile.TarInfo) -> str:
@@ -92,18 +112,31 @@ def _tar_kind(m: tarfile.TarInfo) -> str:
     return "directory" if m.isdir() else "special file"
 
 
-def read_tar(path: str) -> Iterator[Item]:
-    with (
-        FileSystems.open(path, compression_type="uncompressed") as f,
-        tarfile.open(fileobj=f, mode="r|*") as tar,
-    ):
-        for m in tar:
-            if m.isfile() and not is_image_name(m.name):
-                continue  # like folders: only image files are inputs
-            uri = f"{path}{MEMBER_SEPARATOR}{m.name}"
-            yield _member_item(
-                uri, m.name, m.size, _tar_kind(m), lambda m=m: tar.extractfile(m).read()
-            )
+def read_tar(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
+    done = 0
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            # tarfile's own gzip reader takes a truncated stream for the archive's end;
+            # GzipFile, drained below, raises on it and on a bad CRC.
+            stream = gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f
+            with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r|*") as tar:
+                for m in tar:
+                    if m.isdir() or (m.isfile() and not _is_input(m.name)):
+                        continue  # like folders: only image files are inputs
+                    uri = f"{path}{MEMBER_SEPARATOR}{m.name}"
+                    refused = _member_item(uri, m.name, m.size, _tar_kind(m), max_bytes)
+                    yield refused or Item(uri, data=tar.extractfile(m).read())
+                    done += 1
+            while gzipped and stream.read(1 << 20):
+                pass
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        # A stream cannot be read past its damage: the members after it are unknown.
+        where = f"after {done} member(s)" if done else "before any member"
+        yield Item(
+            path, error_type="bad_archive", message=f"archive unreadable {where}: {describe(e)}"
+        )
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
@@ -113,17 +146,58 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return "link" if mode == 0o120000 else "file"
 
 
-def read_zip(path: str) -> Iterator[Item]:
-    with FileSystems.open(path, compression_type="uncompressed") as f, zipfile.ZipFile(f) as z:
-        for info in z.infolist():
-            kind = _zip_kind(info)
-            if kind == "file" and not is_image_name(info.filename):
-                continue
-            uri = f"{path}{MEMBER_SEPARATOR}{info.filename}"
-            yield _member_item(uri, info.filename, info.file_size, kind, lambda i=info: z.read(i))
+def read_zip(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f, zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                kind = _zip_kind(info)
+                if kind == "directory" or (kind == "file" and not _is_input(info.filename)):
+                    continue
+                uri = f"{path}{MEMBER_SEPARATOR}{info.filename}"
+                refused = _member_item(uri, info.filename, info.file_size, kind, max_bytes)
+                if refused:
+                    yield refused
+                    continue
+                try:  # the central directory lists every member: one bad one is one row
+                    yield Item(uri, data=z.read(info))
+                except RuntimeError as e:  # encrypted
+                    yield Item(uri, error_type="encrypted", message=describe(e))
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+                    yield Item(uri, error_type="corrupt", message=describe(e))
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        yield Item(path, error_type="bad_archive", message=f"not a readable zip: {describe(e)}")
 
 
-def read_path(path: str, defer_files: bool = False) -> Iterator[Item]:
+def printable_uri(uri: str) -> str | None:
+    """None when `uri` is valid UTF-8 text; else the name with its undecodable bytes as \\xNN
+    (a file name that is not UTF-8 cannot be a Parquet string or a Beam key)."""
+    try:
+        uri.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        try:
+            return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return uri.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def check_plain_file(path: str, max_bytes: int = MAX_BYTES) -> None:
+    """Refuses, before reading, a local path that is not a regular file (a FIFO would
+    block forever) or holds more than `max_bytes`. Raises ImageError; OSError if missing."""
+    if "://" in path:
+        return
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not_a_file", "not a regular file (a FIFO, device or socket)")
+    if st.st_size > max_bytes:
+        raise ImageError("too_large", f"{st.st_size} bytes > --max_bytes {max_bytes}")
+
+
+def read_path(path: str, defer_files: bool = False, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
     """A matched path -> one Item, or one per archive member; failures become error Items.
 
     With `defer_files`, a plain file comes back unread (no data, no error): the
@@ -134,17 +208,18 @@ def read_path(path: str, defer_files: bool = False) -> Iterator[Item]:
     lower = path.lower()
     try:
         if lower.endswith(".zip"):
-            yield from read_zip(path)
+            yield from read_zip(path, max_bytes)
         elif lower.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from read_tar(path)
+            yield from read_tar(path, max_bytes)
         elif defer_files:
             yield Item(path)
         else:
+            check_plain_file(path, max_bytes)
             yield Item(path, data=read_file(path))
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        yield Item(path, error_type="bad_archive", message=f"{type(e).__name__}: {e}")
+    except ImageError as e:
+        yield Item(path, error_type=e.kind, message=str(e))
     except OSError as e:
-        yield Item(path, error_type="read_error", message=f"{type(e).__name__}: {e}")
+        yield Item(path, error_type="read_error", message=describe(e))
 
 
 def read_uri(uri: str) -> bytes:

@@ -23,3 +23,6 @@ MAX_PIXELS = 89_478_485
 # Feature shards of at most this many images when `--num_shards` is 0 (1000 images:
 # 262 MB of float16 mixed10 features, about 150 MB once gzipped).
 IMAGES_PER_SHARD = 1000
+# Inputs (files and archive members) larger than this are error rows, refused before
+# they are read: a 50 MP JPEG is about 20 MB.
+MAX_BYTES = 64 << 20

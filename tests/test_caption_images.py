@@ -64,7 +64,7 @@ def inputs(tmp_path_factory):
         "/abs.jpg": "unsafe_path",
         "bad.jpg": "not_an_image",
         "link.jpg": "not_a_file",
-        "subdir": "not_a_file",
+        # "subdir", a directory entry, is not an input: no row
     }
     for name, mode in (("batch.tar", "w"), ("batch.tar.gz", "w:gz")):
         _tar(root / name, mode, members)
@@ -73,8 +73,7 @@ def inputs(tmp_path_factory):
         for m, data in members.items():
             z.writestr(m, data)
         z.writestr("zdir/", b"")
-    zip_outcome = {k: v for k, v in outcome.items() if k not in ("link.jpg", "subdir")}
-    zip_outcome["zdir/"] = "not_a_file"
+    zip_outcome = {k: v for k, v in outcome.items() if k != "link.jpg"}  # zdir/: no row
     expected.update({f"{root / 'batch.zip'}!/{m}": k for m, k in zip_outcome.items()})
     export = write_tiny_export(str(root / "export"))
     return root, expected, export
@@ -277,3 +276,83 @@ def test_pipeline_translates_for_dataflow(inputs, tmp_path):
     )
     assert summary == {"dry_run": True}
     assert not list((tmp_path / "out").glob("captions-*.parquet"))
+
+
+def _zip_with_bad_crc(path, members, bad):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(members[bad]) + 10  # flip a byte inside the bad member's data
+    raw[start] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_hostile_inputs_each_end_up_as_exactly_one_row(inputs, tmp_path):
+    """Built here: a zip whose middle member fails its CRC, a tar.gz cut halfway, archives
+    inside archives, `tar czf`/`zip -r` directory entries, a FIFO named like an image,
+    files and members over --max_bytes and a file name that is not UTF-8. The job runs as a
+    subprocess, so a read that blocks fails the test instead of hanging it."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV, ROOT
+
+    _, _, export = inputs
+    root = tmp_path / "in"
+    root.mkdir()
+    images = {f"m{i}.jpg": encode(noise(20 + i), "JPEG") for i in range(6)}
+    _zip_with_bad_crc(root / "crc.zip", images, "m2.jpg")
+    expected = {f"{root}/crc.zip!/{n}": "ok" for n in images}
+    expected[f"{root}/crc.zip!/m2.jpg"] = "corrupt"
+    # A tar.gz cut in half: the members before the cut, then one bad_archive row.
+    big = {f"t{i}.png": encode(noise(40 + i, (200, 150)), "PNG") for i in range(8)}
+    _tar(root / "whole.tar.gz", "w:gz", big)
+    data = (root / "whole.tar.gz").read_bytes()
+    (root / "whole.tar.gz").unlink()
+    (root / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    # Nested archives, directory entries (as tar czf / zip -r write them), an oversized member.
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("deep.jpg", images["m0.jpg"])
+    with zipfile.ZipFile(root / "outer.zip", "w") as z:
+        z.writestr("photos/", b"")
+        z.writestr("photos/a.jpg", images["m1.jpg"])
+        z.writestr("photos/inner.zip", inner.getvalue())
+        z.writestr("photos/huge.png", b"\0" * 300_000)
+    expected[f"{root}/outer.zip!/photos/a.jpg"] = "ok"
+    expected[f"{root}/outer.zip!/photos/inner.zip"] = "nested_archive"
+    expected[f"{root}/outer.zip!/photos/huge.png"] = "too_large"
+    os.mkfifo(root / "pipe.jpg")
+    expected[f"{root}/pipe.jpg"] = "not_a_file"
+    (root / "big.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 300_000)
+    expected[f"{root}/big.jpg"] = "too_large"
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    (root / name).write_bytes(images["m3.jpg"])
+    expected[f"{root}/caf\\xe9.jpg"] = "bad_file_name"
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.caption_images", "--model", export]
+        + ["--input", str(root), "--output_dir", str(out), "--max_bytes", "200000", *RUNNER],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    caps, errs = tables(out)
+    got = {row["uri"]: "ok" for row in caps}
+    assert len(got) == len(caps)
+    for row in errs:
+        assert row["uri"] not in got, row
+        got[row["uri"]] = row["error_type"]
+    assert len(got) == len(caps) + len(errs)  # exactly once
+    cut = {u: k for u, k in got.items() if "cut.tar.gz" in u}
+    got = {u: k for u, k in got.items() if "cut.tar.gz" not in u}
+    assert got == expected
+    members = sorted(u for u in cut if "!/" in u)
+    assert 1 <= len(members) < 8 and all(cut[u] == "ok" for u in members)
+    assert cut[f"{root}/cut.tar.gz"] == "bad_archive"
+    (message,) = [e["message"] for e in errs if e["uri"] == f"{root}/cut.tar.gz"]
+    assert f"after {len(members)} member(s)" in message
