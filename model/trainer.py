@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +215,8 @@ def set_up(args: argparse.Namespace) -> Run:
     val_info = split_info(args.data_dir, features_manifest, args.val_split) if has_val else None
 
     strategy, chief = choose_strategy()
+    if chief:
+        lock_model_dir(args.model_dir)
     replicas = strategy.num_replicas_in_sync
     global_batch = args.batch_size or (args.per_replica_batch_size or 0) * replicas or 64
     policy = precision_policy(args.mixed_precision)
@@ -299,11 +302,75 @@ def checkpoint_manager(
     return tf.train.CheckpointManager(ckpt, scratch, max_to_keep=1)
 
 
+_LOCKS: dict[str, int] = {}  # model dir -> open file descriptor holding its lock
+
+
+def lock_model_dir(model_dir: str) -> None:
+    """Stops a second trainer on the same local MODEL_DIR with one line. The lock is an
+    flock on MODEL_DIR/.lock, which the kernel releases when the process ends, even by
+    SIGKILL, so a killed run never leaves a stale lock. (Object stores have no locks.)"""
+    if "://" in model_dir or model_dir in _LOCKS:
+        return
+    import fcntl
+
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise formats.FormatError(
+            f"{model_dir} is in use by another trainer (pid {holder}); "
+            "wait for it or use another --model_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[model_dir] = fd
+
+
+def checkpoints_newest_first(ckpt_dir: str) -> list[str]:
+    """Every checkpoint prefix in `ckpt_dir`, newest (highest step) first, found from the
+    files themselves: a garbled `checkpoint` index must not hide them."""
+    found = []
+    for index in tf.io.gfile.glob(os.path.join(ckpt_dir, "ckpt-*.index")):
+        prefix = index[: -len(".index")]
+        number = prefix.rsplit("-", 1)[-1]
+        if number.isdigit():
+            found.append((int(number), prefix))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+def restore_newest_readable(ckpt: tf.train.Checkpoint, ckpt_dir: str) -> str | None:
+    """Restores the newest checkpoint that reads back whole; warns for each one skipped.
+    None when there is none; one-line error when there are some but none is readable."""
+    candidates = checkpoints_newest_first(ckpt_dir)
+    for prefix in candidates:
+        try:
+            ckpt.restore(prefix).expect_partial()
+            return prefix
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (IndexError, DataLoss, ...)
+            reason = str(e).strip().splitlines()[0][:200]
+            print(
+                f"train: warning: checkpoint {prefix} is unreadable ({type(e).__name__}: "
+                f"{reason}); trying the one before it",
+                file=sys.stderr,
+                flush=True,
+            )
+    if candidates:
+        raise formats.FormatError(
+            f"{ckpt_dir}: none of {len(candidates)} checkpoints is readable; "
+            "delete the folder to start over"
+        )
+    return None
+
+
 def restore_or_initialise(run: Run, ckpt: tf.train.Checkpoint) -> None:
-    """Every worker restores the chief's latest checkpoint, so all resume at one position."""
-    latest = tf.train.latest_checkpoint(os.path.join(run.args.model_dir, "checkpoints"))
+    """Every worker restores the chief's latest readable checkpoint, so all resume at one
+    position (they see the same files and make the same choice)."""
+    latest = restore_newest_readable(ckpt, os.path.join(run.args.model_dir, "checkpoints"))
     if latest:  # the checkpoint also restores the feature statistics
-        ckpt.restore(latest).expect_partial()
         print(
             f"train: resumed from {latest} at step {run.var('step')} "
             f"(epoch {run.var('epoch') + 1}, batch {run.var('position')})",

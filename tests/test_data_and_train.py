@@ -256,6 +256,56 @@ def test_sigkill_mid_epoch_then_resume_reaches_same_step_count(tmp_path):
     assert manifest["training"]["steps"] == 3 * 23
 
 
+def _run_ok(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_a_corrupt_or_unlisted_checkpoint_is_not_a_restart_from_zero(tmp_path):
+    """The newest checkpoint's data garbled: a warning and the one before it. The
+    `checkpoint` index garbled: the files themselves are found. Never step 0 again."""
+    write_features_dir(str(tmp_path / "f"), {"train": 16})  # 24 captions -> 6 steps/epoch
+    flags = ("--checkpoint_every", "2", "--steps_per_execution", "1")
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    _run_ok(train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "1", *flags))
+    steps = sorted(int(p.name[5:-6]) for p in ckpt_dir.glob("ckpt-*.index"))
+    assert steps[-2:] == [4, 6]
+    for data in ckpt_dir.glob("ckpt-6.data-*"):
+        data.write_bytes(b"\0garbage" * 1000)
+    r = _run_ok(train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "2", *flags))
+    assert "checkpoint" in r.stderr and "ckpt-6 is unreadable" in r.stderr
+    assert "resumed from" in r.stdout and "ckpt-4 at step 4" in r.stdout
+    assert load_export(str(tmp_path / "m" / "export")).manifest["training"]["steps"] == 12
+    (ckpt_dir / "checkpoint").write_text("not {{ a checkpoint state")
+    r = _run_ok(train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", "3", *flags))
+    assert "ckpt-12 at step 12" in r.stdout
+    assert load_export(str(tmp_path / "m" / "export")).manifest["training"]["steps"] == 18
+
+
+def test_two_trainers_cannot_share_a_model_dir(tmp_path):
+    from model.trainer import _LOCKS, lock_model_dir
+
+    write_features_dir(str(tmp_path / "f"), {"train": 4})
+    lock_model_dir(str(tmp_path / "m"))  # this process plays the trainer already running
+    try:
+        r = subprocess.run(
+            train_cmd(tmp_path / "f", tmp_path / "m"),
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+            timeout=600,
+        )
+    finally:
+        os.close(_LOCKS.pop(str(tmp_path / "m")))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'm'} is in use by another trainer (pid {os.getpid()}); "
+        "wait for it or use another --model_dir"
+    )
+
+
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     from model.train import parse_args
 
