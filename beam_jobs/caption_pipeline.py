@@ -105,12 +105,21 @@ def bad_file_name(printable: str) -> Item:
     )
 
 
-def matched_inputs(spec: str) -> Iterator[str | Item]:
-    """The paths one --input matches; a path whose name is not UTF-8 (which Beam could not
-    even carry as a string) is already its error row."""
+def matched_inputs(spec: str, exclude: Sequence[str] = ()) -> Iterator[str | Item]:
+    """The paths one --input matches, except those under `exclude` (the job's own output
+    folders); a path whose name is not UTF-8 (which Beam could not even carry as a
+    string) is already its error row."""
     for path in match_input(spec):
+        if any(path.startswith(folder.rstrip("/") + "/") for folder in exclude):
+            continue
         printable = printable_uri(path)
         yield path if printable is None else bad_file_name(printable)
+
+
+def own_outputs(args: argparse.Namespace) -> list[str]:
+    """The folders this job writes, as match_input spells paths: never inputs."""
+    folders = [args.output_dir] + ([args.attention_dir] if args.attention_dir else [])
+    return [f if "://" in f else os.path.abspath(f) for f in folders]
 
 
 def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
@@ -190,15 +199,30 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
 
 
 def write_manifest(
-    _: None, output_dir: str, body: dict[str, Any], captioned: int, failed: int, files: list[str]
+    _: None,
+    output_dir: str,
+    body: dict[str, Any],
+    captioned: int,
+    failed: int,
+    files: list[str],
+    inputs: int | None = None,
 ) -> str:
+    """Writes CAPTIONS_DIR/manifest.json once every table file is final. `inputs` counts
+    the distinct uris to caption, after grouping: if they are not all in one table or
+    the other, the job fails here, loudly, instead of describing a silent loss."""
+    inputs = captioned + failed if inputs is None else inputs
+    if captioned + failed != inputs:
+        raise RuntimeError(
+            f"{inputs} inputs but {captioned} captions and {failed} error rows: "
+            f"{inputs - captioned - failed} input(s) are in neither table"
+        )
     path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
     formats.write_manifest(
         path,
         formats.KIND_CAPTIONS,
         {
             **body,
-            "counts": {"captioned": captioned, "failed": failed, "inputs": captioned + failed},
+            "counts": {"captioned": captioned, "failed": failed, "inputs": inputs},
             "files": sorted(os.path.basename(f) for f in files),
         },
     )
@@ -218,7 +242,7 @@ def build_pipeline(
     keyed = (
         p
         | "Inputs" >> beam.Create(args.input)
-        | "MatchInputs" >> beam.FlatMap(matched_inputs)
+        | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
         | "SpreadPaths" >> beam.Reshuffle()
         | "ExpandInputs" >> beam.ParDo(ExpandInputsFn(progress_dir, args.max_bytes))
     )
@@ -232,12 +256,10 @@ def build_pipeline(
     # Grouping by uri dedupes overlapping inputs, skips finished ones, and
     # spreads the members of a few big archives over all workers. Plain files
     # are read after it, so their bytes stream rather than being grouped.
-    fresh = (
-        groups
-        | "GroupByUri" >> beam.CoGroupByKey()
-        | "NewInputs" >> beam.FlatMap(first_new)
-        | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
+    new_inputs = (
+        groups | "GroupByUri" >> beam.CoGroupByKey() | "NewInputs" >> beam.FlatMap(first_new)
     )
+    fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn(
             NAMESPACE,
@@ -320,6 +342,9 @@ def build_pipeline(
                 errors | "CountErrors" >> beam.combiners.Count.Globally()
             ),
             files=beam.pvalue.AsList((written_rows, written_errors) | "Written" >> beam.Flatten()),
+            inputs=beam.pvalue.AsSingleton(
+                new_inputs | "CountInputs" >> beam.combiners.Count.Globally()
+            ),
         )
     )
 

@@ -56,14 +56,17 @@ def _is_glob(spec: str) -> bool:
 
 
 def match_input(spec: str) -> list[str]:
-    """Expands one --input into file paths: a glob, a folder (recursive, images only), or a file."""
+    """Expands one --input into file paths: a glob, a folder (recursive, images only), or a file.
+
+    Local paths come back absolute and normalised (no `.`, `..` or `//`), so one file
+    spelled several ways is one uri."""
+    if "://" not in spec:
+        spec = os.path.abspath(spec)
     if _is_glob(spec):
         return sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
     folder = spec.rstrip("/")
     listing = FileSystems.match([folder + "/**"])[0].metadata_list if "://" in spec else None
     if listing is None:
-        import os
-
         if os.path.isdir(folder):
             return sorted(
                 os.path.join(root, f)

@@ -356,3 +356,33 @@ def test_hostile_inputs_each_end_up_as_exactly_one_row(inputs, tmp_path):
     assert cut[f"{root}/cut.tar.gz"] == "bad_archive"
     (message,) = [e["message"] for e in errs if e["uri"] == f"{root}/cut.tar.gz"]
     assert f"after {len(members)} member(s)" in message
+
+
+def test_one_folder_spelled_three_ways_with_the_outputs_inside_it(inputs, tmp_path, monkeypatch):
+    """Relative, trailing-slash and double-slash spellings are one uri each; the job's own
+    output and attention plots, inside the input folder, are never inputs, even on a rerun."""
+    _, _, export = inputs
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(encode(noise(60 + i), "JPEG"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", export, "--input", "val", "--input", f"{folder}/"]
+    argv += ["--input", f"{tmp_path}//val", "--output_dir", str(folder / "captions")]
+    argv += ["--attention_dir", str(folder / "plots"), *RUNNER]
+    for _ in range(2):
+        summary = run(argv)
+        caps, errs = tables(folder / "captions")
+        assert sorted(r["uri"] for r in caps) == [str(folder / f"{i}.jpg") for i in range(3)]
+        assert errs == [] and summary["captioned"] == 3
+        manifest = json.load(open(folder / "captions" / "manifest.json"))
+        assert manifest["counts"] == {"captioned": 3, "failed": 0, "inputs": 3}
+    assert len(list((folder / "plots").glob("*.png"))) == 3
+
+
+def test_the_manifest_refuses_to_describe_a_loss(tmp_path):
+    from beam_jobs.caption_pipeline import write_manifest
+
+    with pytest.raises(RuntimeError, match="1 input\\(s\\) are in neither table"):
+        write_manifest(None, str(tmp_path), {}, captioned=3, failed=1, files=[], inputs=5)
+    assert not (tmp_path / "manifest.json").exists()
