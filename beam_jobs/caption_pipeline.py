@@ -130,6 +130,21 @@ def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
         yield items[0]  # the same file matched twice (overlapping --input) is captioned once
 
 
+def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    """A model batch that raised (RunInference's dead letters: the batch of (Meta, pixels)
+    and the exception) -> one error row per image in it, so no image vanishes."""
+    batch, error = failure
+    if isinstance(error, tuple) and error and isinstance(error[0], type):
+        message = f"{error[0].__name__}: {error[1] if len(error) > 1 else ''}"
+    else:
+        message = f"{type(error).__name__}: {error}"
+    for meta, _ in batch:
+        yield (
+            meta.key,
+            error_row(meta.key, "inference_error", f"the model failed on its batch: {message}"),
+        )
+
+
 def to_loaded(item: Item) -> Iterator[Any]:
     """An Item -> Loaded for PreprocessFn (plain files are read there), or its error row."""
     if item.error_type is not None:
@@ -278,10 +293,18 @@ def build_pipeline(
         args.large_model,
         decoding_settings(args),
     )
-    captioned = decoded.pixels | "Caption" >> RunInference(KeyedModelHandler(handler))
+    captioned, failures = (
+        decoded.pixels
+        | "Caption" >> RunInference(KeyedModelHandler(handler)).with_exception_handling()
+    )
     rows = captioned | "ToRows" >> beam.ParDo(ToRowFn(model_id, progress_dir))
-    input_errors = fresh[ERRORS_TAG] | "CountInputErrors" >> beam.ParDo(
-        CountErrorsFn(progress_dir)
+    input_errors = (
+        (
+            fresh[ERRORS_TAG],
+            failures.failed_inferences | "BatchErrors" >> beam.FlatMap(batch_errors),
+        )
+        | "InputAndBatchErrors" >> beam.Flatten()
+        | "CountInputErrors" >> beam.ParDo(CountErrorsFn(progress_dir))
     )  # PreprocessFn counts its own
     errors = (
         (input_errors, decoded[ERRORS_TAG])

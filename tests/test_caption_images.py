@@ -13,7 +13,7 @@ from beam_jobs.common import UsageError
 from model.formats import FormatError
 from model.vocab import Vocabulary
 from tests.fixtures import write_tiny_export
-from tests.helpers import bad_images, encode, good_images, noise
+from tests.helpers import bad_images, encode, good_images, noise, solid
 
 RUNNER = ["--runner", "FnApiRunner"]
 
@@ -386,3 +386,34 @@ def test_the_manifest_refuses_to_describe_a_loss(tmp_path):
     with pytest.raises(RuntimeError, match="1 input\\(s\\) are in neither table"):
         write_manifest(None, str(tmp_path), {}, captioned=3, failed=1, files=[], inputs=5)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_path, monkeypatch):
+    """Fault injection: the model raises on any batch holding an all-white image."""
+    from beam_jobs import inference
+
+    _, _, export = inputs
+    original = inference.CaptionerHandler.run_inference
+
+    def flaky(self, batch, model, inference_args=None):
+        if any(int(pixels.min()) == 255 for pixels in batch):
+            raise RuntimeError("out of memory on the accelerator")
+        return original(self, batch, model, inference_args)
+
+    monkeypatch.setattr(inference.CaptionerHandler, "run_inference", flaky)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(encode(noise(70 + i), "JPEG"))
+    (folder / "white.png").write_bytes(encode(solid((255, 255, 255)), "PNG"))
+    summary = run(
+        ["--model", export, "--input", str(folder), "--output_dir", str(tmp_path / "out")]
+        + ["--batch_size", "1", *RUNNER]
+    )
+    caps, errs = tables(tmp_path / "out")
+    assert sorted(os.path.basename(r["uri"]) for r in caps) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [(os.path.basename(e["uri"]), e["error_type"]) for e in errs] == [
+        ("white.png", "inference_error")
+    ]
+    assert "out of memory on the accelerator" in errs[0]["message"]
+    assert summary["errors"] == {"inference_error": 1}
