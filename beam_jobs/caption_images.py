@@ -29,6 +29,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--output_dir", required=True, help="CAPTIONS_DIR, local or gs://")
     p.add_argument("--skip_existing", action="store_true", help="skip uris already in the output")
     p.add_argument(
+        "--allow_mixed_models",
+        action="store_true",
+        help="with --skip_existing, add rows of this model to a table of another",
+    )
+    p.add_argument(
         "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
     )
     p.add_argument(

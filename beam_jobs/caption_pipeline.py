@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import posixpath
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from beam_jobs.commit import commit, remove_stale_staging, staging_dir
 from beam_jobs.common import (
     ERRORS_TAG,
     Loaded,
@@ -62,6 +65,26 @@ def check_export(export_dir: str) -> dict[str, Any]:
         if not FileSystems.exists(paths[key]):
             raise formats.FormatError(f"{paths[key]}: missing from the export")
     return manifest
+
+
+def check_one_model(
+    existing: list[str], model_id: str, output_dir: str, allow_mixed: bool = False
+) -> None:
+    """--skip_existing adds rows to a table: refuse, in one line, to add another model's."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for path in existing:
+        if posixpath.basename(path).startswith("captions-"):
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                ids.update(pq.read_table(f, columns=["model_id"]).column(0).unique().to_pylist())
+    others = sorted(ids - {model_id})
+    if others and not allow_mixed:
+        raise UsageError(
+            f"{output_dir} holds captions of model {', '.join(others)} and this export is "
+            f"{model_id}: --skip_existing would mix models in one table "
+            "(use another --output_dir, or --allow_mixed_models)"
+        )
 
 
 def existing_outputs(output_dir: str) -> list[str]:
@@ -250,7 +273,9 @@ def build_pipeline(
     manifest: dict[str, Any],
     run_id: str,
     progress_dir: str | None = None,
+    staging: str | None = None,
 ) -> None:
+    """The job, writing its tables and manifest into `staging` (default: the output dir)."""
     model_id = manifest["model_id"]
     precision = args.precision or manifest["features"].get("precision", "float32")
     out = args.output_dir.rstrip("/")
@@ -318,16 +343,16 @@ def build_pipeline(
         return row
 
     errors = errors | "CountFailed" >> beam.Map(count_failed)
-    prefix = f"-{run_id}" if args.skip_existing else ""
+    target = staging or out
     written_rows = rows | "WriteCaptions" >> beam.io.WriteToParquet(
-        f"{out}/captions{prefix}",
+        f"{target}/captions-{run_id}",
         formats.CAPTIONS_SCHEMA,
         codec=formats.PARQUET_CODEC,
         file_name_suffix=".parquet",
         num_shards=args.num_shards,
     )
     written_errors = errors | "WriteErrors" >> beam.io.WriteToParquet(
-        f"{out}/errors{prefix}",
+        f"{target}/errors-{run_id}",
         formats.ERRORS_SCHEMA,
         codec=formats.PARQUET_CODEC,
         file_name_suffix=".parquet",
@@ -356,7 +381,7 @@ def build_pipeline(
         | "WriteManifest"
         >> beam.Map(
             write_manifest,
-            out,
+            target,
             body,
             captioned=beam.pvalue.AsSingleton(
                 rows | "CountRows" >> beam.combiners.Count.Globally()
@@ -380,17 +405,15 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
             raise UsageError(f"--input matches nothing: {spec}")
     if args.attention_dir:
         os.makedirs(args.attention_dir, exist_ok=True)
+    for stale in remove_stale_staging(args.output_dir):
+        print(f"caption_images: removed {stale}, left by a run that did not finish")
     existing = existing_outputs(args.output_dir)
-    if existing and not args.skip_existing:
-        # Same command, same rows: replace the previous run's tables rather than adding to them.
-        print(
-            f"caption_images: replacing {len(existing)} files of a previous run "
-            f"in {args.output_dir}"
-        )
-        FileSystems.delete(existing)
     if args.skip_existing and not existing:
-        args.skip_existing = False  # nothing to skip; plain file names
-    run_id = time.strftime("%Y%m%dT%H%M%S")
+        args.skip_existing = False  # nothing to skip
+    if args.skip_existing:
+        check_one_model(existing, manifest["model_id"], args.output_dir, args.allow_mixed_models)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    staging = staging_dir(args.output_dir, run_id)
     print(
         f"caption_images: {len(args.input)} input(s) -> {args.output_dir} "
         f"(model {manifest['model_id']}, batch {args.batch_size})",
@@ -405,10 +428,16 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         total_key="inputs_matched",
     )
     result, seconds = run_pipeline(
-        options, lambda p, progress: build_pipeline(p, args, manifest, run_id, progress), reporter
+        options,
+        lambda p, progress: build_pipeline(p, args, manifest, run_id, progress, staging),
+        reporter,
     )
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
         return dry
+    # Complete: only now are the previous tables replaced (or, --skip_existing, added to).
+    if existing and not args.skip_existing:
+        print(f"caption_images: replacing {len(existing)} files of the previous run")
+    commit(args.output_dir, staging, existing, add=args.skip_existing)
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {

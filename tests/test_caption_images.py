@@ -417,3 +417,49 @@ def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_p
     ]
     assert "out of memory on the accelerator" in errs[0]["message"]
     assert summary["errors"] == {"inference_error": 1}
+
+
+def _table_uris(out):
+    caps, errs = tables(out)
+    return [r["uri"] for r in caps] + [r["uri"] for r in errs]
+
+
+def test_a_rerun_killed_at_any_moment_leaves_the_previous_complete_tables(inputs, tmp_path):
+    """SIGKILL a rerun 2, 6, 10 and 14 s after it starts (loading, reading, captioning,
+    writing): the previous tables stay whole; then an unkilled rerun replaces them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import ENV, ROOT
+
+    _, _, export = inputs
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(100 + i), "JPEG"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", "--model", export]
+    cmd += ["--input", str(folder), "--output_dir", str(out), "--batch_size", "2", *RUNNER]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = sorted(_table_uris(out))
+    assert len(expected) == 40 == len(set(expected))
+    manifest = (out / "manifest.json").read_text()
+    for delay in (2, 6, 10, 14):
+        proc = subprocess.Popen(
+            cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(delay)
+        finished = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert sorted(_table_uris(out)) == expected, f"killed after {delay}s"
+        if not finished:
+            assert (out / "manifest.json").read_text() == manifest
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(_table_uris(out)) == expected
+    assert not list(out.glob(".staging-*"))  # what the killed runs left is gone
+    assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 40

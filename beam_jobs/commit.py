@@ -1,0 +1,83 @@
+"""CAPTIONS_DIR changes only when a run is complete.
+
+A run writes its tables and manifest into `CAPTIONS_DIR/.staging-RUN_ID/`. Only
+after the pipeline has finished does `commit` delete the tables it replaces
+(none with --skip_existing), move the new files in, and move the manifest in
+last. A run killed at any moment before that leaves the previous tables as
+they were, plus a staging folder that the next run removes; the moves
+themselves take milliseconds on a local disk.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+from model import formats
+
+STAGING_PREFIX = ".staging-"
+
+
+def staging_dir(output_dir: str, run_id: str) -> str:
+    return f"{output_dir.rstrip('/')}/{STAGING_PREFIX}{run_id}"
+
+
+def _matches(pattern: str) -> list[str]:
+    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+
+
+def remove_stale_staging(output_dir: str) -> list[str]:
+    """Deletes the staging folders of runs that were killed; returns them."""
+    if "://" in output_dir:  # an object store: a folder is the prefix of its objects
+        files = _matches(f"{output_dir.rstrip('/')}/{STAGING_PREFIX}*/**")
+        folders = sorted({f.split(STAGING_PREFIX, 1)[1].split("/", 1)[0] for f in files})
+    else:
+        entries = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+        folders = sorted(e[len(STAGING_PREFIX) :] for e in entries if e.startswith(STAGING_PREFIX))
+    stale = [staging_dir(output_dir, name) for name in folders]
+    if stale:
+        FileSystems.delete(stale)
+    return stale
+
+
+def merged_manifest(new: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """With --skip_existing the run adds to the table: its manifest describes the whole."""
+    if not previous:
+        return new
+    counts = {
+        k: int(previous.get("counts", {}).get(k, 0)) + int(new["counts"][k]) for k in new["counts"]
+    }
+    files = sorted(set(previous.get("files", [])) | set(new["files"]))
+    runs = [*previous.get("runs", [previous.get("run_id")]), new["run_id"]]
+    return {**new, "counts": counts, "files": files, "runs": [r for r in runs if r]}
+
+
+def commit(output_dir: str, staging: str, replaced: list[str], add: bool) -> list[str]:
+    """Moves a finished run's files from `staging` into `output_dir`; returns their paths.
+
+    `replaced` (the previous run's tables) are deleted first unless `add`
+    (--skip_existing), in which case the manifest adds this run to the previous one.
+    """
+    out = output_dir.rstrip("/")
+    manifest_path = f"{out}/{formats.MANIFEST_FILE}"
+    staged_manifest = f"{staging}/{formats.MANIFEST_FILE}"
+    if add and FileSystems.exists(manifest_path):
+        previous = formats.read_manifest(manifest_path, formats.KIND_CAPTIONS)
+        new = formats.read_manifest(staged_manifest, formats.KIND_CAPTIONS)
+        formats.write_manifest(
+            staged_manifest, formats.KIND_CAPTIONS, merged_manifest(new, previous)
+        )
+    staged = _matches(f"{staging}/*.parquet")
+    targets = [f"{out}/{posixpath.basename(f)}" for f in staged]
+    if replaced and not add:
+        FileSystems.delete(replaced)
+    if staged:
+        FileSystems.rename(staged, targets)
+    if FileSystems.exists(manifest_path):
+        FileSystems.delete([manifest_path])
+    FileSystems.rename([staged_manifest], [manifest_path])
+    FileSystems.delete([staging])
+    return targets
