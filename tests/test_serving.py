@@ -102,10 +102,9 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
 
 
 def test_model_caption_beam_search(served):
-    *_, images, export = served
+    *_, bulk, images, export = served
     from model.caption import run
 
-    greedy = run(["--model", export, str(images / "rgb.jpg")])[0]
     beam = run(["--model", export, str(images / "rgb.jpg"), "--beam_size", "3"])[0]
-    # Here (no length penalty) beam search finds a caption at least as probable as greedy
-    assert greedy["log_prob"] <= beam["log_prob"] <= 0
+    # Here (no length penalty) beam search finds a caption at least as probable as greedy's.
+    assert bulk["rgb.jpg"]["log_prob"] - 1e-4 <= beam["log_prob"] <= 0
