@@ -111,7 +111,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         model: LoadedCaptioner,
         inference_args: dict | None = None,
     ) -> Iterable[CaptionResult]:
-        return split_results(model.caption_batch(np.stack(batch)), model.export.vocab)
+        return model.caption(np.stack(batch))
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return _nbytes(batch)

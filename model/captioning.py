@@ -30,8 +30,17 @@ class CaptionResult:
 
 @dataclass
 class LoadedCaptioner:
+    """A loaded export and its compiled caption function.
+
+    Callers use the `caption` method: with --large_model or --model_copies, Beam hands
+    the handler a proxy to a model living in another process, and a proxy forwards
+    method calls only (reading `.export` through it fails)."""
+
     caption_batch: Callable  # pixels (B, 299, 299, 3) -> dict of decoded tensors
     export: Any
+
+    def caption(self, pixels: np.ndarray) -> list[CaptionResult]:
+        return split_results(self.caption_batch(pixels), self.export.vocab)
 
 
 def build_caption_fn(

@@ -211,11 +211,21 @@ def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
 
 
-def test_multi_processing_mode(inputs, tmp_path):
+def test_multi_processing_mode_with_one_shared_model(inputs, captioned, tmp_path):
+    """Worker processes, as on Dataflow, sharing one model through Beam's proxy
+    (--large_model), which forwards method calls only: same rows as in-process."""
     _, expected, _ = inputs
-    caption(inputs, tmp_path, "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    caption(
+        inputs,
+        tmp_path,
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+        "--large_model",
+    )
     caps, errs = tables(tmp_path)
     assert len(caps) + len(errs) == len(expected)
+    in_process, _ = tables(captioned[0])
+    assert {r["uri"]: r["caption"] for r in caps} == {r["uri"]: r["caption"] for r in in_process}
 
 
 def test_bad_arguments_fail_at_start(inputs, tmp_path):
