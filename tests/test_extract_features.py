@@ -163,6 +163,7 @@ def test_other_weights_in_same_dir_fail_at_start(extracted, coco, tmp_path):
 
 
 def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path):
+    """Worker processes sharing one model through Beam's proxy (--model_copies 1)."""
     out, _ = extracted
     root, _ = coco
     extract(
@@ -171,6 +172,8 @@ def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path
         "train",
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
+        "--model_copies",
+        "1",
     )
     _, _, _, rows_mp = read_split(tmp_path / "mp", "train")
     _, _, _, rows = read_split(out, "train")
