@@ -20,7 +20,7 @@ $(STAMP): setup.py
 
 install: $(STAMP) ## Create .venv and install the project with its test extra
 
-test: $(STAMP) ## Run the test suite (about 10 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
+test: $(STAMP) ## Run the test suite (about 15 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP) ## ruff check + format check
