@@ -301,14 +301,7 @@ def build_pipeline(
     )
     fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
-        PreprocessFn(
-            NAMESPACE,
-            args.max_pixels,
-            args.decode_threads,
-            2 * args.batch_size,
-            progress_dir,
-            args.max_bytes,
-        )
+        PreprocessFn.from_flags(NAMESPACE, args, progress_dir)
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(
         args.model,

@@ -132,6 +132,18 @@ class PreprocessFn(beam.DoFn):
         self.lookahead = lookahead
         self.tally = Tally(namespace, progress_dir)
 
+    @classmethod
+    def from_flags(cls, namespace: str, args: Any, progress_dir: str | None) -> PreprocessFn:
+        """From the flags of `beam_jobs.flags.add_common_flags`: two batches of lookahead."""
+        return cls(
+            namespace,
+            args.max_pixels,
+            args.decode_threads,
+            2 * args.batch_size,
+            progress_dir,
+            args.max_bytes,
+        )
+
     def setup(self) -> None:
         self.tally.setup()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")

@@ -195,16 +195,9 @@ def build_pipeline(
         records
         | "ImagePaths" >> beam.Map(lambda r: Loaded(r, image_path(images_dir, r.file_name)))
         | "ReadAndPreprocess"
-        >> beam.ParDo(
-            PreprocessFn(
-                NAMESPACE,
-                args.max_pixels,
-                args.decode_threads,
-                2 * args.batch_size,
-                progress_dir,
-                args.max_bytes,
-            )
-        ).with_outputs(ERRORS_TAG, main="pixels")
+        >> beam.ParDo(PreprocessFn.from_flags(NAMESPACE, args, progress_dir)).with_outputs(
+            ERRORS_TAG, main="pixels"
+        )
     )
     handler = FeatureExtractorHandler(
         args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
