@@ -20,8 +20,8 @@ $(STAMP): setup.py
 
 install: $(STAMP) ## Create .venv and install the project with its test extra
 
-test: $(STAMP) ## Run the test suite (about 15 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
-	$(PY) -m pytest -q --durations=15 tests
+test: $(STAMP) ## Run the test suite (about 11 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check .

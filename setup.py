@@ -27,6 +27,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-timeout",
+        "pytest-xdist",  # make test: two workers, one test file each at a time
         "duckdb>=1.0",
         "ruff>=0.6",
         "apache-beam[gcp]>=2.77,<2.78",

@@ -110,8 +110,11 @@ def check_run_config(
     if not tf.io.gfile.exists(path):
         if chief:
             tf.io.gfile.makedirs(model_dir)
-            with tf.io.gfile.GFile(path, "w") as f:
+            # Written whole, then renamed: the other workers may read it at any moment.
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with tf.io.gfile.GFile(tmp, "w") as f:
                 json.dump({"model": model, "training": training}, f, indent=2)
+            tf.io.gfile.rename(tmp, path, overwrite=True)
         return
     with tf.io.gfile.GFile(path) as f:
         try:

@@ -5,7 +5,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import tensorflow as tf  # noqa: E402
+from model.quiet import import_tensorflow  # noqa: E402
+
+tf = import_tensorflow()  # without the CUDA/absl start-up lines in every xdist worker
 
 # Must happen before TensorFlow initialises its devices; MirroredStrategy tests
 # use both, everything else runs on CPU:0 as usual.
