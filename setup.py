@@ -28,6 +28,8 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "pytest-timeout",
         "pytest-xdist",  # make test: two workers, one test file each at a time
+        "gcp-storage-emulator>=2026.7",  # tests/test_gcs.py: every stage on gs://
+        "cryptography",  # tests/gcs.py: the TLS proxy's throw-away CA
         "duckdb>=1.0",
         "ruff>=0.6",
         "apache-beam[gcp]>=2.77,<2.78",
