@@ -14,7 +14,6 @@ INSTALL_REQUIRES = [
     "pyarrow>=17",
     "pillow>=10",
     "numpy>=1.26,<3",
-    "fsspec>=2024.1",
     "pycocoevalcap>=1.2,<2",
     "matplotlib>=3.8",
     "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
@@ -22,7 +21,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "gcp": ["apache-beam[gcp]>=2.77,<2.78", "gcsfs"],
+    # gs:// in the Beam jobs (GcsIO) and the Dataflow runner; TensorFlow reads gs:// itself.
+    "gcp": ["apache-beam[gcp]>=2.77,<2.78"],
     # [gcp] lets the tests translate both jobs for Dataflow with --dry_run.
     "test": [
         "pytest>=8",

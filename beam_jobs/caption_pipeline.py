@@ -223,7 +223,7 @@ class ToRowFn(beam.DoFn):
 
 
 def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
-    from model.plot import plot_attention
+    from model.plot import attention_png
     from model.preprocess import decode_image
 
     meta, result = element
@@ -232,8 +232,11 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
     image.thumbnail((320, 320))
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
     name = hashlib.sha1(uri.encode()).hexdigest()[:10] + "_" + display_name(uri)
-    path = os.path.join(attention_dir, os.path.splitext(name)[0] + ".png")
-    return plot_attention(image, words or ["<end>"], result.attention, path, title=result.caption)
+    path = FileSystems.join(attention_dir, os.path.splitext(name)[0] + ".png")
+    png = attention_png(image, words or ["<end>"], result.attention, title=result.caption)
+    with FileSystems.create(path, mime_type="image/png") as f:
+        f.write(png)
+    return path
 
 
 def write_manifest(
@@ -396,8 +399,8 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     for spec in args.input:
         if not match_input(spec):
             raise UsageError(f"--input matches nothing: {spec}")
-    if args.attention_dir:
-        os.makedirs(args.attention_dir, exist_ok=True)
+    if args.attention_dir and not FileSystems.exists(args.attention_dir):
+        FileSystems.mkdirs(args.attention_dir)  # a no-op on object stores
     for stale in remove_stale_staging(args.output_dir):
         print(f"caption_images: removed {stale}, left by a run that did not finish")
     existing = existing_outputs(args.output_dir)

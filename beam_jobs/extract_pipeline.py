@@ -31,6 +31,7 @@ from beam_jobs.common import (
 )
 from beam_jobs.inference import FeatureExtractorHandler
 from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
+from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.defaults import IMAGES_PER_SHARD
@@ -314,7 +315,7 @@ def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds, images/s)."""
     args.weights = check_weights(args.weights)
-    if not FileSystems.exists(args.images_dir):
+    if not path_exists(args.images_dir):
         raise UsageError(f"--images_dir does not exist: {args.images_dir}")
     source = args.karpathy_json or args.captions_json
     parsed = parse_file(source, bool(args.karpathy_json), args.split)

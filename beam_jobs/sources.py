@@ -55,6 +55,17 @@ def _is_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
+def path_exists(path: str) -> bool:
+    """A file or a folder; on an object store, which has no folders, a prefix with at
+    least one object under it."""
+    if FileSystems.exists(path):
+        return True
+    if "://" not in path:
+        return False
+    listing = FileSystems.match([path.rstrip("/") + "/**"], limits=[1])[0].metadata_list
+    return bool(listing)
+
+
 def match_input(spec: str) -> list[str]:
     """Expands one --input into file paths: a glob, a folder (recursive, images only), or a file.
 

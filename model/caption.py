@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from model import storage
 from model.cli import (
     add_decoding_flags,
     check_exists,
@@ -44,10 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def read_bytes(path: str) -> bytes:
     if is_remote(path):
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(path)
     with open(path, "rb") as f:
         return f.read()
 
@@ -118,7 +116,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     import_tensorflow(args.verbose)
     rows = caption_files(args)
     if args.plots:
-        os.makedirs(args.plots, exist_ok=True)
+        storage.makedirs(args.plots)
     for i, row in enumerate(rows):
         if "caption" in row:
             extra = f"\t{row['log_prob']:.3f}" if args.log_prob else ""

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from model.storage import is_remote
+
 
 class UsageError(ValueError):
     """A bad argument found at start; printed as one line by `run_cli`."""
@@ -33,10 +35,6 @@ def run_cli(
         if isinstance(e, (UsageError, FormatError, FileNotFoundError, *errors)):
             sys.exit(f"error: {e}")
         raise
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def check_exists(flag: str, path: str | None) -> None:

@@ -11,11 +11,10 @@ import os
 import sys
 from typing import Any
 
-import fsspec
 import numpy as np
 import tensorflow as tf
 
-from model import formats
+from model import formats, storage
 from model.cli import decoding_settings
 from model.data import check_data_dir, image_records, records, split_info
 from model.decoding import make_decoder, to_decoded
@@ -83,8 +82,7 @@ def write_plots(decoded: dict[str, Any], images_dir: str, out_dir: str, count: i
             continue
         src = f"{images_dir.rstrip('/')}/{decoded['file_name'][i]}"
         try:
-            with fsspec.open(src, "rb") as f:
-                image, _ = decode_image(f.read())
+            image, _ = decode_image(storage.read_bytes(src))
         except (OSError, ImageError):
             print(f"evaluate: no plot for {src} (image not reachable)", file=sys.stderr)
             continue
@@ -103,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = args.output_dir or os.path.join(
         os.path.dirname(export.path.rstrip("/")), "eval", args.split
     )
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     max_length = args.max_length or export.max_length
     decoding = decoding_settings(args)
     decoded = decode_split(export, info.files, args.batch_size, max_length, decoding)
@@ -122,20 +120,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             refs, dict.fromkeys(ids, blind), metrics["comparable"]
         )
         results["blind baseline"]["caption"] = blind
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(
-            {
-                **metrics,
-                "split": args.split,
-                "model_id": export.model_id,
-                "decoding": {"max_length": max_length, **decoding},
-                "baseline": results.get("blind baseline"),
-            },
-            f,
-            indent=2,
-        )
-    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-        json.dump([{"image_id": i, "caption": preds[i]} for i in ids], f)
+    record = {
+        **metrics,
+        "split": args.split,
+        "model_id": export.model_id,
+        "decoding": {"max_length": max_length, **decoding},
+        "baseline": results.get("blind baseline"),
+    }
+    storage.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(record, indent=2))
+    predictions = [{"image_id": i, "caption": preds[i]} for i in ids]
+    storage.write_text(os.path.join(out_dir, "predictions.json"), json.dumps(predictions))
     how = "greedy" if decoding["beam_size"] == 1 else f"beam {decoding['beam_size']}"
     print(
         f"evaluate: {len(ids)} images of split {args.split!r}, model {export.model_id}, "

@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import keras
 import numpy as np
 
-from model import formats
+from model import formats, storage
 from model.captioner import ShowAttendTell
 from model.defaults import DEFAULT_MAX_LENGTH
 from model.extractor import local_weights_file
@@ -54,11 +52,6 @@ class Export:
         if weights in ("imagenet", "none"):
             return weights
         return formats.export_paths(self.path)["extractor_weights"]
-
-
-def _put(local: str, remote: str) -> None:
-    with open(local, "rb") as src, fsspec.open(remote, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 24)
 
 
 def model_id(
@@ -101,19 +94,18 @@ def save_export(
             f"but the model was built for {model.config.vocab_size}"
         )
     paths = formats.export_paths(export_dir)
-    fs, root = fsspec.core.url_to_fs(export_dir)
-    fs.makedirs(root, exist_ok=True)
+    storage.makedirs(export_dir)
     # Export in float32 whatever the training policy, so any machine can serve it.
     serving = ShowAttendTell(**model.config.to_dict(), dtype="float32", name="show_attend_tell")
     serving.set_weights(model.get_weights())
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, formats.EXPORT_MODEL_FILE)
         serving.save(local)
-        _put(local, paths["model"])
+        storage.copy_from_local(local, paths["model"])
     vocab.save(paths["vocab"])
     weights = features_manifest.get("weights", "none")
     if weights not in ("imagenet", "none"):
-        _put(local_weights_file(weights), paths["extractor_weights"])
+        storage.copy_from_local(local_weights_file(weights), paths["extractor_weights"])
     decoding = {"strategy": "greedy", "max_length": int(max_length)}
     body = {
         "model_id": model_id(serving, vocab, decoding, features_manifest),
@@ -139,8 +131,7 @@ def load_export(export_dir: str) -> Export:
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, formats.EXPORT_MODEL_FILE)
         try:
-            with fsspec.open(paths["model"], "rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
+            storage.copy_to_local(paths["model"], local)
         except FileNotFoundError:
             raise formats.FormatError(f"{paths['model']}: model file missing from export") from None
         model = keras.models.load_model(local, safe_mode=True, compile=False)

@@ -12,9 +12,9 @@ import os
 import tempfile
 from typing import Any
 
-import fsspec
 import keras
 
+from model import storage
 from model.defaults import PRECISIONS
 from model.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
 from model.preprocess import IMAGE_SIZE, PREPROCESSING
@@ -42,8 +42,7 @@ def check_weights(weights: str) -> str:
     """Normalises the --weights flag; fails at start with one line if a file is missing."""
     if weights.lower() in ("imagenet", "none"):
         return weights.lower()
-    fs, path = fsspec.core.url_to_fs(weights)
-    if not fs.exists(path):
+    if not storage.exists(weights):
         raise FileNotFoundError(f"--weights: no weights file at {weights}")
     return weights
 
@@ -53,10 +52,7 @@ def local_weights_file(weights: str) -> str:
     if "://" not in weights or weights.startswith("file://"):
         return weights.removeprefix("file://")
     local = os.path.join(tempfile.mkdtemp(prefix="sat-weights-"), os.path.basename(weights))
-    with fsspec.open(weights, "rb") as src, open(local, "wb") as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-    return local
+    return storage.copy_to_local(weights, local)
 
 
 def build_feature_extractor(weights: str = "imagenet", precision: str = "float32") -> keras.Model:

@@ -12,9 +12,10 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
+
+from model import storage
 
 FORMAT_VERSION = 1
 
@@ -123,16 +124,14 @@ KIND_CAPTIONS = "captions"
 
 def write_manifest(path: str, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     manifest = {"kind": kind, "format_version": FORMAT_VERSION, **body}
-    with fsspec.open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
+    storage.write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
 def read_manifest(path: str, kind: str) -> dict[str, Any]:
     """Reads and checks a manifest; raises FormatError with a one-line reason."""
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
+        with storage.open_file(path, "r") as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{path}: no {kind} manifest here") from None

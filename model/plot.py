@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -13,6 +14,21 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+def attention_png(
+    image: Image.Image | np.ndarray,
+    words: Sequence[str],
+    attention: np.ndarray,
+    title: str | None = None,
+    columns: int = 5,
+) -> bytes:
+    """`attention_figure(...)` as PNG bytes, for whichever file system the caller writes to."""
+    fig = attention_figure(image, words, attention, title, columns)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plot_attention(
     image: Image.Image | np.ndarray,
     words: Sequence[str],
@@ -21,10 +37,10 @@ def plot_attention(
     title: str | None = None,
     columns: int = 5,
 ) -> str:
-    """Writes `attention_figure(...)` to `path` as a PNG and returns `path`."""
-    fig = attention_figure(image, words, attention, title, columns)
-    fig.savefig(path, format="png", dpi=80)
-    plt.close(fig)
+    """Writes `attention_png(...)` to `path` (local or remote) and returns `path`."""
+    from model import storage
+
+    storage.write_bytes(path, attention_png(image, words, attention, title, columns))
     return path
 
 

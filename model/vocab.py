@@ -12,7 +12,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import fsspec
+from model import storage
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 RESERVED: tuple[str, ...] = (PAD, UNK, START, END)
@@ -100,13 +100,12 @@ class Vocabulary:
         return " ".join(words)
 
     def save(self, path: str) -> None:
-        with fsspec.open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(self.tokens) + "\n")
+        storage.write_text(path, "\n".join(self.tokens) + "\n")
 
     @classmethod
     def load(cls, path: str) -> Vocabulary:
         try:
-            with fsspec.open(path, "r", encoding="utf-8") as f:
+            with storage.open_file(path, "r") as f:
                 tokens = tuple(line.rstrip("\n") for line in f if line.rstrip("\n"))
         except FileNotFoundError:
             raise FileNotFoundError(f"vocabulary file not found: {path}") from None

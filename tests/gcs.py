@@ -1,7 +1,7 @@
 """A local Google Cloud Storage for the tests: an emulator and the proxy TensorFlow needs.
 
 `gcp-storage-emulator` serves the JSON API on loopback. Beam's GcsIO, the
-google-cloud-storage client and gcsfs find it through STORAGE_EMULATOR_HOST.
+google-cloud-storage client and pyarrow find it through STORAGE_EMULATOR_HOST.
 TensorFlow's own GCS file system (checkpoints, summaries, SavedModels,
 `tf.io.gfile`) has its endpoints compiled in (https://www.googleapis.com and
 https://storage.googleapis.com), so it reaches the emulator the way it would
@@ -235,7 +235,7 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: floa
 @contextmanager
 def gcs_emulator(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
     """Starts the emulator with `bucket` and the TLS proxy; yields the environment
-    that points Beam, gcsfs and TensorFlow (in this process and its children) at it."""
+    that points Beam, google-auth and TensorFlow (in this process and its children) at it."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = folder / "emulator.log"
