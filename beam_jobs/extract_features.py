@@ -50,8 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         help=f"exact shards per split; 0 streams shards of at most {IMAGES_PER_SHARD} images",
     )
     p.add_argument(
-        "--model_copies", type=positive_int, default=None, help="models per worker machine"
+        "--model_copies",
+        type=positive_int,
+        default=None,
+        help="share N model copies across worker processes",
     )
+    p.add_argument("--large_model", action="store_true", help="one model shared per machine (GPU)")
     add_common_flags(p)
     args, beam_args = p.parse_known_args(argv)
     if args.captions_json and not args.split:

@@ -163,7 +163,22 @@ def write_manifest(
         formats.KIND_FEATURES,
         {**body, "splits": all_splits, "vocab": vocab, "created_by": "beam_jobs.extract_features"},
     )
+    remove_unlisted_shards(output_dir, {s: all_splits[s]["shards"] for s in splits})
     return path
+
+
+def remove_unlisted_shards(output_dir: str, listed: dict[str, list[str]]) -> list[str]:
+    """After the manifest names a split's new shards, an earlier extraction's shards of
+    that split (another shard count) are deleted: readers only ever see complete sets."""
+    stale = [
+        m.path
+        for split, names in listed.items()
+        for m in FileSystems.match([formats.shard_pattern(output_dir, split)])[0].metadata_list
+        if posixpath.basename(m.path) not in names
+    ]
+    if stale:
+        FileSystems.delete(stale)
+    return stale
 
 
 def sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -201,7 +216,12 @@ def build_pipeline(
         )
     )
     handler = FeatureExtractorHandler(
-        args.weights, args.precision, args.batch_size, args.model_copies, NAMESPACE
+        args.weights,
+        args.precision,
+        args.batch_size,
+        args.model_copies,
+        NAMESPACE,
+        large_model=args.large_model,
     )
     examples = (
         decoded.pixels

@@ -34,7 +34,19 @@ def _nbytes(batch: Sequence[np.ndarray]) -> int:
     return int(sum(x.nbytes for x in batch))
 
 
-class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
+class LoadedExtractor:
+    """The compiled extractor behind a method: with --large_model or --model_copies,
+    Beam hands the handler a proxy to a model in another process, which forwards
+    method calls only, and whose results must pickle (NumPy, not tensors)."""
+
+    def __init__(self, embed: Callable) -> None:
+        self._embed = embed
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return self._embed(pixels).numpy()
+
+
+class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtractor]):
     """pixels (299, 299, 3) uint8 -> features (64, 2048) float16."""
 
     def __init__(
@@ -44,13 +56,16 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
         batch_size: int = 32,
         model_copies: int | None = None,
         namespace: str = "extract_features",
+        large_model: bool = False,
     ):
-        super().__init__(**_batching(batch_size), model_copies=model_copies)
+        super().__init__(
+            **_batching(batch_size), model_copies=model_copies, large_model=large_model
+        )
         self.weights = weights
         self.precision = precision
         self.namespace = namespace
 
-    def load_model(self) -> Callable:
+    def load_model(self) -> LoadedExtractor:
         from model.quiet import import_tensorflow
 
         tf = import_tensorflow()  # on a worker process, as quiet as the launcher
@@ -63,12 +78,15 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, Callable]):
         def embed(pixels: tf.Tensor) -> tf.Tensor:
             return tf.cast(extractor(pixels, training=False), tf.float16)
 
-        return embed
+        return LoadedExtractor(embed)
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: Callable, inference_args: dict | None = None
+        self,
+        batch: Sequence[np.ndarray],
+        model: LoadedExtractor,
+        inference_args: dict | None = None,
     ) -> Iterable[np.ndarray]:
-        return list(model(np.stack(batch)).numpy())
+        return list(model.embed(np.stack(batch)))
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return _nbytes(batch)

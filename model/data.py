@@ -67,7 +67,16 @@ def split_info(data_dir: str, manifest: dict[str, Any], split: str) -> SplitInfo
         raise formats.FormatError(
             f"{data_dir}: no split {split!r} (has {sorted(manifest.get('splits', {}))})"
         )
-    files = sorted(tf.io.gfile.glob(formats.shard_pattern(data_dir, split)))
+    if "shards" in entry:  # the shards the extraction that wrote this split completed
+        files = [f"{data_dir.rstrip('/')}/{name}" for name in entry["shards"]]
+        missing = [f for f in files if not tf.io.gfile.exists(f)]
+        if missing:
+            raise formats.FormatError(
+                f"{missing[0]}: listed in the manifest for split {split!r} but missing "
+                f"({len(missing)} of {len(files)} shards; re-extract the split)"
+            )
+    else:  # manifests written before 2026-11 list no shards
+        files = sorted(tf.io.gfile.glob(formats.shard_pattern(data_dir, split)))
     if not files:
         raise formats.FormatError(f"{data_dir}: no shards for split {split!r}")
     return SplitInfo(files, int(entry["images"]), int(entry["captions"]))

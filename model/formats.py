@@ -161,13 +161,16 @@ def check_backbone(manifest: Mapping[str, Any], where: str) -> None:
         raise FormatError(f"{where}: features from {got}, but this code uses {want}")
 
 
-# Fields that say how features were computed; a reader must match all of them.
+# Fields that say how features were computed (anything that changes the numbers);
+# every split of FEATURES_DIR and every reader must match all of them.
 FEATURE_IDENTITY_KEYS = (
     "backbone",
     "layer",
     "weights",
+    "weights_seed",
     "image_size",
     "preprocessing",
+    "precision",
     "feature_shape",
 )
 

@@ -162,8 +162,19 @@ def test_other_weights_in_same_dir_fail_at_start(extracted, coco, tmp_path):
         extract(root, out, "val", "--weights", str(weights))
 
 
-def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path):
-    """Worker processes sharing one model through Beam's proxy (--model_copies 1)."""
+def test_another_precision_in_same_dir_fails_at_start(extracted, coco):
+    """bfloat16 val features beside float32 train features would train and evaluate on
+    numbers of two kinds, and the caption job would default to the wrong one."""
+    out, _ = extracted
+    root, _ = coco
+    with pytest.raises(UsageError, match="holds features with precision='float32'"):
+        extract(root, out, "val", "--precision", "bfloat16")
+
+
+@pytest.mark.parametrize("sharing", [["--model_copies", "2"], ["--large_model"]])
+def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path, sharing):
+    """Worker processes sharing models through Beam's proxy, which forwards method
+    calls only: the same features as in-process."""
     out, _ = extracted
     root, _ = coco
     extract(
@@ -172,8 +183,7 @@ def test_multi_processing_mode_gives_the_same_features(extracted, coco, tmp_path
         "train",
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
-        "--model_copies",
-        "1",
+        *sharing,
     )
     _, _, _, rows_mp = read_split(tmp_path / "mp", "train")
     _, _, _, rows = read_split(out, "train")
@@ -248,3 +258,39 @@ def test_pipeline_translates_for_dataflow(coco, tmp_path):
     )
     assert summary == {"dry_run": True}
     assert not list((tmp_path / "out").glob("*.tfrecord.gz"))  # nothing ran
+
+
+def test_reextracting_a_split_replaces_its_shards_and_training_reads_only_them(
+    tmp_path_factory, tmp_path
+):
+    """10 images written as 2 shards, then as 3: the manifest lists the 3, the 2 are
+    gone, and one training epoch reads each image once (steps == steps_per_epoch)."""
+    from model import train
+
+    root = tmp_path_factory.mktemp("reextract")
+    make_split(str(root), "train", 10, seed=2)
+    out = tmp_path / "features"
+    extract(root, out, "train", "--num_shards", "2")
+    extract(root, out, "train", "--num_shards", "3")
+    manifest = json.load(open(out / "manifest.json"))
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) == 3
+    assert sorted(p for p in os.listdir(out) if p.startswith("train-")) == shards
+    _, _, info, rows = read_split(out, "train")
+    assert len(info.files) == 3 and len(rows) == 10
+    summary = train.run(
+        ["--data_dir", str(out), "--model_dir", str(tmp_path / "m"), "--preset", "tiny"]
+        + ["--epochs", "1", "--batch_size", "4", "--verbose", "0", "--no_serving_export"]
+    )
+    assert summary["steps"] == summary["steps_per_epoch"]
+
+
+def test_a_shard_the_manifest_lists_but_is_gone_fails_in_one_line(tmp_path_factory, tmp_path):
+    root = tmp_path_factory.mktemp("gone")
+    make_split(str(root), "train", 4, seed=2)
+    out = tmp_path / "features"
+    extract(root, out, "train", "--num_shards", "2")
+    shard = json.load(open(out / "manifest.json"))["splits"]["train"]["shards"][0]
+    os.remove(out / shard)
+    with pytest.raises(formats.FormatError, match=f"{shard}.*missing"):
+        read_split(out, "train")
