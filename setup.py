@@ -8,23 +8,29 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.15,<4",
-    "tensorboard>=2.19",  # tf.summary needs it; TF 2.21 no longer pulls it in
     # The [tfrecord] extra brings crcmod etc. that WriteToTFRecord needs since 2.70.
     "apache-beam[tfrecord]>=2.77,<2.78",
     "pyarrow>=17",
     "pillow>=10",
     "numpy>=1.26,<3",
-    "pycocoevalcap>=1.2,<2",
     "matplotlib>=3.8",
     "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
     "isal>=1.6",  # ISA-L gzip for feature shards, 20x faster than zlib's default level
 ]
 
+# Workers (Dataflow installs install_requires through --setup_file) need neither.
+TRAIN_REQUIRES = [
+    "tensorboard>=2.19",  # model.train: tf.summary needs it; TF 2.21 no longer pulls it in
+    "pycocoevalcap>=1.2,<2",  # model.evaluate: BLEU, METEOR, ROUGE-L, CIDEr
+]
+
 EXTRAS_REQUIRE = {
+    "train": TRAIN_REQUIRES,
     # gs:// in the Beam jobs (GcsIO) and the Dataflow runner; TensorFlow reads gs:// itself.
     "gcp": ["apache-beam[gcp]>=2.77,<2.78"],
     # [gcp] lets the tests translate both jobs for Dataflow with --dry_run.
     "test": [
+        *TRAIN_REQUIRES,
         "pytest>=8",
         "pytest-timeout",
         "pytest-xdist",  # make test: two workers, one test file each at a time

@@ -427,6 +427,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         options,
         lambda p, progress: build_pipeline(p, args, manifest, run_id, progress, staging),
         reporter,
+        bool(args.verbose),
     )
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
         return dry

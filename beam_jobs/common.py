@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import time
@@ -20,6 +21,7 @@ from beam_jobs.sources import check_plain_file, read_failure, read_file
 from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
 from model.defaults import MAX_BYTES, MAX_PIXELS
 from model.preprocess import Decoded, ImageError, preprocess_image
+from model.quiet import filtered_stream
 
 ERRORS_TAG = "errors"
 LOG = logging.getLogger("show_attend_tell")
@@ -208,10 +210,13 @@ def run_pipeline(
     options: PipelineOptions,
     build: Callable[[beam.Pipeline, str], None],
     reporter: ProgressReporter,
+    verbose: bool = False,
 ) -> tuple[Any, float]:
     """Builds a pipeline with `build(pipeline, progress_dir)` and runs it to the end while
-    `reporter` prints progress; returns (result, seconds)."""
-    with Timer() as timer, reporter:
+    `reporter` prints progress; returns (result, seconds). Unless `verbose`, the start-up
+    lines of worker processes (multi_processing) are filtered out like the launcher's."""
+    quiet = contextlib.nullcontext() if verbose else filtered_stream()
+    with quiet, Timer() as timer, reporter:
         p = beam.Pipeline(options=options)
         build(p, reporter.dir)
         result = p.run()

@@ -377,6 +377,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
             p, args, splits, orphans, vocab_info, progress, parsed.dropped_captions
         ),
         reporter,
+        bool(args.verbose),
     )
     if (dry := dry_run_result(result, options, "extract_features")) is not None:
         return dry

@@ -8,6 +8,7 @@ batches of any size), and counts bytes from array sizes rather than pickling.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -68,6 +69,8 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
     def load_model(self) -> LoadedExtractor:
         from model.quiet import import_tensorflow
 
+        # Take GPU memory as needed: several SDK processes may share one GPU.
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         tf = import_tensorflow()  # on a worker process, as quiet as the launcher
 
         from model.extractor import build_feature_extractor
@@ -117,6 +120,8 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
     def load_model(self) -> LoadedCaptioner:
         from model.quiet import import_tensorflow
 
+        # Take GPU memory as needed: several SDK processes may share one GPU.
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         import_tensorflow()  # on a worker process, as quiet as the launcher
         from model.export import load_export
 

@@ -37,6 +37,17 @@ def run_cli(
         raise
 
 
+def require(module: str, command: str) -> None:
+    """A package of an extra that is not installed fails at start with the install line."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(
+            f"{command} needs {module}, which is in the train extra: "
+            "pip install 'show-attend-tell[train]' (or pip install -e '.[train]')"
+        )
+
+
 def check_exists(flag: str, path: str | None) -> None:
     """A local path (or glob) that does not exist fails at once, before the heavy
     imports; remote paths are checked later through the file system layer."""

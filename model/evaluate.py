@@ -23,6 +23,7 @@ from model.cli import (
     check_exists,
     non_negative_int,
     positive_int,
+    require,
     run_cli,
 )
 
@@ -47,6 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    require("pycocoevalcap", "model.evaluate")
     for flag in ("--model", "--data_dir", "--images_dir"):
         check_exists(flag, getattr(args, flag[2:]))
     from model.quiet import import_tensorflow

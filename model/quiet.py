@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -37,6 +38,15 @@ STARTUP_NOISE = re.compile(
             r"TF-TRT Warning: Could not find TensorRT",
         ]
     )
+)
+
+
+# What the worker processes of Beam's multi_processing runner print besides TensorFlow's
+# start-up lines: two warnings per process about features of Dataflow's workers.
+WORKER_NOISE = re.compile(
+    STARTUP_NOISE.pattern
+    + r"|No semi_persistent_directory found"
+    + r"|Resource module is not available for current platform"
 )
 
 
@@ -68,6 +78,46 @@ def filtered_stderr(noise: re.Pattern[str] = STARTUP_NOISE) -> Iterator[None]:
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def filtered_stream(noise: re.Pattern[str] = WORKER_NOISE) -> Iterator[None]:
+    """While the block runs, file descriptor 2 (C++ logs and every child process started
+    meanwhile, Beam's worker processes included) goes through a pipe; a thread passes
+    each line on as it comes (a progress line redrawn with \\r too), except those `noise`
+    matches. Children still running afterwards keep being filtered until they exit."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def keep(line: bytes) -> bool:
+        return not noise.search(line.decode(errors="replace"))
+
+    def pump() -> None:
+        pending = b""
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                *lines, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+                if out := b"".join(line for line in lines if keep(line)):
+                    os.write(terminal, out)
+            if pending and keep(pending):
+                os.write(terminal, pending)
+        finally:
+            os.close(read_end)
+            os.close(terminal)
+
+    thread = threading.Thread(target=pump, name="filtered-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        restore = os.dup(terminal)
+        os.dup2(restore, 2)
+        os.close(restore)
+        thread.join(timeout=5)  # everything written so far, unless a child lingers
 
 
 def import_tensorflow(verbose: bool = False) -> ModuleType:

@@ -25,6 +25,7 @@ from model.cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    require,
     run_cli,
 )
 from model.defaults import DEFAULT_MAX_LENGTH, PRESETS
@@ -121,6 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    require("tensorboard", "model.train")  # tf.summary writes through it
     check_exists("--data_dir", args.data_dir)
     from model.quiet import import_tensorflow
 
