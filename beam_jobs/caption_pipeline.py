@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from beam_jobs.commit import commit, remove_stale_staging, staging_dir
+from beam_jobs.commit import commit, remove_stale_staging, staging_dir, supersede_retried_errors
 from beam_jobs.common import (
     ERRORS_TAG,
     Loaded,
@@ -291,9 +291,23 @@ def build_pipeline(
     )
     groups: dict[str, Any] = {"input": keyed}
     if args.skip_existing:
-        groups["done"] = (
+        existing = existing_outputs(args.output_dir)
+        tables = {t: [f for f in existing if f"/{t}-" in f] for t in ("captions", "errors")}
+        captioned = (
             p
-            | "ExistingUris" >> beam.io.ReadFromParquet(f"{out}/*-*.parquet", columns=["uri"])
+            | "CaptionTables" >> beam.Create(tables["captions"])
+            | "CaptionedUris" >> beam.io.ReadAllFromParquet(columns=["uri"])
+        )
+        failed = (
+            p
+            | "ErrorTables" >> beam.Create(tables["errors"])
+            | "FailedUris" >> beam.io.ReadAllFromParquet(columns=["uri", "error_type"])
+            | "NotTransient"
+            >> beam.Filter(lambda r: r["error_type"] not in formats.TRANSIENT_ERRORS)
+        )
+        groups["done"] = (
+            (captioned, failed)
+            | "DoneUris" >> beam.Flatten()
             | "KeyExisting" >> beam.Map(lambda r: (r["uri"], True))
         )
     # Grouping by uri dedupes overlapping inputs, skips finished ones, and
@@ -434,7 +448,10 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     # Complete: only now are the previous tables replaced (or, --skip_existing, added to).
     if existing and not args.skip_existing:
         print(f"caption_images: replacing {len(existing)} files of the previous run")
-    commit(args.output_dir, staging, existing, add=args.skip_existing)
+    retried = supersede_retried_errors(staging, existing) if args.skip_existing else 0
+    if retried:
+        print(f"caption_images: {retried} input(s) that failed before were tried again")
+    commit(args.output_dir, staging, existing, add=args.skip_existing, retried=retried)
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {

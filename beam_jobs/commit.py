@@ -43,19 +43,61 @@ def remove_stale_staging(output_dir: str) -> list[str]:
     return stale
 
 
-def merged_manifest(new: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
-    """With --skip_existing the run adds to the table: its manifest describes the whole."""
+def merged_manifest(
+    new: dict[str, Any], previous: dict[str, Any] | None, retried: int = 0
+) -> dict[str, Any]:
+    """With --skip_existing the run adds to the table: its manifest describes the whole.
+    `retried` inputs were failures of the previous run that this one tried again."""
     if not previous:
         return new
     counts = {
         k: int(previous.get("counts", {}).get(k, 0)) + int(new["counts"][k]) for k in new["counts"]
     }
+    counts["failed"] -= retried
+    counts["inputs"] -= retried
     files = sorted(set(previous.get("files", [])) | set(new["files"]))
     runs = [*previous.get("runs", [previous.get("run_id")]), new["run_id"]]
     return {**new, "counts": counts, "files": files, "runs": [r for r in runs if r]}
 
 
-def commit(output_dir: str, staging: str, replaced: list[str], add: bool) -> list[str]:
+def supersede_retried_errors(staging: str, existing: list[str]) -> int:
+    """With --skip_existing, inputs whose row was a transient error were tried again:
+    every previous errors file holding such a row is rewritten into `staging` without
+    the rows of inputs this run wrote again, and replaces the old file at commit, so
+    each input stays in exactly one row. Returns how many rows go."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def read(path: str, columns: list[str] | None = None) -> pa.Table:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return pq.read_table(pa.BufferReader(f.read()), columns=columns)
+
+    transient = pa.array(formats.TRANSIENT_ERRORS)
+    old = {f: read(f) for f in existing if posixpath.basename(f).startswith("errors-")}
+    old = {f: t for f, t in old.items() if pc.any(pc.is_in(t["error_type"], transient)).as_py()}
+    if not old:
+        return 0
+    rewritten = pa.chunked_array(
+        [read(f, ["uri"])["uri"].combine_chunks() for f in _matches(f"{staging}/*.parquet")],
+        pa.string(),
+    )
+    dropped = 0
+    for path, table in old.items():
+        kept = table.filter(pc.invert(pc.is_in(table["uri"], rewritten.combine_chunks())))
+        if kept.num_rows == table.num_rows:
+            continue
+        dropped += table.num_rows - kept.num_rows
+        sink = pa.BufferOutputStream()
+        pq.write_table(kept, sink, compression=formats.PARQUET_CODEC)
+        with FileSystems.create(f"{staging}/{posixpath.basename(path)}") as f:
+            f.write(sink.getvalue().to_pybytes())
+    return dropped
+
+
+def commit(
+    output_dir: str, staging: str, replaced: list[str], add: bool, retried: int = 0
+) -> list[str]:
     """Moves a finished run's files from `staging` into `output_dir`; returns their paths.
 
     `replaced` (the previous run's tables) are deleted first unless `add`
@@ -68,7 +110,7 @@ def commit(output_dir: str, staging: str, replaced: list[str], add: bool) -> lis
         previous = formats.read_manifest(manifest_path, formats.KIND_CAPTIONS)
         new = formats.read_manifest(staged_manifest, formats.KIND_CAPTIONS)
         formats.write_manifest(
-            staged_manifest, formats.KIND_CAPTIONS, merged_manifest(new, previous)
+            staged_manifest, formats.KIND_CAPTIONS, merged_manifest(new, previous, retried)
         )
     staged = _matches(f"{staging}/*.parquet")
     targets = [f"{out}/{posixpath.basename(f)}" for f in staged]

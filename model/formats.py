@@ -220,3 +220,6 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 PARQUET_CODEC = "zstd"
+# Error types that may not happen again (a network read, a model batch that ran out of
+# memory): --skip_existing tries these inputs again instead of skipping them.
+TRANSIENT_ERRORS = ("read_error", "inference_error")

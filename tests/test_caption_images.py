@@ -428,6 +428,21 @@ def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_p
     assert "out of memory on the accelerator" in errs[0]["message"]
     assert summary["errors"] == {"inference_error": 1}
 
+    # The fault is gone: --skip_existing tries the transient failure again, and its old
+    # error row goes; a file that is not an image is not read again.
+    monkeypatch.undo()
+    (folder / "text.jpg").write_bytes(b"not an image")
+    skip = ["--model", export, "--input", str(folder), "--output_dir", str(tmp_path / "out")]
+    skip += ["--skip_existing", *RUNNER]
+    again = run(skip)
+    assert (again["captioned"], again["errors"]) == (1, {"not_an_image": 1})
+    caps, errs = tables(tmp_path / "out")
+    assert len(caps) == 4 and [os.path.basename(e["uri"]) for e in errs] == ["text.jpg"]
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert manifest["counts"] == {"captioned": 4, "failed": 1, "inputs": 5}
+    third = run(skip)  # nothing transient left: nothing is read again
+    assert (third["captioned"], third["failed"]) == (0, 0)
+
 
 def _table_uris(out):
     caps, errs = tables(out)

@@ -196,7 +196,7 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         gcs,
         "model.evaluate",
         *("--model", export, "--data_dir", feats, "--split", "val"),
-        *("--output_dir", f"{gs}/eval_beam", *beam),
+        *("--output_dir", f"{gs}/eval_beam", *beam, "--no_java"),
     )
     assert read_json(f"{gs}/eval_beam/metrics.json")["decoding"] == {
         "max_length": 12,
