@@ -20,7 +20,7 @@ $(STAMP): setup.py
 
 install: $(STAMP) ## Create .venv and install the project with its test extra
 
-test: $(STAMP) ## Run the test suite (about 11 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
+test: $(STAMP) ## Run the test suite (about 14 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: $(STAMP) ## ruff check + format check
