@@ -16,8 +16,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from beam_jobs.flags import add_common_flags
-from model.cli import add_decoding_flags, check_exists, non_negative_int, positive_int, run_cli
-from model.defaults import PRECISIONS
+from model.cli import (
+    add_decoding_flags,
+    check_exists,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
+from model.defaults import CHECKPOINT_SECONDS, PRECISIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -27,7 +34,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         "--input", action="append", required=True, help="folder, glob or .tar/.tar.gz/.zip (repeat)"
     )
     p.add_argument("--output_dir", required=True, help="CAPTIONS_DIR, local or gs://")
-    p.add_argument("--skip_existing", action="store_true", help="skip uris already in the output")
+    p.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="skip uris already in the output; resumes this command's killed run",
+    )
+    p.add_argument(
+        "--checkpoint_seconds",
+        type=non_negative_float,
+        default=CHECKPOINT_SECONDS,
+        help="finished rows are saved at least this often, so a killed run resumed with "
+        "--skip_existing loses at most this much work",
+    )
     p.add_argument(
         "--allow_mixed_models",
         action="store_true",
@@ -40,7 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         "--num_shards",
         type=non_negative_int,
         default=0,
-        help="exact captions files; 0 (default) streams one file per worker bundle",
+        help="exactly this many captions files, written at the end; 0 (default) writes "
+        "them as rows are finished (see --checkpoint_seconds)",
     )
     p.add_argument(
         "--model_copies", type=positive_int, help="share N model copies across worker processes"

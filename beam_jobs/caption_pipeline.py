@@ -13,14 +13,23 @@ import posixpath
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import StandardOptions
 
-from beam_jobs.commit import commit, remove_stale_staging, staging_dir, supersede_retried_errors
+from beam_jobs.commit import (
+    commit,
+    resumable,
+    staging_dir,
+    stale_staging,
+    supersede_retried_errors,
+    write_run_record,
+)
 from beam_jobs.common import (
     ERRORS_TAG,
     Loaded,
@@ -34,6 +43,7 @@ from beam_jobs.common import (
     run_pipeline,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
+from beam_jobs.parts import WritePartsFn, finished_parts, remove_inflight, row_count
 from beam_jobs.progress import (
     ERROR_PREFIX,
     ProgressReporter,
@@ -42,8 +52,10 @@ from beam_jobs.progress import (
     errors_by_type,
 )
 from beam_jobs.sources import (
+    MEMBER_SEPARATOR,
     Item,
     display_name,
+    is_archive_name,
     match_input,
     printable_uri,
     read_path,
@@ -54,6 +66,14 @@ from model.cli import decoding_settings
 from model.defaults import MAX_BYTES
 
 NAMESPACE = "caption_images"
+# Runners that run the pipeline in this machine's memory: a shuffle there holds its data.
+LOCAL_RUNNERS = (
+    "DirectRunner",
+    "FnApiRunner",
+    "PrismRunner",
+    "BundleBasedDirectRunner",
+    "SwitchingDirectRunner",
+)
 
 
 def check_export(export_dir: str) -> dict[str, Any]:
@@ -95,8 +115,26 @@ def existing_outputs(output_dir: str) -> list[str]:
     return sorted(found)
 
 
-class ExpandInputsFn(beam.DoFn):
-    """A matched path -> (uri, Item): the file itself unread, or each archive member's bytes."""
+def keyed_input(path: str | Item) -> tuple[str, Item]:
+    """A matched path keyed for grouping: a plain file by its uri, an archive by its path.
+    An archive's members are read after the grouping, so their bytes never wait in a
+    shuffle (which local runners hold in memory)."""
+    return (path.uri, path) if isinstance(path, Item) else (path, Item(path))
+
+
+def done_key(uri: str) -> tuple[str, str | None]:
+    """A uri already in the output, keyed like the input it came from: an archive member
+    under its archive (with its member name), anything else under itself (with None)."""
+    if MEMBER_SEPARATOR in uri:
+        archive, member = uri.split(MEMBER_SEPARATOR, 1)
+        return archive, member
+    return uri, None
+
+
+class NewInputsFn(beam.DoFn):
+    """After grouping by uri (archives by path): each input not already in the output,
+    once. A plain file comes out unread; an archive is read here, and each member not in
+    the output and not seen before in it comes out with its bytes, or as its error row."""
 
     def __init__(self, progress_dir: str | None = None, max_bytes: int = MAX_BYTES):
         self.tally = Tally(NAMESPACE, progress_dir)
@@ -105,16 +143,26 @@ class ExpandInputsFn(beam.DoFn):
     def setup(self) -> None:
         self.tally.setup()
 
-    def process(self, path: str | Item) -> Iterator[tuple[str, Item]]:
-        if isinstance(path, Item):  # already an error row (see matched_inputs)
-            self.tally.inc("inputs_matched")
-            yield path.uri, path
+    def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Item]:
+        key, groups = element
+        items, done = groups["input"], groups.get("done", [])
+        if not items or None in done:  # not an input, or it (or its archive) has its row
             return
-        for item in read_path(path, defer_files=True, max_bytes=self.max_bytes):
+        if items[0].error_type is not None or not is_archive_name(key):
+            self.tally.inc("inputs_matched")
+            yield items[0]  # the same file matched twice (overlapping --input) is read once
+            return
+        skip = set(done)
+        for item in read_path(key, max_bytes=self.max_bytes):
+            if MEMBER_SEPARATOR in item.uri:
+                member = item.uri.split(MEMBER_SEPARATOR, 1)[1]
+                if member in skip:
+                    continue  # finished before, or a second member of that name
+                skip.add(member)
             if (printable := printable_uri(item.uri)) is not None:
                 item = bad_file_name(printable)
             self.tally.inc("inputs_matched")
-            yield item.uri, item
+            yield item
 
     def finish_bundle(self) -> None:
         self.tally.flush()
@@ -143,14 +191,6 @@ def own_outputs(args: argparse.Namespace) -> list[str]:
     """The folders this job writes, as match_input spells paths: never inputs."""
     folders = [args.output_dir] + ([args.attention_dir] if args.attention_dir else [])
     return [f if "://" in f else os.path.abspath(f) for f in folders]
-
-
-def first_new(element: tuple[str, dict[str, list]]) -> Iterator[Item]:
-    """After grouping by uri: the one Item of each uri not already in the output."""
-    uri, groups = element
-    items, done = groups["input"], groups.get("done", [])
-    if items and not done:
-        yield items[0]  # the same file matched twice (overlapping --input) is captioned once
 
 
 def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[str, dict[str, str]]]:
@@ -239,6 +279,18 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a run writes, and what it builds on."""
+
+    run_id: str
+    staging: str  # CAPTIONS_DIR/.staging-RUN_ID: parts, then the manifest
+    add: bool  # adds to the committed tables (--skip_existing) instead of replacing them
+    existing: list[str] = field(default_factory=list)  # the committed table files
+    adopted: list[str] = field(default_factory=list)  # parts of the killed run resumed
+    adopted_counts: dict[str, int] = field(default_factory=dict)  # their captioned, failed
+
+
 def write_manifest(
     _: None,
     output_dir: str,
@@ -247,75 +299,125 @@ def write_manifest(
     failed: int,
     files: list[str],
     inputs: int | None = None,
+    adopted: RunPlan | None = None,
 ) -> str:
     """Writes CAPTIONS_DIR/manifest.json once every table file is final. `inputs` counts
     the distinct uris to caption, after grouping: if they are not all in one table or
-    the other, the job fails here, loudly, instead of describing a silent loss."""
+    the other, the job fails here, loudly, instead of describing a silent loss. The
+    parts `adopted` from a killed run count as well."""
     inputs = captioned + failed if inputs is None else inputs
     if captioned + failed != inputs:
         raise RuntimeError(
             f"{inputs} inputs but {captioned} captions and {failed} error rows: "
             f"{inputs - captioned - failed} input(s) are in neither table"
         )
+    before = adopted.adopted_counts if adopted else {}
+    captioned += before.get("captioned", 0)
+    failed += before.get("failed", 0)
     path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
     formats.write_manifest(
         path,
         formats.KIND_CAPTIONS,
         {
             **body,
-            "counts": {"captioned": captioned, "failed": failed, "inputs": inputs},
-            "files": sorted(os.path.basename(f) for f in files),
+            "counts": {"captioned": captioned, "failed": failed, "inputs": captioned + failed},
+            "files": sorted(
+                {os.path.basename(f) for f in [*files, *(adopted.adopted if adopted else [])]}
+            ),
         },
     )
     return path
 
 
-def build_pipeline(
-    p: beam.Pipeline,
-    args: argparse.Namespace,
-    manifest: dict[str, Any],
-    run_id: str,
-    progress_dir: str | None = None,
-    staging: str | None = None,
-) -> None:
-    """The job, writing its tables and manifest into `staging` (default: the output dir)."""
-    model_id = manifest["model_id"]
-    precision = args.precision or manifest["features"].get("precision", "float32")
-    out = args.output_dir.rstrip("/")
-    keyed = (
-        p
-        | "Inputs" >> beam.Create(args.input)
-        | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
-        | "SpreadPaths" >> beam.Reshuffle()
-        | "ExpandInputs" >> beam.ParDo(ExpandInputsFn(progress_dir, args.max_bytes))
-    )
-    groups: dict[str, Any] = {"input": keyed}
-    if args.skip_existing:
-        existing = existing_outputs(args.output_dir)
-        tables = {t: [f for f in existing if f"/{t}-" in f] for t in ("captions", "errors")}
-        captioned = (
+def done_uris(p: beam.Pipeline, plan: RunPlan) -> beam.PCollection | None:
+    """(key, member or None) of every uri the run must not caption again: the committed
+    tables' when it adds to them (but transient failures, tried again), and every row of
+    the parts it adopted. None when there are none."""
+    sources = []
+    if plan.add:
+        tables = {t: [f for f in plan.existing if f"/{t}-" in f] for t in ("captions", "errors")}
+        sources.append(
             p
             | "CaptionTables" >> beam.Create(tables["captions"])
             | "CaptionedUris" >> beam.io.ReadAllFromParquet(columns=["uri"])
         )
-        failed = (
+        sources.append(
             p
             | "ErrorTables" >> beam.Create(tables["errors"])
             | "FailedUris" >> beam.io.ReadAllFromParquet(columns=["uri", "error_type"])
             | "NotTransient"
             >> beam.Filter(lambda r: r["error_type"] not in formats.TRANSIENT_ERRORS)
         )
-        groups["done"] = (
-            (captioned, failed)
-            | "DoneUris" >> beam.Flatten()
-            | "KeyExisting" >> beam.Map(lambda r: (r["uri"], True))
+    if plan.adopted:
+        sources.append(
+            p
+            | "AdoptedParts" >> beam.Create(plan.adopted)
+            | "AdoptedUris" >> beam.io.ReadAllFromParquet(columns=["uri"])
         )
-    # Grouping by uri dedupes overlapping inputs, skips finished ones, and
-    # spreads the members of a few big archives over all workers. Plain files
-    # are read after it, so their bytes stream rather than being grouped.
-    new_inputs = (
-        groups | "GroupByUri" >> beam.CoGroupByKey() | "NewInputs" >> beam.FlatMap(first_new)
+    if not sources:
+        return None
+    return (
+        tuple(sources)
+        | "DoneUris" >> beam.Flatten()
+        | "KeyDone" >> beam.Map(lambda r: done_key(r["uri"]))
     )
+
+
+def write_table(
+    rows: beam.PCollection, table: str, schema: Any, plan: RunPlan, args: argparse.Namespace
+) -> beam.PCollection:
+    """Writes one table into the staging folder; returns the paths of its files. Parts are
+    written as rows are finished (`beam_jobs.parts`); with --num_shards, the captions are
+    written as exactly that many files at the end instead."""
+    prefix = f"{table}-{plan.run_id}"
+    if table == "captions" and args.num_shards:
+        return rows | f"Write{table.title()}" >> beam.io.WriteToParquet(
+            f"{plan.staging}/{prefix}",
+            schema,
+            codec=formats.PARQUET_CODEC,
+            file_name_suffix=".parquet",
+            num_shards=args.num_shards,
+        )
+    return rows | f"Write{table.title()}" >> beam.ParDo(
+        WritePartsFn(plan.staging, prefix, schema, formats.PARQUET_CODEC, args.checkpoint_seconds)
+    )
+
+
+def spreads_work(p: beam.Pipeline) -> bool:
+    """Whether to reshuffle archive members over workers: on a distributed runner, whose
+    shuffle lives on disk, yes; on a local one, which holds a shuffle in memory, no."""
+    runner = p.options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "DirectRunner") not in LOCAL_RUNNERS
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    plan: RunPlan,
+    progress_dir: str | None = None,
+) -> None:
+    """The job, writing its tables and manifest into the plan's staging folder."""
+    model_id = manifest["model_id"]
+    precision = args.precision or manifest["features"].get("precision", "float32")
+    groups: dict[str, Any] = {
+        "input": p
+        | "Inputs" >> beam.Create(args.input)
+        | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
+        | "KeyInputs" >> beam.Map(keyed_input)
+    }
+    if (done := done_uris(p, plan)) is not None:
+        groups["done"] = done
+    # Grouping by uri dedupes overlapping inputs and skips finished ones; files and
+    # archives are read after it, so their bytes stream rather than being grouped.
+    new_inputs = (
+        groups
+        | "GroupByUri" >> beam.CoGroupByKey()
+        | "NewInputs" >> beam.ParDo(NewInputsFn(progress_dir, args.max_bytes))
+    )
+    if spreads_work(p):  # the members of a few big archives, over all workers
+        new_inputs = new_inputs | "SpreadMembers" >> beam.Reshuffle()
     fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn.from_flags(NAMESPACE, args, progress_dir)
@@ -353,21 +455,8 @@ def build_pipeline(
         return row
 
     errors = errors | "CountFailed" >> beam.Map(count_failed)
-    target = staging or out
-    written_rows = rows | "WriteCaptions" >> beam.io.WriteToParquet(
-        f"{target}/captions-{run_id}",
-        formats.CAPTIONS_SCHEMA,
-        codec=formats.PARQUET_CODEC,
-        file_name_suffix=".parquet",
-        num_shards=args.num_shards,
-    )
-    written_errors = errors | "WriteErrors" >> beam.io.WriteToParquet(
-        f"{target}/errors-{run_id}",
-        formats.ERRORS_SCHEMA,
-        codec=formats.PARQUET_CODEC,
-        file_name_suffix=".parquet",
-        num_shards=1,
-    )
+    written_rows = write_table(rows, "captions", formats.CAPTIONS_SCHEMA, plan, args)
+    written_errors = write_table(errors, "errors", formats.ERRORS_SCHEMA, plan, args)
     if args.attention_dir:
         _ = (
             captioned
@@ -382,8 +471,8 @@ def build_pipeline(
         "inputs": list(args.input),
         "precision": precision,
         "decoding": {"max_length": manifest["decoding"]["max_length"], **decoding_settings(args)},
-        "skip_existing": bool(args.skip_existing),
-        "run_id": run_id,
+        "skip_existing": plan.add,
+        "run_id": plan.run_id,
     }
     _ = (
         p
@@ -391,7 +480,7 @@ def build_pipeline(
         | "WriteManifest"
         >> beam.Map(
             write_manifest,
-            target,
+            plan.staging,
             body,
             captioned=beam.pvalue.AsSingleton(
                 rows | "CountRows" >> beam.combiners.Count.Globally()
@@ -403,8 +492,68 @@ def build_pipeline(
             inputs=beam.pvalue.AsSingleton(
                 new_inputs | "CountInputs" >> beam.combiners.Count.Globally()
             ),
+            adopted=plan,
         )
     )
+
+
+def run_identity(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: a killed one is resumed only by its own command."""
+    return {
+        "model_id": manifest["model_id"],
+        "inputs": sorted(s if "://" in s else os.path.abspath(s) for s in args.input),
+        "precision": args.precision or manifest["features"].get("precision", "float32"),
+        "decoding": decoding_settings(args),
+        "max_bytes": args.max_bytes,
+        "max_pixels": args.max_pixels,
+    }
+
+
+def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
+    """Resumes the killed run this command started (with --skip_existing), or starts a new
+    one; removes every other unfinished run's staging folder."""
+    identity = run_identity(args, manifest)
+    stale = stale_staging(args.output_dir)
+    found = resumable(stale, identity) if args.skip_existing else None
+    for folder in stale:
+        if not found or folder != found[0]:
+            FileSystems.delete([folder])
+            print(f"caption_images: removed {folder}, left by a run that did not finish")
+    existing = existing_outputs(args.output_dir)
+    if found:
+        staging, record = found
+        remove_inflight(staging)
+        adopted = {
+            t: finished_parts(staging, f"{t}-{record['run_id']}") for t in ("captions", "errors")
+        }
+        counts = {
+            "captioned": sum(map(row_count, adopted["captions"])),
+            "failed": sum(map(row_count, adopted["errors"])),
+        }
+        plan = RunPlan(
+            record["run_id"],
+            staging,
+            bool(record["add"]),
+            existing,
+            [*adopted["captions"], *adopted["errors"]],
+            counts,
+        )
+        print(
+            f"caption_images: resuming run {plan.run_id}, killed after "
+            f"{counts['captioned']} captions and {counts['failed']} error rows"
+        )
+    else:
+        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        plan = RunPlan(
+            run_id,
+            staging_dir(args.output_dir, run_id),
+            bool(args.skip_existing and existing),
+            existing,
+        )
+        write_run_record(plan.staging, {"run_id": run_id, "add": plan.add, "identity": identity})
+    if plan.add:
+        check_one_model(existing, manifest["model_id"], args.output_dir, args.allow_mixed_models)
+    return plan
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
@@ -415,15 +564,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
             raise UsageError(f"--input matches nothing: {spec}")
     if args.attention_dir and not FileSystems.exists(args.attention_dir):
         FileSystems.mkdirs(args.attention_dir)  # a no-op on object stores
-    for stale in remove_stale_staging(args.output_dir):
-        print(f"caption_images: removed {stale}, left by a run that did not finish")
-    existing = existing_outputs(args.output_dir)
-    if args.skip_existing and not existing:
-        args.skip_existing = False  # nothing to skip
-    if args.skip_existing:
-        check_one_model(existing, manifest["model_id"], args.output_dir, args.allow_mixed_models)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    staging = staging_dir(args.output_dir, run_id)
+    plan = plan_run(args, manifest)
     print(
         f"caption_images: {len(args.input)} input(s) -> {args.output_dir} "
         f"(model {manifest['model_id']}, batch {args.batch_size})",
@@ -439,19 +580,21 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     )
     result, seconds = run_pipeline(
         options,
-        lambda p, progress: build_pipeline(p, args, manifest, run_id, progress, staging),
+        lambda p, progress: build_pipeline(p, args, manifest, plan, progress),
         reporter,
         bool(args.verbose),
     )
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
+        if not plan.adopted:
+            FileSystems.delete([plan.staging])
         return dry
     # Complete: only now are the previous tables replaced (or, --skip_existing, added to).
-    if existing and not args.skip_existing:
-        print(f"caption_images: replacing {len(existing)} files of the previous run")
-    retried = supersede_retried_errors(staging, existing) if args.skip_existing else 0
+    if plan.existing and not plan.add:
+        print(f"caption_images: replacing {len(plan.existing)} files of the previous run")
+    retried = supersede_retried_errors(plan.staging, plan.existing) if plan.add else 0
     if retried:
         print(f"caption_images: {retried} input(s) that failed before were tried again")
-    commit(args.output_dir, staging, existing, add=args.skip_existing, retried=retried)
+    commit(args.output_dir, plan.staging, plan.existing, add=plan.add, retried=retried)
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {

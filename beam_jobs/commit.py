@@ -1,15 +1,22 @@
-"""CAPTIONS_DIR changes only when a run is complete.
+"""CAPTIONS_DIR changes only when a run is complete; a killed run's finished work is kept.
 
-A run writes its tables and manifest into `CAPTIONS_DIR/.staging-RUN_ID/`. Only
-after the pipeline has finished does `commit` delete the tables it replaces
-(none with --skip_existing), move the new files in, and move the manifest in
-last. A run killed at any moment before that leaves the previous tables as
-they were, plus a staging folder that the next run removes; the moves
-themselves take milliseconds on a local disk.
+A run writes into `CAPTIONS_DIR/.staging-RUN_ID/`: first `run.json` (what the
+run is: model, inputs, decoding, whether it adds to the table or replaces it),
+then its table rows as part files as they are finished (`beam_jobs.parts`),
+then its manifest. Only after the pipeline has finished does `commit` delete
+the tables it replaces (none when it adds), move the new files in, and move
+the manifest in last.
+
+A run killed at any moment before that leaves the previous tables as they
+were, plus its staging folder. A rerun of the same command with
+--skip_existing resumes it: it adopts the finished parts, captions only the
+rest, and commits as the killed run would have. Any other rerun removes the
+folder. The moves themselves take milliseconds on a local disk.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from typing import Any
@@ -19,6 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 from model import formats
 
 STAGING_PREFIX = ".staging-"
+RUN_FILE = "run.json"
 
 
 def staging_dir(output_dir: str, run_id: str) -> str:
@@ -29,18 +37,43 @@ def _matches(pattern: str) -> list[str]:
     return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
 
 
-def remove_stale_staging(output_dir: str) -> list[str]:
-    """Deletes the staging folders of runs that were killed; returns them."""
+def stale_staging(output_dir: str) -> list[str]:
+    """The staging folders of runs that did not finish, oldest first."""
     if "://" in output_dir:  # an object store: a folder is the prefix of its objects
         files = _matches(f"{output_dir.rstrip('/')}/{STAGING_PREFIX}*/**")
         folders = sorted({f.split(STAGING_PREFIX, 1)[1].split("/", 1)[0] for f in files})
     else:
         entries = os.listdir(output_dir) if os.path.isdir(output_dir) else []
         folders = sorted(e[len(STAGING_PREFIX) :] for e in entries if e.startswith(STAGING_PREFIX))
-    stale = [staging_dir(output_dir, name) for name in folders]
-    if stale:
-        FileSystems.delete(stale)
-    return stale
+    return [staging_dir(output_dir, name) for name in folders]
+
+
+def write_run_record(staging: str, record: dict[str, Any]) -> None:
+    """`staging/run.json`: what a run is, so that a rerun can tell whether to resume it."""
+    if "://" not in staging:
+        os.makedirs(staging, exist_ok=True)
+    with FileSystems.create(f"{staging}/{RUN_FILE}", mime_type="application/json") as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def read_run_record(staging: str) -> dict[str, Any] | None:
+    """A killed run's record; None if it has none or it is unreadable (killed while writing)."""
+    try:
+        with FileSystems.open(f"{staging}/{RUN_FILE}", compression_type="uncompressed") as f:
+            record = json.loads(f.read())
+    except Exception:  # noqa: BLE001 - missing or half-written: not resumable
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def resumable(stale: list[str], identity: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The newest staging folder of a killed run with this `identity` (model, inputs,
+    decoding), and its record; None if there is none."""
+    for staging in reversed(stale):
+        record = read_run_record(staging)
+        if record and record.get("identity") == identity:
+            return staging, record
+    return None
 
 
 def merged_manifest(
@@ -58,6 +91,14 @@ def merged_manifest(
     files = sorted(set(previous.get("files", [])) | set(new["files"]))
     runs = [*previous.get("runs", [previous.get("run_id")]), new["run_id"]]
     return {**new, "counts": counts, "files": files, "runs": [r for r in runs if r]}
+
+
+def staged_files(staging: str) -> list[str]:
+    """The table files of a finished run: those its staged manifest lists (a part that a
+    failed bundle wrote and its retry replaced under another name is not one of them)."""
+    manifest = formats.read_manifest(f"{staging}/{formats.MANIFEST_FILE}", formats.KIND_CAPTIONS)
+    listed = set(manifest["files"])
+    return [f for f in _matches(f"{staging}/*.parquet") if posixpath.basename(f) in listed]
 
 
 def supersede_retried_errors(staging: str, existing: list[str]) -> int:
@@ -79,7 +120,7 @@ def supersede_retried_errors(staging: str, existing: list[str]) -> int:
     if not old:
         return 0
     rewritten = pa.chunked_array(
-        [read(f, ["uri"])["uri"].combine_chunks() for f in _matches(f"{staging}/*.parquet")],
+        [read(f, ["uri"])["uri"].combine_chunks() for f in staged_files(staging)],
         pa.string(),
     )
     dropped = 0
@@ -112,7 +153,7 @@ def commit(
         formats.write_manifest(
             staged_manifest, formats.KIND_CAPTIONS, merged_manifest(new, previous, retried)
         )
-    staged = _matches(f"{staging}/*.parquet")
+    staged = staged_files(staging)
     targets = [f"{out}/{posixpath.basename(f)}" for f in staged]
     if replaced and not add:
         FileSystems.delete(replaced)

@@ -19,7 +19,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
 from beam_jobs.sources import check_plain_file, read_failure, read_file
 from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
-from model.defaults import MAX_BYTES, MAX_PIXELS
+from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
 from model.preprocess import Decoded, ImageError, preprocess_image
 from model.quiet import filtered_stream
 
@@ -115,8 +115,10 @@ class PreprocessFn(beam.DoFn):
     Reading and decoding run on a small thread pool up to `lookahead` inputs
     ahead of the output, so remote reads wait in parallel and the next batch is
     decoded while the model runs on this one (file reads, hashing and PIL
-    release the GIL). Outputs keep input order; counters are updated on the
-    bundle's thread, where Beam records them.
+    release the GIL). Inputs that arrive with their bytes (archive members) wait
+    only while those bytes total at most `pending_bytes`, and are let go once
+    decoded: memory stays bounded whatever the inputs' sizes. Outputs keep input
+    order; counters are updated on the bundle's thread, where Beam records them.
     """
 
     def __init__(
@@ -127,9 +129,11 @@ class PreprocessFn(beam.DoFn):
         lookahead: int = 64,
         progress_dir: str | None = None,
         max_bytes: int = MAX_BYTES,
+        pending_bytes: int = PENDING_BYTES,
     ):
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
+        self.pending_bytes = pending_bytes
         self.threads = threads
         self.lookahead = lookahead
         self.tally = Tally(namespace, progress_dir)
@@ -151,7 +155,11 @@ class PreprocessFn(beam.DoFn):
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
-        self.pending: collections.deque[tuple[Future, Loaded, Any, Any]] = collections.deque()
+        # (decoding, key, uri, bytes held, timestamp, window) in input order
+        self.pending: collections.deque[tuple[Future, str, str, int, Any, Any]] = (
+            collections.deque()
+        )
+        self.held = 0  # bytes of the pending inputs that came with them
 
     def process(
         self,
@@ -160,8 +168,14 @@ class PreprocessFn(beam.DoFn):
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
         future = self.pool.submit(load_and_decode, item, self.max_pixels, self.max_bytes)
-        self.pending.append((future, item, timestamp, window))
-        while self.pending and (len(self.pending) > self.lookahead or self.pending[0][0].done()):
+        held = len(item.data) if item.data is not None else 0
+        self.pending.append((future, item.key, item.uri, held, timestamp, window))
+        self.held += held
+        while self.pending and (
+            len(self.pending) > self.lookahead
+            or self.held > self.pending_bytes
+            or self.pending[0][0].done()
+        ):
             yield self._emit_oldest()
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -170,8 +184,9 @@ class PreprocessFn(beam.DoFn):
         self.tally.flush()
 
     def _emit_oldest(self) -> Any:
-        future, item, timestamp, window = self.pending.popleft()
+        future, key, uri, held, timestamp, window = self.pending.popleft()
         outcome: Outcome = future.result()
+        self.held -= held
         if outcome.nbytes:
             self.tally.inc("images_read")
             self.tally.inc("bytes_read", outcome.nbytes)
@@ -179,11 +194,11 @@ class PreprocessFn(beam.DoFn):
             error = outcome.error
             self.tally.inc("images_failed")
             self.tally.inc(ERROR_PREFIX + error.kind)
-            row = (item.key, error_row(item.uri, error.kind, str(error)))
+            row = (key, error_row(uri, error.kind, str(error)))
             return beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(row, timestamp, (window,)))
         self.tally.inc("images_decoded")
         d = outcome.decoded
-        value = (Meta(item.key, d.width, d.height, outcome.sha256), d.pixels)
+        value = (Meta(key, d.width, d.height, outcome.sha256), d.pixels)
         return WindowedValue(value, timestamp, (window,))
 
     def teardown(self) -> None:

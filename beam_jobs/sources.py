@@ -8,7 +8,8 @@ path become error rows instead of being read. A zip member that fails its CRC
 is an error row and the next member is read; a tar stream that breaks ends
 with one `bad_archive` row saying how many members came before the damage.
 Plain files that are not regular files (FIFOs, devices, sockets) or are larger
-than `max_bytes` become error rows before a byte is read.
+than `max_bytes` (local or in an object store) become error rows before a byte
+is read.
 """
 
 from __future__ import annotations
@@ -200,33 +201,28 @@ def describe(e: BaseException) -> str:
 
 
 def check_plain_file(path: str, max_bytes: int = MAX_BYTES) -> None:
-    """Refuses, before reading, a local path that is not a regular file (a FIFO would
-    block forever) or holds more than `max_bytes`. Raises ImageError; OSError if missing."""
+    """Refuses, before reading, a path that holds more than `max_bytes` or (locally) is not
+    a regular file (a FIFO would block forever). An object's size comes from the store's
+    metadata. Raises ImageError; OSError (or Beam's IO error) if it is missing."""
     if "://" in path:
-        return
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not_a_file", "not a regular file (a FIFO, device or socket)")
-    if st.st_size > max_bytes:
-        raise ImageError("too_large", f"{st.st_size} bytes > --max_bytes {max_bytes}")
+        size = FileSystems.get_filesystem(path).size(path)
+    else:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not_a_file", "not a regular file (a FIFO, device or socket)")
+        size = st.st_size
+    if size > max_bytes:
+        raise ImageError("too_large", f"{size} bytes > --max_bytes {max_bytes}")
 
 
-def read_path(path: str, defer_files: bool = False, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
-    """A matched path -> one Item, or one per archive member; failures become error Items.
-
-    With `defer_files`, a plain file comes back unread (no data, no error): the
-    caption job groups inputs by uri before reading them, so only archive
-    members, which can only be read by opening their archive, carry bytes
-    through the grouping.
-    """
+def read_path(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
+    """A matched path -> one Item, or one per archive member; failures become error Items."""
     lower = path.lower()
     try:
         if lower.endswith(".zip"):
             yield from read_zip(path, max_bytes)
         elif lower.endswith((".tar", ".tar.gz", ".tgz")):
             yield from read_tar(path, max_bytes)
-        elif defer_files:
-            yield Item(path)
         else:
             check_plain_file(path, max_bytes)
             yield Item(path, data=read_file(path))

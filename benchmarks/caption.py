@@ -8,23 +8,29 @@ encoder's rate at the same batch and precision: the steady-state rate (target
 >= 0.80 of bare; greedy decoding is part of the job's cost), the fixed
 start-up and the end-to-end rate; then beam 3 against greedy, for the decoder
 alone and for the whole job at images/4 (start-up included, best of two
-interleaved runs each); then peak memory at N and 10N images
-(target: flat). A few minutes on 2 cores.
+interleaved runs each); then peak memory at N and 100N inputs (40 and 4,000 by
+default; target: flat): a tenth are JPEGs in a folder, the rest are members of
+a .tar.gz and a .zip (128 KB of noise each, plus at 100N two 48 MB members of
+zeros), read, refused as not images and written as error rows; batch 4, which
+both sizes fill. A few minutes on 2 cores.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 import tempfile
 import time
+import zipfile
 
 from benchmarks.common import (
     bare_inception_rate,
     job_bench_args,
     job_rates,
     make_jpegs,
+    peak_rss_mb,
     report,
-    report_memory,
 )
 
 
@@ -43,36 +49,70 @@ def main() -> None:
         export = os.path.join(tmp, "export")
         save_export(model, vocab, features_identity("none", a.precision), export)
 
+        def job_argv(inputs: list[str], out: str, *extra: str) -> list[str]:
+            return [
+                *("--model", export, "--output_dir", os.path.join(tmp, out)),
+                *[flag for folder in inputs for flag in ("--input", folder)],
+                *("--batch_size", str(a.batch_size), "--precision", a.precision),
+                *("--runner", "FnApiRunner", "--progress_seconds", "0", *extra),
+            ]
+
         def argv_for(n: int, *extra: str) -> list[str]:
             folder = os.path.join(tmp, f"in{n}")
             if not os.path.isdir(folder):
                 os.makedirs(folder)
                 for name in names[:n]:
                     os.link(os.path.join(tmp, "img", name), os.path.join(folder, name))
-            return [
-                "--model",
-                export,
-                "--input",
-                folder,
-                "--output_dir",
-                os.path.join(tmp, f"out{n}"),
-                "--batch_size",
-                str(a.batch_size),
-                "--precision",
-                a.precision,
-                "--runner",
-                "FnApiRunner",
-                "--progress_seconds",
-                "0",
-                *extra,
-            ]
+            return job_argv([folder], f"out{n}", *extra)
 
         bare = bare_inception_rate(a.batch_size, a.precision)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
         report("caption", rates, bare, 0.80, f"batch {a.batch_size}, {a.precision}")
         beam_report(model, a.batch_size, lambda n, *x: run(argv_for(n, *x))["seconds"], a.images)
         if a.memory_images:
-            report_memory("caption", "beam_jobs.caption_images", argv_for, a.memory_images)
+            peaks = []
+            for n in (a.memory_images, 100 * a.memory_images):
+                inputs = memory_inputs(os.path.join(tmp, f"mem{n}"), n, os.path.join(tmp, "img"))
+                argv = job_argv(inputs, f"memout{n}", "--batch_size", "4")
+                peak, summary = peak_rss_mb("beam_jobs.caption_images", argv)
+                rows = summary["captioned"] + summary["failed"]
+                assert rows == n, f"{n} inputs gave {rows} rows"
+                peaks.append((n, peak, summary["bytes_read"]))
+            (n0, p0, b0), (n1, p1, b1) = peaks
+            print(
+                f"caption: peak memory {p0:.0f} MB at {n0} inputs ({b0 / 1e6:.0f} MB read), "
+                f"{p1:.0f} MB at {n1} inputs with archives ({b1 / 1e6:.0f} MB read): "
+                f"ratio {p1 / p0:.2f}, target ~1",
+                flush=True,
+            )
+
+
+def memory_inputs(folder: str, n: int, jpegs: str) -> list[str]:
+    """n inputs: n/10 JPEGs (linked from `jpegs`) in a folder, the rest members of a .tar.gz
+    and a .zip; at n >= 1000 one member of each archive is 48 MB of zeros."""
+    images = os.path.join(folder, "images")
+    os.makedirs(images)
+    for name in sorted(os.listdir(jpegs))[: n // 10]:
+        os.link(os.path.join(jpegs, name), os.path.join(images, name))
+    big = n >= 1000
+    members = n - n // 10 - 2 * big
+    with tarfile.open(os.path.join(folder, "a.tar.gz"), "w:gz", compresslevel=1) as tar:
+        for i in range(members // 2):
+            add_member(tar, f"noise_{i:05d}.jpg", os.urandom(128 << 10))
+        if big:
+            add_member(tar, "zeros.jpg", bytes(48 << 20))
+    with zipfile.ZipFile(os.path.join(folder, "b.zip"), "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(members - members // 2):
+            z.writestr(f"noise_{i:05d}.jpg", os.urandom(128 << 10))
+        if big:
+            z.writestr("zeros.jpg", bytes(48 << 20))
+    return [images, os.path.join(folder, "a.tar.gz"), os.path.join(folder, "b.zip")]
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def decoder_rate(model, batch_size: int, beam_size: int, repeats: int = 3) -> float:

@@ -59,16 +59,20 @@ def bare_inception_rate(batch_size: int, precision: str, batches: int = 6) -> fl
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def peak_rss_mb(module: str, argv: list[str]) -> float:
-    """Runs `module.run(argv)` in a fresh process; returns its peak resident memory (MB)."""
+def peak_rss_mb(module: str, argv: list[str]) -> tuple[float, dict]:
+    """Runs `module.run(argv)` in a fresh process; returns its peak resident memory (MB)
+    and what `run` returned."""
     code = (
-        "import resource, sys, importlib;"
-        f"importlib.import_module({module!r}).run({argv!r});"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import json, resource, sys, importlib;"
+        f"summary = importlib.import_module({module!r}).run({argv!r});"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);"
+        "print('SUMMARY', json.dumps(summary))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("PEAK")][-1]
-    return int(line.split()[1]) / 1024
+    lines = out.stdout.splitlines()
+    peak = [x for x in lines if x.startswith("PEAK")][-1]
+    summary = [x for x in lines if x.startswith("SUMMARY")][-1]
+    return int(peak.split()[1]) / 1024, json.loads(summary.split(" ", 1)[1])
 
 
 def job_bench_args(doc: str | None) -> argparse.Namespace:
@@ -128,7 +132,7 @@ def report(name: str, rates: JobRates, bare: float, target: float, detail: str) 
 
 def report_memory(name: str, module: str, argv_for: Callable[[int], list[str]], n: int) -> None:
     """Peak memory of the job at n and 10n images, each in a fresh process (target: flat)."""
-    peaks = [peak_rss_mb(module, argv_for(k)) for k in (n, 10 * n)]
+    peaks = [peak_rss_mb(module, argv_for(k))[0] for k in (n, 10 * n)]
     print(
         f"{name}: peak memory {peaks[0]:.0f} MB at {n} images, {peaks[1]:.0f} MB at {10 * n} "
         f"(ratio {peaks[1] / peaks[0]:.2f}, target ~1)",

@@ -26,3 +26,9 @@ IMAGES_PER_SHARD = 1000
 # Inputs (files and archive members) larger than this are error rows, refused before
 # they are read: a 50 MP JPEG is about 20 MB.
 MAX_BYTES = 64 << 20
+# Archive members read ahead of the model, waiting to be decoded, hold at most this
+# many bytes per worker thread (beyond the one being decoded by each decode thread).
+PENDING_BYTES = 256 << 20
+# caption_images saves finished rows at least this often (seconds): a killed run
+# resumed with --skip_existing redoes at most this much work.
+CHECKPOINT_SECONDS = 60.0

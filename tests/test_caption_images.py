@@ -487,3 +487,75 @@ def test_a_rerun_killed_at_any_moment_leaves_the_previous_complete_tables(inputs
     assert sorted(_table_uris(out)) == expected
     assert not list(out.glob(".staging-*"))  # what the killed runs left is gone
     assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 40
+
+
+def _kill_when_parts(cmd, out, parts, timeout=300):
+    """Starts `cmd`, SIGKILLs it once `parts` caption parts are finished in its staging
+    folder; returns that folder."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_cli import ENV, ROOT
+
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob(".staging-*/captions-*.parquet"))) < parts:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no parts written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [staging] = out.glob(".staging-*")
+    return staging
+
+
+def _part_rows(staging):
+    parts = [*staging.glob("captions-*.parquet"), *staging.glob("errors-*.parquet")]
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
+def test_a_killed_run_resumes_from_its_finished_parts(inputs, tmp_path, capsys):
+    """A first run and a replacing rerun, each SIGKILLed mid-way: the rerun of the same
+    command with --skip_existing adopts the parts they finished, captions only the rest,
+    and commits as the killed run would have (the replacing one replaces)."""
+    import sys
+
+    _, _, export = inputs
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(200 + i), "JPEG"))
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv]
+    expected = sorted([str(p) for p in folder.iterdir()])
+
+    staging = _kill_when_parts(cmd, out, parts=4)
+    assert not list(out.glob("*.parquet")) and not (out / "manifest.json").exists()
+    # A part being written at the kill: a temporary that must not be read.
+    (staging / ".inflight-0123-captions-x.parquet").write_bytes(b"half a file")
+    kept = _part_rows(staging)
+    assert kept >= 4
+    resumed = run([*argv, "--skip_existing"])
+    assert f"resuming run {staging.name.split('-', 1)[1]}" in capsys.readouterr().out
+    assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
+    assert sorted(_table_uris(out)) == expected
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["counts"] == {"captioned": 30, "failed": 1, "inputs": 31}
+    assert not list(out.glob(".staging-*"))
+
+    first_files = sorted(p.name for p in out.glob("*.parquet"))
+    staging = _kill_when_parts(cmd, out, parts=4)  # a rerun that replaces the tables
+    assert sorted(p.name for p in out.glob("*.parquet")) == first_files
+    kept = _part_rows(staging)
+    resumed = run([*argv, "--skip_existing"])
+    assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
+    assert sorted(_table_uris(out)) == expected
+    run_id = staging.name.split("-", 1)[1]
+    assert all(run_id in p.name for p in out.glob("*.parquet"))  # replaced, not added to
+    assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 31

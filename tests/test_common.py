@@ -55,19 +55,19 @@ def test_files_are_read_on_the_pool_with_sha256_and_missing_ones_are_error_rows(
         assert_that(errors, equal_to([("gone", "missing_file")]), label="Errors")
 
 
-def test_plain_files_can_be_left_unread_but_archive_members_cannot(tmp_path):
+def test_a_file_and_an_archive_member_are_read_alike(tmp_path):
     data = good_images()["rgb.jpg"]
     (tmp_path / "a.jpg").write_bytes(data)
     with tarfile.open(tmp_path / "b.tar", "w") as tar:
         info = tarfile.TarInfo("m.jpg")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    [plain] = read_path(str(tmp_path / "a.jpg"), defer_files=True)
-    assert (plain.data, plain.error_type) == (None, None)
-    [member] = read_path(str(tmp_path / "b.tar"), defer_files=True)
+    [member] = read_path(str(tmp_path / "b.tar"))
     assert member.data == data and member.uri.endswith("b.tar!/m.jpg")
     [read] = read_path(str(tmp_path / "a.jpg"))
     assert read.data == data
+    [refused] = read_path(str(tmp_path / "a.jpg"), max_bytes=len(data) - 1)
+    assert (refused.data, refused.error_type) == (None, "too_large")
 
 
 def test_only_beams_torch_resource_notice_is_filtered(caplog):

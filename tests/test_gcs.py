@@ -204,13 +204,17 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         "length_penalty": 0.6,
         "allow_unk": False,
     }
+    with tf.io.gfile.GFile(f"{gs}/big/huge.jpg", "wb") as f:  # refused by its size alone
+        f.write(os.urandom(300_000))
     command(
         gcs,
         "beam_jobs.caption_images",
         *("--model", export, "--input", f"{gs}/data/val", "--output_dir", f"{gs}/beam"),
-        *("--batch_size", "10", *beam),
+        *("--input", f"{gs}/big", "--max_bytes", "200000", "--batch_size", "10", *beam),
     )
     assert read_json(f"{gs}/beam/manifest.json")["decoding"]["beam_size"] == 3
+    [too_large] = parquet_rows(gcs, f"{BUCKET}/beam", "errors-")
+    assert (too_large["uri"], too_large["error_type"]) == (f"{gs}/big/huge.jpg", "too_large")
     beam_bulk = {
         r["uri"].rsplit("/", 1)[1]: r["caption"]
         for r in parquet_rows(gcs, f"{BUCKET}/beam", "captions-")
