@@ -6,6 +6,8 @@
 Writes CAPTIONS_DIR/captions-*.parquet (one row per captioned image),
 errors-*.parquet (one row per input that could not be captioned) and
 manifest.json. Every matched input appears exactly once across the two tables.
+The tables change only when a run completes; a killed run is resumed by the same
+command with --skip_existing (see beam_jobs.commit).
 """
 
 from __future__ import annotations

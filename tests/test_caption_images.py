@@ -449,66 +449,31 @@ def _table_uris(out):
     return [r["uri"] for r in caps] + [r["uri"] for r in errs]
 
 
-def test_a_rerun_killed_at_any_moment_leaves_the_previous_complete_tables(inputs, tmp_path):
-    """SIGKILL a rerun 2, 7 and 12 s after it starts (loading, reading, captioning): the
-    previous tables stay whole; then an unkilled rerun replaces them."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.test_cli import ENV, ROOT
-
-    _, _, export = inputs
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(40):
-        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(100 + i), "JPEG"))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "beam_jobs.caption_images", "--model", export]
-    cmd += ["--input", str(folder), "--output_dir", str(out), "--batch_size", "2", *RUNNER]
-    run(cmd[3:])  # the first, complete run in this process
-    expected = sorted(_table_uris(out))
-    assert len(expected) == 40 == len(set(expected))
-    manifest = (out / "manifest.json").read_text()
-    for delay in (2, 7, 12):
-        proc = subprocess.Popen(
-            cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        time.sleep(delay)
-        finished = proc.poll() is not None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert sorted(_table_uris(out)) == expected, f"killed after {delay}s"
-        if not finished:
-            assert (out / "manifest.json").read_text() == manifest
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(_table_uris(out)) == expected
-    assert not list(out.glob(".staging-*"))  # what the killed runs left is gone
-    assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 40
-
-
 def _kill_when_parts(cmd, out, parts, timeout=300):
-    """Starts `cmd`, SIGKILLs it once `parts` caption parts are finished in its staging
-    folder; returns that folder."""
+    """Starts `cmd`, SIGKILLs it once `parts` caption parts are finished in its own staging
+    folder (not one an earlier killed run left); returns that folder."""
     import signal
     import subprocess
     import time
 
     from tests.test_cli import ENV, ROOT
 
+    earlier = set(out.glob(".staging-*"))
     proc = subprocess.Popen(
         cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + timeout
-    while len(list(out.glob(".staging-*/captions-*.parquet"))) < parts:
+
+    def own():
+        return [f for f in out.glob(".staging-*") if f not in earlier]
+
+    while sum(len(list(f.glob("captions-*.parquet"))) for f in own()) < parts:
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no parts written"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    [staging] = out.glob(".staging-*")
+    [staging] = own()
     return staging
 
 
@@ -517,11 +482,17 @@ def _part_rows(staging):
     return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
 
 
-def test_a_killed_run_resumes_from_its_finished_parts(inputs, tmp_path, capsys):
-    """A first run and a replacing rerun, each SIGKILLed mid-way: the rerun of the same
-    command with --skip_existing adopts the parts they finished, captions only the rest,
-    and commits as the killed run would have (the replacing one replaces)."""
+def test_killed_runs_leave_the_tables_whole_and_resume_from_their_parts(inputs, tmp_path, capsys):
+    """SIGKILL a first run once it has finished parts: the same command with
+    --skip_existing adopts them and captions only the rest. Then SIGKILL reruns that
+    replace the tables 2 and 7 s in (loading, reading) and once parts exist: the tables
+    stay whole each time, and the resumed rerun replaces them."""
+    import signal
+    import subprocess
     import sys
+    import time
+
+    from tests.test_cli import ENV, ROOT
 
     _, _, export = inputs
     folder = tmp_path / "in"
@@ -545,13 +516,26 @@ def test_a_killed_run_resumes_from_its_finished_parts(inputs, tmp_path, capsys):
     assert f"resuming run {staging.name.split('-', 1)[1]}" in capsys.readouterr().out
     assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
     assert sorted(_table_uris(out)) == expected
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["counts"] == {"captioned": 30, "failed": 1, "inputs": 31}
+    manifest = (out / "manifest.json").read_text()
+    assert json.loads(manifest)["counts"] == {"captioned": 30, "failed": 1, "inputs": 31}
     assert not list(out.glob(".staging-*"))
 
     first_files = sorted(p.name for p in out.glob("*.parquet"))
-    staging = _kill_when_parts(cmd, out, parts=4)  # a rerun that replaces the tables
-    assert sorted(p.name for p in out.glob("*.parquet")) == first_files
+    for delay in (2, 7):
+        proc = subprocess.Popen(
+            cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(delay)
+        finished = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert sorted(_table_uris(out)) == expected, f"killed after {delay}s"
+        if not finished:
+            assert (out / "manifest.json").read_text() == manifest
+            assert sorted(p.name for p in out.glob("*.parquet")) == first_files
+    staging = _kill_when_parts(cmd, out, parts=4)
+    assert sorted(_table_uris(out)) == expected
+    assert len(list(out.glob(".staging-*"))) == 1  # the earlier killed runs' are gone
     kept = _part_rows(staging)
     resumed = run([*argv, "--skip_existing"])
     assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
@@ -559,3 +543,4 @@ def test_a_killed_run_resumes_from_its_finished_parts(inputs, tmp_path, capsys):
     run_id = staging.name.split("-", 1)[1]
     assert all(run_id in p.name for p in out.glob("*.parquet"))  # replaced, not added to
     assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 31
+    assert not list(out.glob(".staging-*"))
