@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from model import formats
+from model import formats, storage
 from model.captioner import ShowAttendTell
 from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
 from model.defaults import PRESETS
@@ -108,13 +108,8 @@ def check_run_config(
     """
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
-        if chief:
-            tf.io.gfile.makedirs(model_dir)
-            # Written whole, then renamed: the other workers may read it at any moment.
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with tf.io.gfile.GFile(tmp, "w") as f:
-                json.dump({"model": model, "training": training}, f, indent=2)
-            tf.io.gfile.rename(tmp, path, overwrite=True)
+        if chief:  # written whole: the other workers may read it at any moment
+            storage.write_text(path, json.dumps({"model": model, "training": training}, indent=2))
         return
     with tf.io.gfile.GFile(path) as f:
         try:
