@@ -43,7 +43,13 @@ from beam_jobs.common import (
     run_pipeline,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
-from beam_jobs.parts import WritePartsFn, finished_parts, remove_inflight, row_count
+from beam_jobs.parts import (
+    WritePartsFn,
+    finished_parts,
+    remove_inflight,
+    row_count,
+    without_overlaps,
+)
 from beam_jobs.progress import (
     ERROR_PREFIX,
     ProgressReporter,
@@ -115,11 +121,27 @@ def existing_outputs(output_dir: str) -> list[str]:
     return sorted(found)
 
 
-def keyed_input(path: str | Item) -> tuple[str, Item]:
+class KeyInputsFn(beam.DoFn):
     """A matched path keyed for grouping: a plain file by its uri, an archive by its path.
     An archive's members are read after the grouping, so their bytes never wait in a
-    shuffle (which local runners hold in memory)."""
-    return (path.uri, path) if isinstance(path, Item) else (path, Item(path))
+    shuffle (which local runners hold in memory). Plain files are counted as matched
+    here, before any is read, so progress lines show their total from the start; an
+    archive's members are counted as it is read."""
+
+    def __init__(self, progress_dir: str | None = None):
+        self.tally = Tally(NAMESPACE, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def process(self, path: str | Item) -> Iterator[tuple[str, Item]]:
+        item = path if isinstance(path, Item) else Item(path)
+        if item.error_type is not None or not is_archive_name(item.uri):
+            self.tally.inc("inputs_matched")
+        yield item.uri, item
+
+    def finish_bundle(self) -> None:
+        self.tally.flush()
 
 
 def done_key(uri: str) -> tuple[str, str | None]:
@@ -149,7 +171,6 @@ class NewInputsFn(beam.DoFn):
         if not items or None in done:  # not an input, or it (or its archive) has its row
             return
         if items[0].error_type is not None or not is_archive_name(key):
-            self.tally.inc("inputs_matched")
             yield items[0]  # the same file matched twice (overlapping --input) is read once
             return
         skip = set(done)
@@ -405,7 +426,7 @@ def build_pipeline(
         "input": p
         | "Inputs" >> beam.Create(args.input)
         | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
-        | "KeyInputs" >> beam.Map(keyed_input)
+        | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir))
     }
     if (done := done_uris(p, plan)) is not None:
         groups["done"] = done
@@ -509,6 +530,19 @@ def run_identity(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str
     }
 
 
+def adopt_parts(staging: str, run_id: str) -> tuple[list[str], dict[str, int]]:
+    """A killed run's finished parts (half-written ones deleted, and any whose uris an
+    earlier part holds), and how many captions and error rows they hold."""
+    remove_inflight(staging)
+    tables = ("captions", "errors")
+    parts = without_overlaps([p for t in tables for p in finished_parts(staging, f"{t}-{run_id}")])
+    counts = {
+        key: sum(row_count(p) for p in parts if posixpath.basename(p).startswith(f"{t}-"))
+        for key, t in (("captioned", "captions"), ("failed", "errors"))
+    }
+    return parts, counts
+
+
 def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
     """Resumes the killed run this command started (with --skip_existing), or starts a new
     one; removes every other unfinished run's staging folder."""
@@ -522,20 +556,13 @@ def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
     existing = existing_outputs(args.output_dir)
     if found:
         staging, record = found
-        remove_inflight(staging)
-        adopted = {
-            t: finished_parts(staging, f"{t}-{record['run_id']}") for t in ("captions", "errors")
-        }
-        counts = {
-            "captioned": sum(map(row_count, adopted["captions"])),
-            "failed": sum(map(row_count, adopted["errors"])),
-        }
+        adopted, counts = adopt_parts(staging, record["run_id"])
         plan = RunPlan(
             record["run_id"],
             staging,
             bool(record["add"]),
             existing,
-            [*adopted["captions"], *adopted["errors"]],
+            adopted,
             counts,
         )
         print(

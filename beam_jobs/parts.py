@@ -64,6 +64,29 @@ def finished_parts(folder: str, prefix: str) -> list[str]:
     return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
 
 
+def read_uris(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.read_table(f, columns=["uri"]).column(0).to_pylist()
+
+
+def without_overlaps(paths: list[str]) -> list[str]:
+    """The parts, in order, whose uris no earlier part holds; the others are deleted, so
+    their rows are captioned again. Two parts share a uri only if a runner retried a
+    bundle that had already saved parts, and grouped its rows differently the second time."""
+    seen: set[str] = set()
+    kept = []
+    for path in paths:
+        uris = read_uris(path)
+        if seen.isdisjoint(uris):
+            kept.append(path)
+            seen.update(uris)
+        else:
+            FileSystems.delete([path])
+    return kept
+
+
 def row_count(path: str) -> int:
     """Rows in a Parquet file, from its footer."""
     import pyarrow.parquet as pq
