@@ -59,16 +59,29 @@ def bare_inception_rate(batch_size: int, precision: str, batches: int = 6) -> fl
     return batches * batch_size / (time.perf_counter() - start)
 
 
+PEAK_CODE = """
+import importlib, json, resource, sys
+summary = importlib.import_module(sys.argv[1]).run(json.loads(sys.argv[2]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:  # this process's own peak: ru_maxrss also counts the parent it was forked from
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0])
+except (OSError, IndexError):
+    pass
+print("PEAK", peak)
+print("SUMMARY", json.dumps(summary))
+"""
+
+
 def peak_rss_mb(module: str, argv: list[str]) -> tuple[float, dict]:
     """Runs `module.run(argv)` in a fresh process; returns its peak resident memory (MB)
     and what `run` returned."""
-    code = (
-        "import json, resource, sys, importlib;"
-        f"summary = importlib.import_module({module!r}).run({argv!r});"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);"
-        "print('SUMMARY', json.dumps(summary))"
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_CODE, module, json.dumps(argv)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
     peak = [x for x in lines if x.startswith("PEAK")][-1]
     summary = [x for x in lines if x.startswith("SUMMARY")][-1]
