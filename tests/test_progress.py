@@ -63,7 +63,7 @@ def _progress(stderr: str, job: str) -> list[tuple[int, int]]:
 def test_a_caption_run_prints_progress_lines_with_rising_counts(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(48):
+    for i in range(24):
         (images / f"{i:02d}.jpg").write_bytes(encode(noise(i), "JPEG"))
     (images / "broken.jpg").write_bytes(b"not an image")
     export = write_tiny_export(str(tmp_path / "export"))
@@ -71,12 +71,12 @@ def test_a_caption_run_prints_progress_lines_with_rising_counts(tmp_path, capsys
         ["--model", export, "--input", str(images), "--output_dir", str(tmp_path / "out")]
         + ["--batch_size", "2", "--progress_seconds", "0.5", *RUNNER]
     )
-    assert summary["captioned"] == 48 and summary["errors"] == {"not_an_image": 1}
+    assert summary["captioned"] == 24 and summary["errors"] == {"not_an_image": 1}
     lines = _progress(capsys.readouterr().err, "caption_images")
     dones = [d for d, _ in lines]
     assert len(set(dones)) >= 2, lines  # at least two lines with rising counts
     assert dones == sorted(dones)
-    assert all(total == 49 for _, total in lines if total and _ > 0)
+    assert all(total == 25 for _, total in lines if total and _ > 0)
 
 
 def test_an_extract_run_prints_progress_against_the_annotated_images(tmp_path, capsys):
