@@ -37,6 +37,7 @@ EXTRAS_REQUIRE = {
         "gcp-storage-emulator>=2026.7",  # tests/test_gcs.py: every stage on gs://
         "cryptography",  # tests/gcs.py: the TLS proxy's throw-away CA
         "duckdb>=1.0",
+        "scikit-image>=0.22",  # real photos for the converted weights' batch-norm check
         "ruff>=0.6",
         "apache-beam[gcp]>=2.77,<2.78",
     ],

@@ -32,3 +32,22 @@ PENDING_BYTES = 256 << 20
 # caption_images saves finished rows at least this often (seconds): a killed run
 # resumed with --skip_existing redoes at most this much work.
 CHECKPOINT_SECONDS = 60.0
+# `--weights NAME` for real ImageNet weights that `make weights` (python -m
+# model.pretrained) converts offline into the cache: name -> (backbone variant, file).
+NAMED_WEIGHTS: dict[str, tuple[str, str]] = {
+    "inception-2015": ("2015", "inception-2015.weights.h5"),
+}
+
+
+def weights_cache_dir() -> str:
+    """Where converted weights live: $SAT_CACHE_DIR, else ~/.cache/show-attend-tell."""
+    import os
+
+    default = os.path.join(os.path.expanduser("~"), ".cache", "show-attend-tell")
+    return os.environ.get("SAT_CACHE_DIR") or default
+
+
+def named_weights_path(name: str) -> str:
+    import os
+
+    return os.path.join(weights_cache_dir(), NAMED_WEIGHTS[name][1])
