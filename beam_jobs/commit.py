@@ -101,6 +101,29 @@ def staged_files(staging: str) -> list[str]:
     return [f for f in _matches(f"{staging}/*.parquet") if posixpath.basename(f) in listed]
 
 
+def _read_parquet(path: str, columns: list[str] | None = None) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.read_table(pa.BufferReader(f.read()), columns=columns)
+
+
+def table_looping(caption_files: list[str]) -> dict[str, Any]:
+    """The looping figures (`model.ngrams.looping_figures`) of the whole captions table,
+    as evaluation reports them: repeated-trigram share, length-limit share, distinct
+    captions per image."""
+    from model.ngrams import looping_figures
+
+    captions: list[str] = []
+    at_limit: list[bool] = []
+    for path in caption_files:
+        table = _read_parquet(path, ["caption", "hit_max_length"])
+        captions += table["caption"].to_pylist()
+        at_limit += table["hit_max_length"].to_pylist()
+    return looping_figures(captions, at_limit)
+
+
 def supersede_retried_errors(staging: str, existing: list[str]) -> int:
     """With --skip_existing, inputs whose row was a transient error were tried again:
     every previous errors file holding such a row is rewritten into `staging` without
@@ -110,10 +133,7 @@ def supersede_retried_errors(staging: str, existing: list[str]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    def read(path: str, columns: list[str] | None = None) -> pa.Table:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            return pq.read_table(pa.BufferReader(f.read()), columns=columns)
-
+    read = _read_parquet
     transient = pa.array(formats.TRANSIENT_ERRORS)
     old = {f: read(f) for f in existing if posixpath.basename(f).startswith("errors-")}
     old = {f: t for f, t in old.items() if pc.any(pc.is_in(t["error_type"], transient)).as_py()}
@@ -147,13 +167,15 @@ def commit(
     out = output_dir.rstrip("/")
     manifest_path = f"{out}/{formats.MANIFEST_FILE}"
     staged_manifest = f"{staging}/{formats.MANIFEST_FILE}"
+    final = formats.read_manifest(staged_manifest, formats.KIND_CAPTIONS)
     if add and FileSystems.exists(manifest_path):
         previous = formats.read_manifest(manifest_path, formats.KIND_CAPTIONS)
-        new = formats.read_manifest(staged_manifest, formats.KIND_CAPTIONS)
-        formats.write_manifest(
-            staged_manifest, formats.KIND_CAPTIONS, merged_manifest(new, previous, retried)
-        )
+        final = merged_manifest(final, previous, retried)
     staged = staged_files(staging)
+    where = {posixpath.basename(f): f for f in staged}
+    captions = [where.get(n, f"{out}/{n}") for n in final["files"] if n.startswith("captions-")]
+    final["looping"] = table_looping(captions)
+    formats.write_manifest(staged_manifest, formats.KIND_CAPTIONS, final)
     targets = [f"{out}/{posixpath.basename(f)}" for f in staged]
     if replaced and not add:
         FileSystems.delete(replaced)

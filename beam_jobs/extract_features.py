@@ -1,7 +1,8 @@
 """Stage 1: COCO images -> InceptionV3 `mixed10` float16 TFRecord shards + vocab.txt + manifest.
 
     python -m beam_jobs.extract_features --split train --captions_json ANN.json \
-        --images_dir DIR --output_dir FEATURES_DIR [--weights imagenet|none|PATH] [Beam flags]
+        --images_dir DIR --output_dir FEATURES_DIR [--weights inception-2015|imagenet|none|PATH] \
+        [Beam flags]
     python -m beam_jobs.extract_features --karpathy_json dataset_coco.json \
         --images_dir COCO_ROOT --output_dir FEATURES_DIR
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ from model.cli import (
     positive_int,
     run_cli,
 )
-from model.defaults import IMAGES_PER_SHARD, PRECISIONS
+from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, PRECISIONS, named_weights_path
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -37,7 +39,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--split", help="split name for --captions_json (train, val, ...)")
     p.add_argument("--images_dir", required=True, help="image folder (COCO root for Karpathy)")
     p.add_argument("--output_dir", required=True, help="FEATURES_DIR, local or gs://")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | weights file")
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="inception-2015 (real ImageNet weights offline: run `make weights` once) | "
+        "imagenet (Keras downloads them) | none (random init) | a weights file",
+    )
     p.add_argument("--precision", default="float32", choices=PRECISIONS, help="extractor compute")
     p.add_argument(
         "--vocab_size", type=int_at_least(5), default=5000, help="tokens incl. 4 reserved"
@@ -68,7 +75,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, beam_args = parse_args(argv)
     for flag in ("--captions_json", "--karpathy_json", "--images_dir", "--vocab"):
         check_exists(flag, getattr(args, flag[2:]))
-    if args.weights not in ("imagenet", "none"):
+    if args.weights in NAMED_WEIGHTS:
+        if not os.path.exists(named_weights_path(args.weights)):
+            raise UsageError(
+                f"--weights {args.weights}: not converted yet; run `make weights` "
+                "(python -m model.pretrained) first"
+            )
+    elif args.weights not in ("imagenet", "none"):
         check_exists("--weights", args.weights)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from model.quiet import import_tensorflow

@@ -35,7 +35,7 @@ from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
 from model.defaults import IMAGES_PER_SHARD
-from model.extractor import check_weights, features_identity
+from model.extractor import check_weights, features_identity, fetch_keras_imagenet
 from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
 
 NAMESPACE = "extract_features"
@@ -335,6 +335,8 @@ def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds, images/s)."""
     args.weights = check_weights(args.weights)
+    if args.weights == "imagenet":
+        fetch_keras_imagenet()  # here, not on a worker: offline is one line at start
     if not path_exists(args.images_dir):
         raise UsageError(f"--images_dir does not exist: {args.images_dir}")
     source = args.karpathy_json or args.captions_json

@@ -16,7 +16,8 @@ The search follows fairseq and GNMT (Wu et al. 2016):
   is done or after `max_length` steps;
 - a row where nothing finished returns its best live (partial) hypothesis.
 Banned tokens (`<pad>`, `<start>`, by default `<unk>`) are masked out before the
-softmax, as in greedy decoding.
+softmax, as in greedy decoding; with `block_repeats` n, so is every token that
+would repeat an n-gram of its hypothesis (`model.ngrams`), after the softmax.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from model.ngrams import repeat_block_mask
 from model.vocab import PAD_ID
 
 NEG_INF = -1e9
@@ -63,6 +65,7 @@ def beam_search(
     max_length: int,
     alpha: float = 0.0,
     banned: Sequence[int] = (),
+    block_repeats: int = 0,
 ) -> dict[str, tf.Tensor]:
     """Decodes `batch` rows; `initial_state` has leading dimension B * beam_size
     (row-major: row b's hypotheses are b*K .. b*K+K-1).
@@ -111,6 +114,9 @@ def beam_search(
     def body(t, live, done, state):
         logits, state, attention = step_fn(tf.reshape(live["token"], [n]), state)
         token_logp = tf.nn.log_softmax(tf.cast(logits, tf.float32) + mask)  # (N, V)
+        if block_repeats:  # after the softmax: a caption's log-prob stays the model's
+            history = tf.reshape(live["ids"], [n, steps])
+            token_logp += repeat_block_mask(history, t, block_repeats, v)
         token_logp = tf.reshape(token_logp, [batch, k, v])
         total = live["logp"][..., None] + token_logp  # (B, K, V)
         cand_logp, flat = tf.math.top_k(tf.reshape(total, [batch, k * v]), 2 * k)

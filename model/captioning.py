@@ -57,7 +57,9 @@ def build_caption_fn(
     from model.decoding import decode_graph
     from model.extractor import build_feature_extractor
 
-    extractor = build_feature_extractor(export.extractor_weights(), precision)
+    extractor = build_feature_extractor(
+        export.extractor_weights(), precision, export.extractor_variant
+    )
     model, max_length = export.model, export.max_length
 
     @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])

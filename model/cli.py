@@ -108,7 +108,10 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    """--beam_size, --length_penalty, --allow_unk (model.evaluate, beam_jobs.caption_images)."""
+    """--beam_size, --length_penalty, --allow_unk, --block_repeats (model.evaluate,
+    model.caption, model.serving, beam_jobs.caption_images)."""
+    from model.defaults import DEFAULT_BLOCK_REPEATS
+
     parser.add_argument(
         "--beam_size", type=positive_int, default=1, help="1: greedy decoding; K: beam search"
     )
@@ -119,6 +122,13 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
         help="beam search ranks captions by log-prob / ((5 + length) / 6) ** this (GNMT alpha)",
     )
     parser.add_argument("--allow_unk", action="store_true", help="beam search may produce <unk>")
+    parser.add_argument(
+        "--block_repeats",
+        type=non_negative_int,
+        default=DEFAULT_BLOCK_REPEATS,
+        metavar="N",
+        help="never repeat an n-gram of this size within a caption (0: off)",
+    )
 
 
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,4 +137,5 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
         "beam_size": args.beam_size,
         "length_penalty": args.length_penalty,
         "allow_unk": args.allow_unk,
+        "block_repeats": args.block_repeats,
     }

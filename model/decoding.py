@@ -2,6 +2,7 @@
 
 Greedy: each row stops at `<end>`; the whole batch stops when every row is done
 or `max_length` tokens were produced. Deterministic (argmax, no sampling).
+Both block repeated n-grams (`block_repeats`, trigrams by default; `model.ngrams`).
 Beam search (`model.beam_search`) keeps K hypotheses per row; beam size 1 is
 greedy decoding.
 """
@@ -15,6 +16,8 @@ import tensorflow as tf
 
 from model.beam_search import beam_search
 from model.captioner import ShowAttendTell
+from model.defaults import DEFAULT_BLOCK_REPEATS
+from model.ngrams import repeat_block_mask
 from model.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 
@@ -48,34 +51,43 @@ class Decoded:
 
 
 def greedy_decode_graph(
-    model: ShowAttendTell, features: tf.Tensor, max_length: int
+    model: ShowAttendTell, features: tf.Tensor, max_length: int, block_repeats: int = 0
 ) -> dict[str, tf.Tensor]:
-    """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`)."""
+    """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`).
+
+    With `block_repeats` n > 0, a token that would repeat an n-gram of the caption
+    is never chosen (`model.ngrams`)."""
     batch = tf.shape(features)[0]
     encoded, projected = model.encode(features)
     decoder = model.decoder
     num_locations = tf.shape(features)[1]
 
-    def cond(t, token, hidden, done, ids, logps, alphas):
+    vocab_size = model.config.vocab_size
+
+    def cond(t, token, hidden, done, history, ids, logps, alphas):
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
 
     # <pad> and <start> are never valid outputs: mask them out of the softmax.
     never = tf.scatter_nd([[PAD_ID], [START_ID]], [-1e9, -1e9], [model.config.vocab_size])
 
-    def body(t, token, hidden, done, ids, logps, alphas):
+    def body(t, token, hidden, done, history, ids, logps, alphas):
         logits, hidden, alpha = decoder.step(token, hidden, encoded, projected)
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) + never)
+        if block_repeats:
+            log_probs += repeat_block_mask(history, t, block_repeats, vocab_size)
         next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
         next_logp = tf.gather(log_probs, next_token, batch_dims=1)
         next_token = tf.where(done, PAD_ID, next_token)
         next_logp = tf.where(done, 0.0, next_logp)
         alpha = tf.where(done[:, None], 0.0, tf.cast(alpha, tf.float32))
         done = tf.logical_or(done, tf.equal(next_token, END_ID))
+        history += tf.one_hot(t, max_length, dtype=tf.int32)[None] * next_token[:, None]
         return (
             t + 1,
             next_token,
             hidden,
             done,
+            history,
             ids.write(t, next_token),
             logps.write(t, next_logp),
             alphas.write(t, alpha),
@@ -86,11 +98,12 @@ def greedy_decode_graph(
         tf.fill([batch], START_ID),
         decoder.initial_state(batch),
         tf.zeros([batch], tf.bool),
+        tf.zeros([batch, max_length], tf.int32),  # the tokens so far, for repeat blocking
         tf.TensorArray(tf.int32, size=0, dynamic_size=True),
         tf.TensorArray(tf.float32, size=0, dynamic_size=True),
         tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None]),
     )
-    steps, _, _, done, ids, logps, alphas = tf.while_loop(
+    steps, _, _, done, _, ids, logps, alphas = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_length
     )
 
@@ -119,6 +132,7 @@ def beam_decode_graph(
     beam_size: int,
     length_penalty: float = 0.0,
     allow_unk: bool = False,
+    block_repeats: int = 0,
 ) -> dict[str, tf.Tensor]:
     """Beam search (`model.beam_search`): features (B, L, D) -> the tensors of `Decoded`."""
     batch = tf.shape(features)[0]
@@ -142,6 +156,7 @@ def beam_decode_graph(
         max_length,
         length_penalty,
         banned=(PAD_ID, START_ID) if allow_unk else (PAD_ID, START_ID, UNK_ID),
+        block_repeats=block_repeats,
     )
     out.pop("score")
     return out
@@ -154,11 +169,15 @@ def decode_graph(
     beam_size: int = 1,
     length_penalty: float = 0.0,
     allow_unk: bool = False,
+    block_repeats: int = DEFAULT_BLOCK_REPEATS,
 ) -> dict[str, tf.Tensor]:
-    """Greedy decoding for beam_size 1 (exactly as before beam search existed), else beam search."""
+    """Greedy decoding for beam_size 1, else beam search; both block repeated n-grams of
+    size `block_repeats` (0: off)."""
     if beam_size == 1:
-        return greedy_decode_graph(model, features, max_length)
-    return beam_decode_graph(model, features, max_length, beam_size, length_penalty, allow_unk)
+        return greedy_decode_graph(model, features, max_length, block_repeats)
+    return beam_decode_graph(
+        model, features, max_length, beam_size, length_penalty, allow_unk, block_repeats
+    )
 
 
 def make_decoder(
@@ -167,29 +186,37 @@ def make_decoder(
     beam_size: int = 1,
     length_penalty: float = 0.0,
     allow_unk: bool = False,
+    block_repeats: int = DEFAULT_BLOCK_REPEATS,
 ) -> tf.types.experimental.ConcreteFunction:
     """A tf.function over features of any batch size: one graph call per batch."""
     feature_shape = list(model.config.feature_shape)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *feature_shape], tf.float32)])
     def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:
-        return decode_graph(model, features, max_length, beam_size, length_penalty, allow_unk)
+        return decode_graph(
+            model, features, max_length, beam_size, length_penalty, allow_unk, block_repeats
+        )
 
     return decode
 
 
 def make_greedy_decoder(
-    model: ShowAttendTell, max_length: int
+    model: ShowAttendTell, max_length: int, block_repeats: int = DEFAULT_BLOCK_REPEATS
 ) -> tf.types.experimental.ConcreteFunction:
     """A tf.function over features of any batch size: one graph call per batch."""
-    return make_decoder(model, max_length)
+    return make_decoder(model, max_length, block_repeats=block_repeats)
 
 
 def to_decoded(outputs: dict[str, tf.Tensor]) -> Decoded:
     return Decoded(**{k: np.asarray(v) for k, v in outputs.items()})
 
 
-def greedy_decode(model: ShowAttendTell, features: np.ndarray, max_length: int) -> Decoded:
+def greedy_decode(
+    model: ShowAttendTell,
+    features: np.ndarray,
+    max_length: int,
+    block_repeats: int = DEFAULT_BLOCK_REPEATS,
+) -> Decoded:
     """Convenience wrapper: decode a numpy batch with a freshly traced function."""
-    decode = make_greedy_decoder(model, max_length)
+    decode = make_greedy_decoder(model, max_length, block_repeats)
     return to_decoded(decode(tf.convert_to_tensor(features, tf.float32)))

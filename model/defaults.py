@@ -16,6 +16,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Greedy decoding stops after this many words unless `<end>` comes first.
 DEFAULT_MAX_LENGTH = 20
+# Decoding never completes an n-gram of this size that the caption already holds
+# (0: off). Trigrams: see model/ngrams.py and docs for the measurements behind it.
+DEFAULT_BLOCK_REPEATS = 3
 # How InceptionV3 may compute the features (stored as float16 either way).
 PRECISIONS = ("float32", "bfloat16", "float16")
 # Images with more pixels are refused as decompression bombs (PIL's own limit).

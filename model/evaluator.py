@@ -20,6 +20,7 @@ from model.data import check_data_dir, image_records, records, split_info
 from model.decoding import make_decoder, to_decoded
 from model.export import Export, load_export
 from model.metrics import format_table, score_captions
+from model.ngrams import looping_figures
 from model.vocab import standardize
 
 
@@ -47,6 +48,7 @@ def decode_split(
         out["image_id"] += [int(i) for i in batch["image_id"].numpy()]
         out["file_name"] += [f.decode("utf-8") for f in batch["file_name"].numpy()]
         out["caption"] += decoded.captions(export.vocab)
+        out["hit_max_length"] += [bool(h) for h in decoded.hit_max_length]
         out["references"] += [
             [c.decode("utf-8") for c in row] for row in batch["captions"].to_list()
         ]
@@ -110,6 +112,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     preds = dict(zip(ids, decoded["caption"], strict=True))
     use_java = False if args.no_java else None
     metrics = score_captions(refs, preds, use_java)
+    metrics.update(looping_figures(decoded["caption"], decoded["hit_max_length"]))
     results: dict[str, Any] = {"model": metrics}
     train_split = "train" if "train" in features_manifest.get("splits", {}) else None
     if train_split:
@@ -120,6 +123,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             refs, dict.fromkeys(ids, blind), metrics["comparable"]
         )
         results["blind baseline"]["caption"] = blind
+        results["blind baseline"].update(looping_figures([blind] * len(ids), [False] * len(ids)))
     record = {
         **metrics,
         "split": args.split,

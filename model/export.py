@@ -53,6 +53,11 @@ class Export:
             return weights
         return formats.export_paths(self.path)["extractor_weights"]
 
+    @property
+    def extractor_variant(self) -> str:
+        """The backbone variant the features were computed with (model.extractor)."""
+        return self.features.get("variant") or "keras"
+
 
 def model_id(
     model: ShowAttendTell,

@@ -39,7 +39,7 @@ KERAS_IMAGENET_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"
 INPUT_SCALING = {"keras": (1 / 127.5, -1.0), "2015": (1 / 128, -1.0)}
 
 
-class WeightsUnavailable(FileNotFoundError):
+class WeightsUnavailableError(FileNotFoundError):
     """Weights that cannot be had here (not converted yet, or no network): one line."""
 
 
@@ -100,7 +100,7 @@ def check_weights(weights: str) -> str:
         return weights.lower()
     if weights in NAMED_WEIGHTS:
         if not os.path.exists(named_weights_path(weights)):
-            raise WeightsUnavailable(
+            raise WeightsUnavailableError(
                 f"--weights {weights}: not converted yet; run `make weights` "
                 f"(python -m model.pretrained) first"
             )
@@ -123,7 +123,7 @@ def fetch_keras_imagenet() -> str:
         )
     except Exception as e:  # noqa: BLE001 - Keras wraps URL, HTTP and hash errors alike
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise WeightsUnavailable(
+        raise WeightsUnavailableError(
             f"--weights imagenet: Keras could not download its weights ({reason}); "
             "offline, run `make weights` and pass --weights inception-2015"
         ) from None
@@ -147,9 +147,7 @@ def build_backbone(inputs: Any, variant: str = "keras") -> keras.Model:
     """
     scale, offset = INPUT_SCALING[variant]
     scaled = keras.layers.Rescaling(scale, offset=offset, name="inception_scale")(inputs)
-    backbone = keras.applications.InceptionV3(
-        include_top=False, weights=None, input_tensor=scaled
-    )
+    backbone = keras.applications.InceptionV3(include_top=False, weights=None, input_tensor=scaled)
     if variant == "keras":
         return backbone
     mixed10_pool = [

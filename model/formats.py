@@ -165,8 +165,9 @@ def check_backbone(manifest: Mapping[str, Any], where: str) -> None:
 # every split of FEATURES_DIR and every reader must match all of them.
 FEATURE_IDENTITY_KEYS = (
     "backbone",
+    "variant",  # "keras" or "2015" (model.extractor)
     "layer",
-    "weights",
+    "weights_hash",  # by content: a moved or copied file is the same weights
     "weights_seed",
     "image_size",
     "preprocessing",

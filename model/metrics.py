@@ -18,6 +18,13 @@ from typing import Any
 from model.vocab import standardize
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+# What shows looping (model.ngrams.looping_figures), printed under the metrics, in %.
+LOOPING_KEYS = ("repeated_3gram_share", "at_length_limit_share", "distinct_captions_per_image")
+_SHORT = {
+    "repeated_3gram_share": "loops %",
+    "at_length_limit_share": "at limit %",
+    "distinct_captions_per_image": "distinct %",
+}
 LOG = logging.getLogger(__name__)
 
 
@@ -88,15 +95,16 @@ def score_captions(
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """Metrics as a text table, one column per named result (e.g. model vs baseline)."""
+    """Metrics as a text table, one column per named result (e.g. model vs baseline):
+    the COCO metrics x 100, then the looping figures in %."""
     names = list(rows)
     lines = [f"{'metric':<10}" + "".join(f"{n:>16}" for n in names)]
-    for key in METRIC_KEYS:
+    for key in (*METRIC_KEYS, *LOOPING_KEYS):
         cells = [rows[n].get(key) for n in names]
         if all(c is None for c in cells):
             continue
         lines.append(
-            f"{key:<10}"
+            f"{_SHORT.get(key, key):<10}"
             + "".join(f"{c * 100:>16.2f}" if c is not None else " " * 15 + "-" for c in cells)
         )
     return "\n".join(lines)

@@ -22,11 +22,23 @@ captions differ from `caption_images`'.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+from model import storage
 from model.cli import add_decoding_flags, check_exists, decoding_settings, run_cli
+from model.defaults import DEFAULT_BLOCK_REPEATS
+
+# The decoding settings of a serving graph built without flags, as add_decoding_flags' defaults.
+DEFAULT_DECODING = {
+    "beam_size": 1,
+    "length_penalty": 0.0,
+    "allow_unk": False,
+    "block_repeats": DEFAULT_BLOCK_REPEATS,
+}
+SERVING_RECORD = "serving.json"  # beside saved_model.pb: model id, precision, decoding
 
 SERVING_DIR = "serving"
 
@@ -82,6 +94,7 @@ def build_serving_archive(
     beam_size: int = 1,
     length_penalty: float = 0.0,
     allow_unk: bool = False,
+    block_repeats: int = DEFAULT_BLOCK_REPEATS,
 ) -> Any:
     """A keras.export.ExportArchive with the `serving_default` endpoint for `export`."""
     import keras
@@ -91,7 +104,9 @@ def build_serving_archive(
     from model.extractor import build_feature_extractor
     from model.preprocess import IMAGE_SIZE
 
-    extractor = build_feature_extractor(export.extractor_weights(), precision)
+    extractor = build_feature_extractor(
+        export.extractor_weights(), precision, export.extractor_variant
+    )
     model, max_length = export.model, export.max_length
     vocab = tf.constant(list(export.vocab.tokens))
 
@@ -108,7 +123,7 @@ def build_serving_archive(
         # The float16 round trip of stage 1's stored features, as caption_images does.
         features = tf.cast(tf.cast(extractor(pixels, training=False), tf.float16), tf.float32)
         out = decode_graph(
-            model, features, max_length, beam_size, length_penalty, allow_unk=allow_unk
+            model, features, max_length, beam_size, length_penalty, allow_unk, block_repeats
         )
         words = tf.RaggedTensor.from_tensor(out["token_ids"], lengths=out["lengths"])
         return {
@@ -143,8 +158,12 @@ def write_serving_export(
     export = load_export(export_dir)
     precision = precision or export.features.get("precision", "float32")
     path = output or serving_path(export_dir)
-    archive = build_serving_archive(export, precision, **(decoding or {}))
+    decoding = {**DEFAULT_DECODING, **(decoding or {})}
+    archive = build_serving_archive(export, precision, **decoding)
     archive.write_out(path, verbose=False)
+    # What the graph does, beside it: the SavedModel itself cannot say.
+    record = {"model_id": export.model_id, "precision": precision, "decoding": decoding}
+    storage.write_text(f"{path.rstrip('/')}/{SERVING_RECORD}", json.dumps(record, indent=2))
     return path
 
 

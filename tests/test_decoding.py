@@ -36,7 +36,7 @@ def forced_model() -> ShowAttendTell:
 def test_rows_stop_at_end_and_respect_max_length():
     feats = np.zeros((2, 64, 2048), np.float32)
     feats[0, :, 0] = 1.0  # row 0 ends immediately; row 1 never does
-    out = greedy_decode(forced_model(), feats, max_length=6)
+    out = greedy_decode(forced_model(), feats, max_length=6, block_repeats=0)
     assert out.token_ids[0].tolist() == [END_ID] + [PAD_ID] * 5
     assert out.token_ids[1].tolist() == [WORD] * 6
     assert out.lengths.tolist() == [0, 6]
@@ -58,7 +58,7 @@ def test_captions_are_decoded_with_the_vocabulary():
     vocab = Vocabulary(("<pad>", "<unk>", "<start>", "<end>", "a", "dog", "x", "y"))
     feats = np.zeros((2, 64, 2048), np.float32)
     feats[0, :, 0] = 1.0
-    out = greedy_decode(forced_model(), feats, max_length=3)
+    out = greedy_decode(forced_model(), feats, max_length=3, block_repeats=0)
     assert out.captions(vocab) == ["", "dog dog dog"]
 
 
@@ -87,6 +87,90 @@ def test_pad_and_start_are_never_generated():
     fc2_b[:] = 0
     fc2_b[0], fc2_b[2] = 50.0, 40.0  # <pad> and <start> would win the argmax
     m.decoder.fc2.set_weights([np.zeros_like(fc2_k), fc2_b])
-    out = greedy_decode(m, np.zeros((2, 64, 2048), np.float32), max_length=4)
+    out = greedy_decode(m, np.zeros((2, 64, 2048), np.float32), max_length=4, block_repeats=0)
     assert not np.isin(out.token_ids[:, 0], [0, 2]).any()
     assert (out.lengths == 4).all()
+
+
+# ---------------------------------------------------------------- repeat blocking
+
+
+def looping_model() -> ShowAttendTell:
+    """Whatever the image, the same ranking every step: WORD, then 6, 7, 4, ..., <end> last.
+    Greedy and beam search without blocking say WORD until the length limit."""
+    m = forced_model()
+    fc2_k, _ = m.decoder.fc2.get_weights()
+    bias = np.zeros(8, np.float32)
+    bias[[WORD, 6, 7, 4, 1]] = [5.0, 4.0, 3.0, 2.0, 1.0]
+    bias[[PAD_ID, 2, END_ID]] = -5.0
+    m.decoder.fc2.set_weights([np.zeros_like(fc2_k), bias])
+    return m
+
+
+def reference_block(history: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already in `history` (plain Python)."""
+    if len(history) < n:
+        return set()
+    suffix = tuple(history[len(history) - n + 1 :])
+    return {
+        history[j + n - 1]
+        for j in range(len(history) - n + 1)
+        if tuple(history[j : j + n - 1]) == suffix
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_repeat_block_mask_bans_exactly_the_tokens_that_repeat_an_ngram(n):
+    import tensorflow as tf
+
+    from model.ngrams import NEG_INF, repeat_block_mask
+
+    rng = np.random.RandomState(n)
+    steps, vocab = 12, 5
+    history = rng.randint(0, 3, (40, steps)).astype(np.int32)  # 3 tokens: many repeats
+    for t in range(steps + 1):
+        prefix = np.where(np.arange(steps) < t, history, 0)  # as the decoders hold it
+        mask = repeat_block_mask(tf.constant(prefix), tf.constant(t), n, vocab).numpy()
+        for row in range(len(history)):
+            want = reference_block(history[row, :t].tolist(), n)
+            assert set(np.flatnonzero(mask[row] == NEG_INF)) == want, (row, t)
+            assert set(np.unique(mask[row])) <= {0.0, NEG_INF}
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_blocking_ends_the_loop_of_a_model_that_loops(beam_size):
+    import tensorflow as tf
+
+    from model.decoding import make_decoder, to_decoded
+    from model.ngrams import has_repeated_ngram
+
+    feats = tf.zeros((2, 64, 2048))
+    model = looping_model()
+
+    def decode(block: int):
+        fn = make_decoder(model, 10, beam_size=beam_size, allow_unk=True, block_repeats=block)
+        return to_decoded(fn(feats))
+
+    free = decode(0)
+    assert free.token_ids[0].tolist() == [WORD] * 10  # the loop, as users saw it
+    for n in (2, 3):
+        blocked = decode(n)
+        for row in range(2):
+            words = blocked.words(row)
+            assert not has_repeated_ngram(words, n), words
+            assert words[:n] == [WORD] * n  # it is the same model: blocking starts late
+        # The log-probs are the model's own: blocking removes choices, it does not rescale.
+        first = blocked.log_probs[0, 0]
+        assert first == pytest.approx(float(free.log_probs[0, 0]), abs=1e-6)
+
+
+def test_looping_figures():
+    from model.ngrams import looping_figures
+
+    figures = looping_figures(
+        ["a dog on a dog on a", "a cat", "a cat", "a small red circle above a small red square"],
+        [True, False, False, False],
+    )
+    assert figures["repeated_3gram_share"] == pytest.approx(0.5)  # true captions repeat too
+    assert figures["at_length_limit_share"] == pytest.approx(0.25)
+    assert figures["distinct_captions_per_image"] == pytest.approx(0.75)

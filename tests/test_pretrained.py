@@ -14,7 +14,7 @@ import skimage.data
 from model import pretrained
 from model.defaults import named_weights_path, weights_cache_dir
 from model.extractor import (
-    WeightsUnavailable,
+    WeightsUnavailableError,
     build_feature_extractor,
     check_weights,
     features_identity,
@@ -90,14 +90,15 @@ def test_inception_2015_by_name_in_the_extractor(photos):
     assert identity["variant"] == "2015"
     assert identity["weights_hash"].startswith("sha256:")
     # A copy elsewhere is the same weights: the identity is by content, not by path.
-    assert identity["weights_hash"] == features_identity(named_weights_path("inception-2015"))[
-        "weights_hash"
-    ]
+    assert (
+        identity["weights_hash"]
+        == features_identity(named_weights_path("inception-2015"))["weights_hash"]
+    )
 
 
 def test_named_weights_before_make_weights_fail_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SAT_CACHE_DIR", str(tmp_path))
-    with pytest.raises(WeightsUnavailable, match="run `make weights`"):
+    with pytest.raises(WeightsUnavailableError, match="run `make weights`"):
         check_weights("inception-2015")
 
 
@@ -106,7 +107,7 @@ def test_imagenet_offline_says_what_to_run_instead(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # nothing cached
     monkeypatch.setattr(keras_inception, "WEIGHTS_PATH_NO_TOP", "http://127.0.0.1:9/w.h5")
-    with pytest.raises(WeightsUnavailable) as e:
+    with pytest.raises(WeightsUnavailableError) as e:
         build_feature_extractor("imagenet")
     message = str(e.value)
     assert "\n" not in message and "--weights inception-2015" in message
