@@ -14,6 +14,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {"embedding_dim": 128, "units": 256},
     "tiny": {"embedding_dim": 32, "units": 64},
 }
+# model.train --dropout: measured on Flickr8k (docs/benchmarks.md), it delays the
+# overfitting a few thousand photos show after a few epochs.
+DEFAULT_DROPOUT = 0.5
 # Greedy decoding stops after this many words unless `<end>` comes first.
 DEFAULT_MAX_LENGTH = 20
 # Decoding never completes an n-gram of this size that the caption already holds

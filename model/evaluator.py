@@ -21,7 +21,8 @@ from model.decoding import make_decoder, to_decoded
 from model.export import Export, load_export
 from model.metrics import format_table, score_captions
 from model.ngrams import looping_figures
-from model.vocab import standardize
+from model.captioner import ShowAttendTell
+from model.vocab import Vocabulary, standardize
 
 
 def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
@@ -34,26 +35,29 @@ def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir
 
 
 def decode_split(
-    export: Export,
+    model: ShowAttendTell,
+    vocab: Vocabulary,
     files: list[str],
     batch_size: int,
     max_length: int,
     decoding: dict[str, Any] | None = None,
+    decode: Any = None,
 ) -> dict[str, Any]:
-    """Greedy captions for every image: ids, file names, captions, references, attention."""
-    decode = make_decoder(export.model, max_length, **(decoding or {}))
+    """Captions for every image: ids, file names, captions, references, attention.
+    `decode` (a `make_decoder` function) is traced here unless given."""
+    decode = decode or make_decoder(model, max_length, **(decoding or {}))
     out: dict[str, list] = collections.defaultdict(list)
     for batch in image_records(files, batch_size):
         decoded = to_decoded(decode(batch["features"]))
         out["image_id"] += [int(i) for i in batch["image_id"].numpy()]
         out["file_name"] += [f.decode("utf-8") for f in batch["file_name"].numpy()]
-        out["caption"] += decoded.captions(export.vocab)
+        out["caption"] += decoded.captions(vocab)
         out["hit_max_length"] += [bool(h) for h in decoded.hit_max_length]
         out["references"] += [
             [c.decode("utf-8") for c in row] for row in batch["captions"].to_list()
         ]
         out["words"] += [
-            [export.vocab.tokens[t] for t in decoded.words(i)]
+            [vocab.tokens[t] for t in decoded.words(i)]
             + ([] if decoded.hit_max_length[i] else ["<end>"])
             for i in range(len(decoded.lengths))
         ]
@@ -106,7 +110,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     storage.makedirs(out_dir)
     max_length = args.max_length or export.max_length
     decoding = decoding_settings(args)
-    decoded = decode_split(export, info.files, args.batch_size, max_length, decoding)
+    decoded = decode_split(
+        export.model, export.vocab, info.files, args.batch_size, max_length, decoding
+    )
     ids = decoded["image_id"]
     refs = dict(zip(ids, decoded["references"], strict=True))
     preds = dict(zip(ids, decoded["caption"], strict=True))

@@ -28,7 +28,7 @@ from model.cli import (
     require,
     run_cli,
 )
-from model.defaults import DEFAULT_MAX_LENGTH, PRESETS
+from model.defaults import DEFAULT_DROPOUT, DEFAULT_MAX_LENGTH, PRESETS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,7 +46,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="tutorial", choices=sorted(PRESETS), help="model size")
     p.add_argument("--embedding_dim", type=positive_int, help="overrides the preset")
     p.add_argument("--units", type=positive_int, help="overrides the preset")
-    p.add_argument("--dropout", type=non_negative_float, default=0.0)
+    p.add_argument(
+        "--dropout",
+        type=non_negative_float,
+        default=DEFAULT_DROPOUT,
+        help="on the word embeddings and before the output layer (the paper used dropout)",
+    )
     p.add_argument(
         "--attention_penalty", type=non_negative_float, default=1.0, help="lambda; 0 turns it off"
     )
@@ -82,7 +87,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--checkpoint_every", type=positive_int, default=200, help="steps between checkpoints"
     )
     p.add_argument(
-        "--patience", type=non_negative_int, default=3, help="early stopping on val loss (0: off)"
+        "--select_by",
+        default="cider",
+        choices=["cider", "loss"],
+        help="the exported epoch is the best on the val split by greedy CIDEr-D (default) "
+        "or by loss",
+    )
+    p.add_argument(
+        "--patience",
+        type=non_negative_int,
+        default=3,
+        help="stop after this many epochs without a better --select_by score (0: off)",
     )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")

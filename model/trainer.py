@@ -28,7 +28,7 @@ from model.vocab import Vocabulary
 
 # Per real token: the trained objective (cross-entropy + attention penalty) and
 # the cross-entropy alone (its exp is perplexity), on train and val.
-LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce")
+LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce", "val_cider", "val_loops")
 # Flags that decide the data order or the numerics: a resumed run must keep them.
 RESUME_FLAGS = (
     "batch_size",
@@ -42,6 +42,7 @@ RESUME_FLAGS = (
     "decay",
     "clip_norm",
     "shard_policy",
+    "select_by",
 )
 XLA_LENGTH_MULTIPLE = 4  # with --jit_compile, caption lengths are padded to buckets of 4
 
@@ -176,6 +177,7 @@ class Run:
     state: dict[str, tf.Variable]  # step, epoch, position, best_val, bad_epochs, ...
     manager: tf.train.CheckpointManager
     writer: Any
+    val_decoder: Any = None  # greedy decoding of the val split, traced once (select_by cider)
 
     def var(self, name: str) -> int:
         return int(self.state[name].numpy())
@@ -456,8 +458,12 @@ def end_epoch(run: Run, totals: Totals) -> None:
     if run.val_info is not None:
         val = evaluate_split(run, run.val_info)
         record["val_loss"], record["val_ce"] = val.loss, val.ce
-        if val.loss < float(run.state["best_val"].numpy()):
-            run.state["best_val"].assign(val.loss)
+        if args.select_by == "cider":
+            record.update(validation_captions(run))
+        # best_val holds the selection metric as a loss: lower is better.
+        score = -record["val_cider"] if args.select_by == "cider" else val.loss
+        if score < float(run.state["best_val"].numpy()):
+            run.state["best_val"].assign(score)
             run.state["bad_epochs"].assign(0)
             if run.chief:
                 run.model.save_weights(best_weights_path(args.model_dir))
@@ -482,6 +488,35 @@ def end_epoch(run: Run, totals: Totals) -> None:
         )
 
 
+def validation_captions(run: Run) -> dict[str, float]:
+    """Greedy captions of the val split (with the default repeat blocking), scored with
+    CIDEr-D, and the share that loops: what the checkpoint is chosen by."""
+    from model.defaults import DEFAULT_BLOCK_REPEATS
+    from model.evaluator import decode_split
+    from model.metrics import cider
+    from model.ngrams import looping_figures
+
+    if run.val_decoder is None:
+        from model.decoding import make_decoder
+
+        run.val_decoder = make_decoder(
+            run.model, run.args.max_length, block_repeats=DEFAULT_BLOCK_REPEATS
+        )
+    decoded = decode_split(
+        run.model,
+        run.vocab,
+        run.val_info.files,
+        256,
+        run.args.max_length,
+        decode=run.val_decoder,
+    )
+    ids = decoded["image_id"]
+    refs = dict(zip(ids, decoded["references"], strict=True))
+    preds = dict(zip(ids, decoded["caption"], strict=True))
+    figures = looping_figures(decoded["caption"], decoded["hit_max_length"])
+    return {"val_cider": cider(refs, preds), "val_loops": figures["repeated_3gram_share"]}
+
+
 def evaluate_split(run: Run, info: SplitInfo) -> Totals:
     """Loss and cross-entropy per real token over a whole split."""
     ds = run.dataset(info, shuffle=False)
@@ -492,6 +527,14 @@ def evaluate_split(run: Run, info: SplitInfo) -> Totals:
         totals += chunk
         if chunk.steps < 1000:
             return totals
+
+
+def best_val(run: Run) -> float | None:
+    """The best epoch's selection metric (CIDEr, or the val loss), None without val."""
+    if run.val_info is None or not math.isfinite(float(run.state["best_val"].numpy())):
+        return None
+    value = float(run.state["best_val"].numpy())
+    return -value if run.args.select_by == "cider" else value
 
 
 def best_weights_path(model_dir: str) -> str:
@@ -509,7 +552,8 @@ def finish(run: Run) -> dict[str, Any]:
         "steps_per_epoch": run.steps_per_epoch,
         "global_batch": run.global_batch,
         "history": run.history,
-        "best_val_loss": float(run.state["best_val"].numpy()) if run.val_info else None,
+        "selected_by": run.args.select_by if run.val_info else None,
+        "best_val": best_val(run),
         "stopped_early": run.stopped_early,
         "replicas": run.strategy.num_replicas_in_sync,
         "policy": run.policy,

@@ -451,8 +451,9 @@ def test_xla_buckets_round_lengths_up_to_a_multiple_of_8(tmp_path):
 def test_jit_compile_trains_like_the_graph_step(tmp_path):
     """XLA compiles forward and backward (the decoder loop's gradient included)."""
     write_features_dir(str(tmp_path / "f"), {"train": 12})
-    graph = _train(tmp_path, "graph", "--epochs", "1")
-    xla = _train(tmp_path, "xla", "--epochs", "1", "--jit_compile")
+    # Without dropout: XLA pads captions to buckets, which changes the dropout masks.
+    graph = _train(tmp_path, "graph", "--epochs", "1", "--dropout", "0")
+    xla = _train(tmp_path, "xla", "--epochs", "1", "--jit_compile", "--dropout", "0")
     assert xla["steps"] == graph["steps"] == 5
     (a,), (b,) = graph["history"], xla["history"]
     assert b["pairs"] == a["pairs"] == 18

@@ -22,7 +22,11 @@ from tests.test_data_and_train import ENV, ROOT, train_cmd
 pytestmark = pytest.mark.slow
 
 # 40 images -> 60 captions -> 15 steps of 4 per epoch; clipping at 0.05 is active throughout.
-FLAGS = ("--epochs", "4", "--clip_norm", "0.05", "--learning_rate", "1e-2", "--patience", "0")
+# No dropout: each replica draws its own masks, one device one mask for the whole batch.
+FLAGS = (
+    *("--epochs", "4", "--clip_norm", "0.05", "--learning_rate", "1e-2", "--patience", "0"),
+    *("--dropout", "0"),
+)
 
 
 def _free_ports(n: int) -> list[int]:
