@@ -54,8 +54,10 @@ def sh(argv: list[str], log: str) -> None:
 def extract(data: str, features: str, weights: str, logs: str) -> None:
     manifest = os.path.join(features, "manifest.json")
     for split in ("train", "val"):
-        if os.path.exists(manifest) and split in json.load(open(manifest)).get("splits", {}):
-            continue
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                if split in json.load(f).get("splits", {}):
+                    continue
         sh(
             [
                 sys.executable,

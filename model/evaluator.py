@@ -15,13 +15,13 @@ import numpy as np
 import tensorflow as tf
 
 from model import formats, storage
+from model.captioner import ShowAttendTell
 from model.cli import decoding_settings
 from model.data import check_data_dir, image_records, records, split_info
 from model.decoding import make_decoder, to_decoded
 from model.export import Export, load_export
 from model.metrics import format_table, score_captions
 from model.ngrams import looping_figures
-from model.captioner import ShowAttendTell
 from model.vocab import Vocabulary, standardize
 
 
