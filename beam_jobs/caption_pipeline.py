@@ -20,7 +20,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_jobs.commit import (
     commit,
@@ -41,6 +40,7 @@ from beam_jobs.common import (
     error_row,
     pipeline_options,
     run_pipeline,
+    runs_remotely,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
 from beam_jobs.parts import (
@@ -72,14 +72,6 @@ from model.cli import decoding_settings
 from model.defaults import MAX_BYTES
 
 NAMESPACE = "caption_images"
-# Runners that run the pipeline in this machine's memory: a shuffle there holds its data.
-LOCAL_RUNNERS = (
-    "DirectRunner",
-    "FnApiRunner",
-    "PrismRunner",
-    "BundleBasedDirectRunner",
-    "SwitchingDirectRunner",
-)
 
 
 def check_export(export_dir: str) -> dict[str, Any]:
@@ -407,9 +399,7 @@ def write_table(
 def spreads_work(p: beam.Pipeline) -> bool:
     """Whether to reshuffle archive members over workers: on a distributed runner, whose
     shuffle lives on disk, yes; on a local one, which holds a shuffle in memory, no."""
-    runner = p.options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    return (name or "DirectRunner") not in LOCAL_RUNNERS
+    return runs_remotely(p.options)
 
 
 def build_pipeline(

@@ -171,6 +171,8 @@ def commit(
     if add and FileSystems.exists(manifest_path):
         previous = formats.read_manifest(manifest_path, formats.KIND_CAPTIONS)
         final = merged_manifest(final, previous, retried)
+        # first: the files it lists are those that move (rewritten error files included)
+        formats.write_manifest(staged_manifest, formats.KIND_CAPTIONS, final)
     staged = staged_files(staging)
     where = {posixpath.basename(f): f for f in staged}
     captions = [where.get(n, f"{out}/{n}") for n in final["files"] if n.startswith("captions-")]

@@ -33,6 +33,23 @@ def _not_beam_resource_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Resource module is not available")
 
 
+# Runners that run the pipeline in this machine's memory: a shuffle there holds its data.
+LOCAL_RUNNERS = (
+    "DirectRunner",
+    "FnApiRunner",
+    "PrismRunner",
+    "BundleBasedDirectRunner",
+    "SwitchingDirectRunner",
+)
+
+
+def runs_remotely(options: PipelineOptions) -> bool:
+    """Whether the workers are other machines (Dataflow, ...), not this one's processes."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "DirectRunner") not in LOCAL_RUNNERS
+
+
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     """Beam flags pass straight through. With no --runner we use the in-process
     FnApiRunner: DirectRunner would first try to download Prism, which fails offline."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from beam_jobs.annotations import ImageRecord, parse_file
 from beam_jobs.common import (
@@ -28,14 +30,21 @@ from beam_jobs.common import (
     dry_run_result,
     pipeline_options,
     run_pipeline,
+    runs_remotely,
 )
 from beam_jobs.inference import FeatureExtractorHandler
 from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
 from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
 from model import formats
-from model.defaults import IMAGES_PER_SHARD
-from model.extractor import check_weights, features_identity, fetch_keras_imagenet
+from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, named_weights_path
+from model.extractor import (
+    check_weights,
+    features_identity,
+    fetch_keras_imagenet,
+    weights_hash,
+    weights_variant,
+)
 from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
 
 NAMESPACE = "extract_features"
@@ -44,6 +53,29 @@ NAMESPACE = "extract_features"
 def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
     """What the features are: every field a reader must match to reuse them."""
     return features_identity(args.weights, args.precision)
+
+
+def stage_weights(weights: str, options: PipelineOptions) -> str:
+    """The --weights value the workers use. Named weights live in this machine's cache:
+    for workers on other machines (Dataflow) they are copied once under
+    --temp_location, named by their content hash."""
+    if weights not in NAMED_WEIGHTS or not runs_remotely(options):
+        return weights
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp:
+        raise UsageError(
+            f"--weights {weights} on a distributed runner needs --temp_location, "
+            "where the converted file is staged for the workers"
+        )
+    local = named_weights_path(weights)
+    digest = (weights_hash(weights) or "").removeprefix("sha256:")[:16]
+    target = f"{temp.rstrip('/')}/show-attend-tell/{digest}-{os.path.basename(local)}"
+    if not FileSystems.exists(target):
+        print(f"extract_features: staging {local} at {target} for the workers", flush=True)
+        with open(local, "rb") as src, FileSystems.create(target) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+    return target
 
 
 def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -216,12 +248,13 @@ def build_pipeline(
         )
     )
     handler = FeatureExtractorHandler(
-        args.weights,
+        args.worker_weights,
         args.precision,
         args.batch_size,
         args.model_copies,
         NAMESPACE,
         large_model=args.large_model,
+        variant=weights_variant(args.weights),
     )
     examples = (
         decoded.pixels
@@ -366,6 +399,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
         flush=True,
     )
     options = pipeline_options(beam_args)
+    args.worker_weights = stage_weights(args.weights, options)
     reporter = ProgressReporter(
         "extract_features",
         NAMESPACE,

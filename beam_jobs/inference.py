@@ -58,11 +58,13 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         model_copies: int | None = None,
         namespace: str = "extract_features",
         large_model: bool = False,
+        variant: str | None = None,
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
         )
         self.weights = weights
+        self.variant = variant  # of the backbone (model.extractor); None: the weights' own
         self.precision = precision
         self.namespace = namespace
 
@@ -75,7 +77,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
 
         from model.extractor import build_feature_extractor
 
-        extractor = build_feature_extractor(self.weights, self.precision)
+        extractor = build_feature_extractor(self.weights, self.precision, self.variant)
 
         @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
         def embed(pixels: tf.Tensor) -> tf.Tensor:

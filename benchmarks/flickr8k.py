@@ -31,10 +31,14 @@ from model.metrics import LOOPING_KEYS, METRIC_KEYS
 
 DECODINGS = {
     "greedy": ["--block_repeats", "0"],
+    "greedy+block2": ["--block_repeats", "2"],
     "greedy+block3": ["--block_repeats", "3"],
+    "greedy+block4": ["--block_repeats", "4"],
     "beam3": ["--beam_size", "3", "--block_repeats", "0"],
     "beam3+block3": ["--beam_size", "3", "--block_repeats", "3"],
 }
+# Without --decodings: the four that show what blocking buys, greedy and beam.
+DEFAULT_DECODINGS = ["greedy", "greedy+block3", "beam3", "beam3+block3"]
 
 
 BLIND = "blind (most frequent caption)"
@@ -125,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="NAME=FLAGS: model.train flags of each run, e.g. 'no-dropout=--dropout 0 "
         "--select_by loss' (the first run is also trained on the other --weights)",
     )
-    p.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=list(DECODINGS))
+    p.add_argument("--decodings", nargs="+", default=DEFAULT_DECODINGS, choices=list(DECODINGS))
     return p.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ heavy half only after that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import sys
@@ -26,15 +27,33 @@ def run_cli(
     argv: Sequence[str] | None = None,
     errors: tuple[type[Exception], ...] = (),
 ) -> Any:
-    """Bad arguments (missing file, wrong manifest, ...) print `error: ...`, not a traceback."""
+    """Bad arguments (missing file, wrong manifest, ...) print `error: ...`, not a traceback.
+
+    Unless the command has --verbose, TensorFlow's informational lines that C++ code
+    prints while the command runs (model.quiet.WORKER_NOISE) are dropped from stderr."""
+    from model.quiet import filtered_stream
+
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        return run(argv)
+        with contextlib.nullcontext() if wants_everything(args) else filtered_stream():
+            return run(argv)
     except Exception as e:
         from model.formats import FormatError  # here, not at the top: see the module doc
 
         if isinstance(e, (UsageError, FormatError, FileNotFoundError, *errors)):
             sys.exit(f"error: {e}")
         raise
+
+
+def wants_everything(args: Sequence[str]) -> bool:
+    """--verbose (or model.train's --verbose 3): TensorFlow's own lines are shown too."""
+    for i, arg in enumerate(args):
+        if arg == "--verbose":
+            level = args[i + 1] if i + 1 < len(args) else ""
+            return level not in ("0", "1", "2")
+        if arg.startswith("--verbose="):
+            return arg.split("=", 1)[1] not in ("0", "1", "2")
+    return False
 
 
 def require(module: str, command: str) -> None:

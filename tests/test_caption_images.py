@@ -11,6 +11,7 @@ import pytest
 from beam_jobs.caption_images import run
 from beam_jobs.common import UsageError
 from model.formats import FormatError
+from model.ngrams import looping_figures
 from model.vocab import Vocabulary
 from tests.fixtures import write_tiny_export
 from tests.helpers import bad_images, encode, good_images, noise, solid
@@ -134,6 +135,10 @@ def test_every_input_appears_exactly_once(captioned, inputs):
         "inputs": len(expected),
     }
     assert summary["captioned"] == len(caps) and summary["failed"] == len(errs)
+    assert manifest["decoding"]["block_repeats"] == 3
+    assert manifest["looping"] == looping_figures(
+        [r["caption"] for r in caps], [r["hit_max_length"] for r in caps]
+    )
 
 
 def test_caption_rows_follow_the_schema(captioned, inputs):
@@ -209,6 +214,8 @@ def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
     assert summary["captioned"] == 2
     caps, errs = tables(out)
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
+    manifest = json.load(open(out / "manifest.json"))  # the whole table's, not the last run's
+    assert manifest["looping"]["images"] == 3
 
 
 def test_multi_processing_mode_with_one_shared_model(inputs, captioned, tmp_path):

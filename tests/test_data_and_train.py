@@ -495,3 +495,24 @@ def test_per_replica_batch_size_sets_the_global_batch(tmp_path):
     assert summary["steps"] == 3 and summary["history"][0]["pairs"] == 12
     with pytest.raises(SystemExit):  # one or the other
         parse_args([*argv, "--batch_size", "8", "--per_replica_batch_size", "2"])
+
+
+def test_the_export_is_the_epoch_with_the_best_val_cider(tmp_path):
+    from model.evaluator import decode_split
+    from model.metrics import cider
+
+    write_features_dir(str(tmp_path / "f"), {"train": 20, "val": 6})
+    summary = _train(tmp_path, "m", "--epochs", "3", "--patience", "0")
+    history = summary["history"]
+    assert summary["selected_by"] == "cider" and len(history) == 3
+    assert all(0 <= h["val_loops"] <= 1 for h in history)
+    assert summary["best_val"] == pytest.approx(max(h["val_cider"] for h in history))
+    # The exported weights score exactly that: they are the best epoch's.
+    export = load_export(str(tmp_path / "m" / "export"))
+    manifest, _ = check_data_dir(str(tmp_path / "f"))
+    files = split_info(str(tmp_path / "f"), manifest, "val").files
+    decoded = decode_split(export.model, export.vocab, files, 8, export.max_length)
+    ids = decoded["image_id"]
+    refs = dict(zip(ids, decoded["references"], strict=True))
+    preds = dict(zip(ids, decoded["caption"], strict=True))
+    assert cider(refs, preds) == pytest.approx(summary["best_val"], abs=1e-6)

@@ -158,7 +158,7 @@ def test_other_weights_in_same_dir_fail_at_start(extracted, coco, tmp_path):
     root, _ = coco
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"x")
-    with pytest.raises(UsageError, match="holds features with weights='none'"):
+    with pytest.raises(UsageError, match="holds features with weights_hash=None"):
         extract(root, out, "val", "--weights", str(weights))
 
 

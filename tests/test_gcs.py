@@ -203,6 +203,7 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         "beam_size": 3,
         "length_penalty": 0.6,
         "allow_unk": False,
+        "block_repeats": 3,
     }
     with tf.io.gfile.GFile(f"{gs}/big/huge.jpg", "wb") as f:  # refused by its size alone
         f.write(os.urandom(300_000))
