@@ -140,7 +140,9 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="beam search ranks captions by log-prob / ((5 + length) / 6) ** this (GNMT alpha)",
     )
-    parser.add_argument("--allow_unk", action="store_true", help="beam search may produce <unk>")
+    parser.add_argument(
+        "--allow_unk", action="store_true", help="captions may contain <unk> (greedy and beam)"
+    )
     parser.add_argument(
         "--block_repeats",
         type=non_negative_int,

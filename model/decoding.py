@@ -50,8 +50,17 @@ class Decoded:
         return [vocab.decode(self.words(i)) for i in range(len(self.lengths))]
 
 
+def banned_tokens(allow_unk: bool) -> tuple[int, ...]:
+    """Never generated: `<pad>`, `<start>` and, unless allowed, `<unk>` (greedy and beam)."""
+    return (PAD_ID, START_ID) if allow_unk else (PAD_ID, START_ID, UNK_ID)
+
+
 def greedy_decode_graph(
-    model: ShowAttendTell, features: tf.Tensor, max_length: int, block_repeats: int = 0
+    model: ShowAttendTell,
+    features: tf.Tensor,
+    max_length: int,
+    block_repeats: int = 0,
+    allow_unk: bool = False,
 ) -> dict[str, tf.Tensor]:
     """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`).
 
@@ -67,8 +76,9 @@ def greedy_decode_graph(
     def cond(t, token, hidden, done, history, ids, logps, alphas):
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
 
-    # <pad> and <start> are never valid outputs: mask them out of the softmax.
-    never = tf.scatter_nd([[PAD_ID], [START_ID]], [-1e9, -1e9], [model.config.vocab_size])
+    # Banned tokens are never valid outputs: masked out of the softmax.
+    banned = banned_tokens(allow_unk)
+    never = tf.scatter_nd([[i] for i in banned], [-1e9] * len(banned), [model.config.vocab_size])
 
     def body(t, token, hidden, done, history, ids, logps, alphas):
         logits, hidden, alpha = decoder.step(token, hidden, encoded, projected)
@@ -155,7 +165,7 @@ def beam_decode_graph(
         beam_size,
         max_length,
         length_penalty,
-        banned=(PAD_ID, START_ID) if allow_unk else (PAD_ID, START_ID, UNK_ID),
+        banned=banned_tokens(allow_unk),
         block_repeats=block_repeats,
     )
     out.pop("score")
@@ -174,7 +184,7 @@ def decode_graph(
     """Greedy decoding for beam_size 1, else beam search; both block repeated n-grams of
     size `block_repeats` (0: off)."""
     if beam_size == 1:
-        return greedy_decode_graph(model, features, max_length, block_repeats)
+        return greedy_decode_graph(model, features, max_length, block_repeats, allow_unk)
     return beam_decode_graph(
         model, features, max_length, beam_size, length_penalty, allow_unk, block_repeats
     )

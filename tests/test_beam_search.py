@@ -166,7 +166,8 @@ def test_beam_size_one_is_greedy_decoding_on_the_real_model():
 def beam_search_on(model, feats, k):
     from model.decoding import beam_decode_graph
 
-    fn = tf.function(lambda f: beam_decode_graph(model, f, 6, k, 0.0, allow_unk=True))
+    # The decoding defaults: <unk> banned and trigrams blocked, as greedy_decode has them.
+    fn = tf.function(lambda f: beam_decode_graph(model, f, 6, k, 0.0, block_repeats=3))
     return to_decoded(fn(tf.constant(feats)))
 
 

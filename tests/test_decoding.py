@@ -89,7 +89,7 @@ def test_pad_and_start_are_never_generated():
     m.decoder.fc2.set_weights([np.zeros_like(fc2_k), fc2_b])
     out = greedy_decode(m, np.zeros((2, 64, 2048), np.float32), max_length=4, block_repeats=0)
     assert not np.isin(out.token_ids[:, 0], [0, 2]).any()
-    assert (out.lengths == 4).all()
+    assert (out.token_ids[:, 0] == END_ID).all()  # the first allowed id: <unk> is banned too
 
 
 # ---------------------------------------------------------------- repeat blocking
@@ -174,3 +174,23 @@ def test_looping_figures():
     assert figures["repeated_3gram_share"] == pytest.approx(0.5)  # true captions repeat too
     assert figures["at_length_limit_share"] == pytest.approx(0.25)
     assert figures["distinct_captions_per_image"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_unk_follows_one_rule_in_greedy_and_beam(beam_size):
+    import tensorflow as tf
+
+    from model.decoding import make_decoder, to_decoded
+    from model.vocab import UNK_ID
+
+    m = forced_model()
+    fc2_k, _ = m.decoder.fc2.get_weights()
+    bias = np.zeros(8, np.float32)
+    # <unk> first, then a word; <end> never, so beam search returns its best live caption.
+    bias[[UNK_ID, WORD, END_ID]] = [6.0, 3.0, -30.0]
+    m.decoder.fc2.set_weights([np.zeros_like(fc2_k), bias])
+    feats = tf.zeros((2, 64, 2048))
+    for allow in (False, True):
+        fn = make_decoder(m, 5, beam_size=beam_size, allow_unk=allow, block_repeats=0)
+        ids = to_decoded(fn(feats)).token_ids
+        assert (UNK_ID in ids) == allow, (allow, ids)
