@@ -7,6 +7,7 @@ runs epochs (`train_epoch`, `end_epoch`) and exports (`finish`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -98,20 +99,39 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def check_run_config(
-    model_dir: str, model: dict[str, Any], training: dict[str, Any], chief: bool
-) -> None:
-    """MODEL_DIR/config.json records the model and the data-order/numerics flags.
+def data_identity(features_manifest: dict[str, Any], vocab: Vocabulary) -> dict[str, Any]:
+    """What the features are (formats.FEATURE_IDENTITY_KEYS) and the vocabulary by content:
+    a checkpoint resumes only on these."""
+    tokens = "\n".join(vocab.tokens).encode()
+    return {
+        **{k: features_manifest.get(k) for k in formats.FEATURE_IDENTITY_KEYS},
+        "vocab_sha256": hashlib.sha256(tokens).hexdigest(),
+    }
 
-    A checkpoint of another model, or a resume with a changed flag of
-    `RESUME_FLAGS`, fails at start with one line (a changed batch size would
-    silently misalign the skipped batches; another precision fails deep in restore).
+
+def check_run_config(
+    model_dir: str,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    chief: bool,
+    data: dict[str, Any] | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """MODEL_DIR/config.json records the model, the data-order/numerics flags, the
+    features' identity and vocabulary, and the epochs the learning-rate schedule spans.
+
+    A checkpoint of another model, a resume with a changed flag of `RESUME_FLAGS`
+    or on other features or another vocabulary fails at start with one line (a changed
+    batch size would silently misalign the skipped batches; another precision fails deep
+    in restore; another vocabulary would train on the wrong words). Returns the record.
     """
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
+        record = {"model": model, "training": training, "data": data or {}}
+        record["schedule"] = {"epochs": epochs}
         if chief:  # written whole: the other workers may read it at any moment
-            storage.write_text(path, json.dumps({"model": model, "training": training}, indent=2))
-        return
+            storage.write_text(path, json.dumps(record, indent=2))
+        return record
     with tf.io.gfile.GFile(path) as f:
         try:
             saved = json.load(f)
@@ -133,6 +153,14 @@ def check_run_config(
                 f"{model_dir} was trained with {key} {saved['training'][key]}, this run has "
                 f"{value}: resume with the same --{_flag(key)} (or use a new --model_dir)"
             )
+    for key, value in (data or {}).items():
+        if key in saved.get("data", {}) and saved["data"][key] != value:
+            what = "a vocabulary" if key == "vocab_sha256" else f"features with {key}"
+            raise formats.FormatError(
+                f"{model_dir} was trained on {what} other than --data_dir's "
+                f"({key} was {saved['data'][key]!r}, now {value!r}); use a new --model_dir"
+            )
+    return saved
 
 
 def _flag(key: str) -> str:
@@ -223,7 +251,17 @@ def set_up(args: argparse.Namespace) -> Run:
     config = model_config(args, len(vocab))
     training = {k: getattr(args, k, None) for k in RESUME_FLAGS}
     training.update(batch_size=global_batch, precision=policy)
-    check_run_config(args.model_dir, config, training, chief)
+    data = data_identity(features_manifest, vocab)
+    record = check_run_config(args.model_dir, config, training, chief, data, args.epochs)
+    # The schedule spans the epochs of the first run: a resume with more --epochs keeps
+    # the rate continuous and trains the extra epochs at the schedule's final rate.
+    schedule_epochs = (record.get("schedule") or {}).get("epochs") or args.epochs
+    if schedule_epochs != args.epochs and chief:
+        print(
+            f"train: the learning-rate schedule spans the first run's {schedule_epochs} "
+            f"epochs; epochs past them train at its final rate",
+            flush=True,
+        )
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(args.seed)
     steps_per_epoch = max(1, math.ceil(train_info.captions / global_batch))
@@ -231,7 +269,7 @@ def set_up(args: argparse.Namespace) -> Run:
     with strategy.scope():
         model = ShowAttendTell(**config, name="show_attend_tell")
         schedule = lr_schedule(
-            args.learning_rate, args.warmup_steps, steps_per_epoch * args.epochs, args.decay
+            args.learning_rate, args.warmup_steps, steps_per_epoch * schedule_epochs, args.decay
         )
         optimizer = keras.optimizers.Adam(schedule)  # clipping happens after the all-reduce
         optimizer.build(model.trainable_variables)

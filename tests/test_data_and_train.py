@@ -14,6 +14,7 @@ from model.captioner import ShowAttendTell, combine_loss, loss_parts
 from model.data import caption_pairs, check_data_dir, split_info, tf_standardize
 from model.decoding import greedy_decode
 from model.export import load_export
+from model.formats import FormatError
 from model.steps import make_step_fns, run_steps
 from model.vocab import END_ID, PAD_ID, START_ID, standardize
 from tests.conftest import mirrored
@@ -516,3 +517,31 @@ def test_the_export_is_the_epoch_with_the_best_val_cider(tmp_path):
     refs = dict(zip(ids, decoded["references"], strict=True))
     preds = dict(zip(ids, decoded["caption"], strict=True))
     assert cider(refs, preds) == pytest.approx(summary["best_val"], abs=1e-6)
+
+
+def test_resume_refuses_another_vocabulary_in_one_line(tmp_path):
+    write_features_dir(str(tmp_path / "f"), {"train": 8})
+    _train(tmp_path, "m", "--epochs", "1")
+    vocab = tmp_path / "f" / "vocab.txt"
+    tokens = vocab.read_text().splitlines()
+    tokens[4], tokens[5] = tokens[5], tokens[4]  # same size, other order: other word ids
+    vocab.write_text("\n".join(tokens) + "\n")
+    with pytest.raises(FormatError, match="trained on a vocabulary other than"):
+        _train(tmp_path, "m", "--epochs", "2")
+
+
+def test_more_epochs_on_resume_keep_the_learning_rate_continuous(tmp_path):
+    from model.train import parse_args
+    from model.trainer import set_up
+
+    write_features_dir(str(tmp_path / "f"), {"train": 8})
+    _train(tmp_path, "m", "--epochs", "2", "--warmup_steps", "0")
+
+    def rate_after_restore(epochs: str) -> float:
+        argv = train_cmd(tmp_path / "f", tmp_path / "m", "--epochs", epochs, "--verbose", "0")
+        run = set_up(parse_args([*argv[3:], "--warmup_steps", "0"]))
+        return float(run.optimizer.learning_rate.numpy())
+
+    before = rate_after_restore("2")
+    assert before == pytest.approx(1e-3 * 0.1, rel=1e-3)  # the end of the cosine decay
+    assert rate_after_restore("4") == pytest.approx(before, rel=1e-6)
