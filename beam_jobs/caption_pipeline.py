@@ -23,6 +23,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_jobs.commit import (
     commit,
+    finish_commit,
+    read_commit_plan,
     resumable,
     staging_dir,
     stale_staging,
@@ -537,6 +539,10 @@ def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
     """Resumes the killed run this command started (with --skip_existing), or starts a new
     one; removes every other unfinished run's staging folder."""
     identity = run_identity(args, manifest)
+    for folder in stale_staging(args.output_dir):
+        if read_commit_plan(folder) is not None:  # killed while committing: finish it
+            finish_commit(folder)
+            print(f"caption_images: finished the commit of {folder}, killed while committing")
     stale = stale_staging(args.output_dir)
     found = resumable(stale, identity) if args.skip_existing else None
     for folder in stale:

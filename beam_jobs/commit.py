@@ -156,13 +156,34 @@ def supersede_retried_errors(staging: str, existing: list[str]) -> int:
     return dropped
 
 
+# Tests set this to a step name to stop a commit right after that step, as a kill would.
+FAULT_ENV = "SAT_COMMIT_FAULT"
+COMMIT_FILE = "commit.json"
+
+
+class CommitFault(BaseException):  # noqa: N818 - a stand-in for SIGKILL, not an error
+    """Raised by the fault hook: nothing catches it, so the commit stops where it is."""
+
+
+def _fault(step: str) -> None:
+    if os.environ.get(FAULT_ENV) == step:
+        raise CommitFault(step)
+
+
 def commit(
     output_dir: str, staging: str, replaced: list[str], add: bool, retried: int = 0
 ) -> list[str]:
     """Moves a finished run's files from `staging` into `output_dir`; returns their paths.
 
-    `replaced` (the previous run's tables) are deleted first unless `add`
-    (--skip_existing), in which case the manifest adds this run to the previous one.
+    The steps, each safe to be killed after (the next command finishes the commit,
+    `finish_commit`): (1) the staged manifest is completed (with --skip_existing,
+    `add`, it describes the previous table and this run together) and the plan of the
+    commit is written to `staging/commit.json`; (2) the new files move in beside the
+    old ones; (3) the manifest moves in, replacing the old one in one rename; (4) the
+    files it no longer lists (`replaced`, unless `add`) are deleted, then the staging
+    folder. So the table is never empty or half-replaced: a reader that follows the
+    manifest sees the old table or the new one; a reader that globs `captions-*` sees
+    the old files until (2), both between (2) and (4), and the new ones after.
     """
     out = output_dir.rstrip("/")
     manifest_path = f"{out}/{formats.MANIFEST_FILE}"
@@ -179,12 +200,47 @@ def commit(
     final["looping"] = table_looping(captions)
     formats.write_manifest(staged_manifest, formats.KIND_CAPTIONS, final)
     targets = [f"{out}/{posixpath.basename(f)}" for f in staged]
-    if replaced and not add:
-        FileSystems.delete(replaced)
-    if staged:
-        FileSystems.rename(staged, targets)
-    if FileSystems.exists(manifest_path):
-        FileSystems.delete([manifest_path])
-    FileSystems.rename([staged_manifest], [manifest_path])
-    FileSystems.delete([staging])
+    listed = set(final["files"])
+    plan = {
+        "moves": [[s, t] for s, t in zip(staged, targets, strict=True)],
+        "manifest": [staged_manifest, manifest_path],
+        "delete": [] if add else [f for f in replaced if posixpath.basename(f) not in listed],
+    }
+    with FileSystems.create(f"{staging}/{COMMIT_FILE}", mime_type="application/json") as f:
+        f.write(json.dumps(plan, indent=2).encode())
+    _fault("planned")
+    finish_commit(staging)
     return targets
+
+
+def read_commit_plan(staging: str) -> dict[str, Any] | None:
+    """The plan of a commit that started in `staging`; None if none did (or it was killed
+    while writing the plan, before anything moved)."""
+    try:
+        with FileSystems.open(f"{staging}/{COMMIT_FILE}", compression_type="uncompressed") as f:
+            plan = json.loads(f.read())
+    except Exception:  # noqa: BLE001 - missing or half-written: nothing moved yet
+        return None
+    return plan if isinstance(plan, dict) and "moves" in plan else None
+
+
+def finish_commit(staging: str) -> None:
+    """Carries out (or carries on) the commit planned in `staging/commit.json`: every step
+    checks what is already done, so a commit killed anywhere is finished by running this
+    again, whatever command does it."""
+    plan = read_commit_plan(staging)
+    if plan is None:
+        raise RuntimeError(f"{staging}: no commit plan")
+    moves = [(s, t) for s, t in plan["moves"] if FileSystems.exists(s)]
+    if moves:
+        FileSystems.rename([s for s, _ in moves], [t for _, t in moves])
+    _fault("moved")
+    source, target = plan["manifest"]
+    if FileSystems.exists(source):
+        FileSystems.rename([source], [target])  # replaces the old manifest in one step
+    _fault("manifest")
+    old = [f for f in plan["delete"] if FileSystems.exists(f)]
+    if old:
+        FileSystems.delete(old)
+    _fault("deleted")
+    FileSystems.delete([staging])

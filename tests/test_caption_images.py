@@ -551,3 +551,54 @@ def test_killed_runs_leave_the_tables_whole_and_resume_from_their_parts(inputs, 
     assert all(run_id in p.name for p in out.glob("*.parquet"))  # replaced, not added to
     assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 31
     assert not list(out.glob(".staging-*"))
+
+
+def _check_table(out, expected):
+    """Every expected uri in exactly one row, the manifest naming exactly the files there."""
+    caps, errs = tables(out)
+    uris = [r["uri"] for r in caps] + [r["uri"] for r in errs]
+    assert sorted(uris) == sorted(expected)
+    manifest = json.load(open(out / "manifest.json"))
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
+    assert manifest["counts"]["inputs"] == len(expected)
+    assert not list(out.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("step", ["planned", "moved", "manifest", "deleted"])
+def test_a_commit_killed_at_any_step_is_finished_by_the_next_command(
+    inputs, tmp_path, monkeypatch, step
+):
+    from beam_jobs.commit import FAULT_ENV, CommitFault
+
+    _, _, export = inputs
+    folder, other, out = tmp_path / "in", tmp_path / "other", tmp_path / "out"
+    for d, seed in ((folder, 80), (other, 90)):
+        d.mkdir()
+        for i in range(3):
+            (d / f"{i}.jpg").write_bytes(encode(noise(seed + i), "JPEG"))
+    base = ["--model", export, "--output_dir", str(out), "--batch_size", "4", *RUNNER]
+    run([*base, "--input", str(folder)])
+    expected = [str(folder / f"{i}.jpg") for i in range(3)]
+
+    # A replacing rerun, stopped right after `step` of its commit.
+    monkeypatch.setenv(FAULT_ENV, step)
+    with pytest.raises(CommitFault):
+        run([*base, "--input", str(folder)])
+    monkeypatch.delenv(FAULT_ENV)
+    # The README's resume command, then an unrelated command, each finds the table whole.
+    again = run([*base, "--input", str(folder), "--skip_existing"])
+    assert again["captioned"] == 0
+    _check_table(out, expected)
+    run([*base, "--input", str(other), "--skip_existing"])
+    _check_table(out, expected + [str(other / f"{i}.jpg") for i in range(3)])
+
+    # An adding run stopped at the same step: an unrelated command finishes it first.
+    (folder / "3.jpg").write_bytes(encode(noise(99), "JPEG"))
+    monkeypatch.setenv(FAULT_ENV, step)
+    with pytest.raises(CommitFault):
+        run([*base, "--input", str(folder), "--skip_existing"])
+    monkeypatch.delenv(FAULT_ENV)
+    run([*base, "--input", str(other), "--skip_existing"])
+    _check_table(
+        out, expected + [str(folder / "3.jpg")] + [str(other / f"{i}.jpg") for i in range(3)]
+    )
