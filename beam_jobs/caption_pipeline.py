@@ -45,6 +45,7 @@ from beam_jobs.common import (
     runs_remotely,
 )
 from beam_jobs.inference import CaptionerHandler, CaptionResult
+from beam_jobs.lease import output_lease
 from beam_jobs.parts import (
     WritePartsFn,
     finished_parts,
@@ -580,7 +581,14 @@ def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
-    """Checks the export and inputs, runs the pipeline, returns a summary dict."""
+    """Checks the export and inputs, runs the pipeline, returns a summary dict. Holds the
+    lease on --output_dir (`beam_jobs.lease`) from start to commit: a second run on it
+    refuses in one line."""
+    with output_lease(args.output_dir, "caption_images"):
+        return _run_job(args, beam_args)
+
+
+def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     manifest = check_export(args.model)
     for spec in args.input:
         if not match_input(spec):

@@ -33,6 +33,7 @@ from beam_jobs.common import (
     runs_remotely,
 )
 from beam_jobs.inference import FeatureExtractorHandler
+from beam_jobs.lease import output_lease
 from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
 from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
@@ -366,7 +367,14 @@ def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, 
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
-    """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds, images/s)."""
+    """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds,
+    images/s). Holds the lease on --output_dir (`beam_jobs.lease`) while it runs: a
+    second run on it refuses in one line."""
+    with output_lease(args.output_dir, "extract_features"):
+        return _run_job(args, beam_args)
+
+
+def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     args.weights = check_weights(args.weights)
     if args.weights == "imagenet":
         fetch_keras_imagenet()  # here, not on a worker: offline is one line at start

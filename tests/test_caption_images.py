@@ -602,3 +602,38 @@ def test_a_commit_killed_at_any_step_is_finished_by_the_next_command(
     _check_table(
         out, expected + [str(folder / "3.jpg")] + [str(other / f"{i}.jpg") for i in range(3)]
     )
+
+
+def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp_path):
+    """Two replacing runs on one output folder, the second started while the first
+    runs: it refuses in one line naming the holder, and the first commits every row."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import ENV, ROOT
+
+    _, _, export = inputs
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(16):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(300 + i), "JPEG"))
+    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv += ["--batch_size", "2", *RUNNER]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.caption_images", *argv],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    while not list(out.glob(".staging-*")) and time.time() < deadline:
+        time.sleep(0.2)  # the first run has its lease and its staging folder
+    assert first.poll() is None, first.stderr.read().decode()
+    with pytest.raises(UsageError, match=rf"{out} is in use by caption_images \(pid {first.pid}"):
+        run(argv)
+    assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+    _check_table(out, [str(p) for p in folder.iterdir()])
+    run(argv)  # the lease went with the first run's process
+    _check_table(out, [str(p) for p in folder.iterdir()])
