@@ -108,6 +108,25 @@ def check_one_model(
         )
 
 
+def check_one_decoding(output_dir: str, decoding: dict[str, Any], allow_mixed: bool) -> None:
+    """--skip_existing adds rows to a table: refuse, in one line, rows decoded otherwise
+    (beam rows in a greedy table would make the manifest's decoding untrue)."""
+    path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
+    if allow_mixed or not FileSystems.exists(path):
+        return
+    before = formats.read_manifest(path, formats.KIND_CAPTIONS).get("decoding") or {}
+    diff = {k: (before.get(k), v) for k, v in decoding.items() if k in before and before[k] != v}
+    if diff:
+        raise UsageError(
+            f"{output_dir} holds captions decoded with "
+            + ", ".join(f"{k} {a}" for k, (a, _) in diff.items())
+            + "; this run has "
+            + ", ".join(f"{k} {b}" for k, (_, b) in diff.items())
+            + ": --skip_existing would mix decodings in one table "
+            "(use the same flags, another --output_dir, or --allow_mixed_models)"
+        )
+
+
 def existing_outputs(output_dir: str) -> list[str]:
     found = []
     for table in ("captions", "errors"):
@@ -577,6 +596,7 @@ def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
         write_run_record(plan.staging, {"run_id": run_id, "add": plan.add, "identity": identity})
     if plan.add:
         check_one_model(existing, manifest["model_id"], args.output_dir, args.allow_mixed_models)
+        check_one_decoding(args.output_dir, decoding_settings(args), args.allow_mixed_models)
     return plan
 
 

@@ -216,6 +216,10 @@ def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
     manifest = json.load(open(out / "manifest.json"))  # the whole table's, not the last run's
     assert manifest["looping"]["images"] == 3
+    (folder / "four.jpg").write_bytes(encode(noise(23), "JPEG"))
+    beam = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    with pytest.raises(UsageError, match="decoded with beam_size 1; this run has beam_size 3"):
+        run([*beam, "--skip_existing", "--beam_size", "3", *RUNNER])
 
 
 def test_multi_processing_mode_with_one_shared_model(inputs, captioned, tmp_path):
