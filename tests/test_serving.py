@@ -67,11 +67,33 @@ def test_served_captions_equal_the_bulk_job_on_every_format(served):
         assert (out["width"][i], out["height"][i]) == (row["width"], row["height"]), name
 
 
-def test_an_undecodable_image_fails_the_request(served):
-    path, *_ = served
+def test_a_bad_image_is_its_own_error_not_the_requests(served, tmp_path):
+    """A decompression bomb is refused from its header (no 400 MP buffer), a TIFF is not
+    decoded, a broken file fails alone; the good image beside them keeps its caption."""
+    import io
+
+    from PIL import Image
+
+    path, names, out, *_ = served
     fn = tf.saved_model.load(path).signatures["serving_default"]
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        fn(images=tf.constant([b"not an image"]))
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, "PNG")  # 1.2 MB of PNG, 400 MP decoded
+    tiff = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tiff, "TIFF")
+    rgb = open(os.path.join(served[4], "rgb.jpg"), "rb").read()
+    images = [rgb, bomb.getvalue(), b"not an image", tiff.getvalue(), b"", rgb]
+    got = {k: v.numpy() for k, v in fn(images=tf.constant(images)).items()}
+    errors = [e.decode() for e in got["error"]]
+    assert errors == ["", "decompression_bomb", "not_an_image", "unsupported_format"] + [
+        "not_an_image",
+        "",
+    ]
+    expected = out["caption"][names.index("rgb.jpg")]
+    assert list(got["caption"]) == [expected, b"", b"", b"", b"", expected]
+    assert (got["width"][1], got["height"][1]) == (0, 0)
+    # Every image bad: still one answer per image.
+    alone = fn(images=tf.constant([b"x", b"y"]))
+    assert [e.decode() for e in alone["error"].numpy()] == ["not_an_image"] * 2
 
 
 def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
