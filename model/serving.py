@@ -8,8 +8,8 @@ encoded image files (JPEG, PNG, GIF (first frame), BMP, WebP), and returns
 not be captioned, whose caption is then empty: too_large, decompression_bomb,
 unsupported_format (TIFF, which the graph cannot decode), not_an_image),
 `log_prob` (the sequence log-probability), `token_ids` (int32 [None, max_length],
-`<end>` then `<pad>`), `length`, `hit_max_length`, `attention` ([None, max_length, 64]), and the decoded
-image's `width` and `height`. Decoding, alpha compositing, the JPEG DCT
+`<end>` then `<pad>`), `length`, `hit_max_length`, `attention` ([None, max_length,
+64]), and the decoded image's `width` and `height`. Decoding, alpha compositing, the JPEG DCT
 shortcut, resizing, InceptionV3 and the decoding loop all run in the graph, so
 `tf.saved_model.load(DIR)` needs no code of this project. The graph reads each
 image's size from its header before allocating its pixels: `--max_pixels` and
