@@ -163,7 +163,8 @@ def done_key(uri: str) -> tuple[str, str | None]:
     under its archive (with its member name), anything else under itself (with None)."""
     if MEMBER_SEPARATOR in uri:
         archive, member = uri.split(MEMBER_SEPARATOR, 1)
-        return archive, member
+        if is_archive_name(archive):  # else a path that holds "!/": its own error row
+            return archive, member
     return uri, None
 
 
@@ -219,7 +220,17 @@ def matched_inputs(spec: str, exclude: Sequence[str] = ()) -> Iterator[str | Ite
         if any(path.startswith(folder.rstrip("/") + "/") for folder in exclude):
             continue
         printable = printable_uri(path)
-        yield path if printable is None else bad_file_name(printable)
+        if printable is not None:
+            yield bad_file_name(printable)
+        elif MEMBER_SEPARATOR in path:  # "x!/a.jpg" would read as member a.jpg of archive x
+            yield Item(
+                path,
+                error_type="ambiguous_name",
+                message=f"the path holds {MEMBER_SEPARATOR!r}, which names archive members; "
+                "rename the folder or file",
+            )
+        else:
+            yield path
 
 
 def own_outputs(args: argparse.Namespace) -> list[str]:
@@ -611,6 +622,13 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
 def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     manifest = check_export(args.model)
     for spec in args.input:
+        where = spec if "://" in spec else os.path.abspath(spec)
+        for own in own_outputs(args):
+            if (where.rstrip("/") + "/").startswith(own.rstrip("/") + "/"):
+                raise UsageError(
+                    f"--input {spec} is in this job's own output folder {own}, whose files "
+                    "are never inputs; caption another folder"
+                )
         if not match_input(spec):
             raise UsageError(f"--input matches nothing: {spec}")
     if args.attention_dir and not FileSystems.exists(args.attention_dir):

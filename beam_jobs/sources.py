@@ -80,15 +80,37 @@ def match_input(spec: str) -> list[str]:
     listing = FileSystems.match([folder + "/**"])[0].metadata_list if "://" in spec else None
     if listing is None:
         if os.path.isdir(folder):
-            return sorted(
-                os.path.join(root, f)
-                for root, _, files in os.walk(folder)
-                for f in files
-                if is_image_name(f) or is_archive_name(f)
-            )
+            return sorted(walk_folder(folder))
         return [spec] if os.path.exists(spec) else []
     files = [m.path for m in listing if is_image_name(m.path) or is_archive_name(m.path)]
     return sorted(files) or ([spec] if FileSystems.exists(spec) else [])
+
+
+def walk_folder(folder: str) -> Iterator[str]:
+    """A local folder's image and archive files, recursively. Links to folders are
+    followed (once: a link back to a folder being read is not entered again). A folder
+    that cannot be listed, or such a link, comes back as its own path, which `read_path`
+    turns into its error row, so nothing under it goes missing without a word."""
+    seen: set[str] = set()
+
+    def visit(path: str) -> Iterator[str]:
+        real = os.path.realpath(path)
+        if real in seen:
+            yield path  # a link cycle
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            yield path  # unreadable
+            return
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                yield from visit(entry.path)
+            elif is_image_name(entry.name) or is_archive_name(entry.name):
+                yield entry.path
+
+    yield from visit(folder)
 
 
 def unsafe_member(name: str) -> bool:
@@ -208,6 +230,10 @@ def check_plain_file(path: str, max_bytes: int = MAX_BYTES) -> None:
         size = FileSystems.get_filesystem(path).size(path)
     else:
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):  # only a folder the listing could not enter is an input
+            if os.path.islink(path):
+                raise ImageError("link_cycle", "a link to a folder that is already read")
+            raise ImageError("unreadable_folder", "a folder that cannot be listed (permissions?)")
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not_a_file", "not a regular file (a FIFO, device or socket)")
         size = st.st_size

@@ -641,3 +641,46 @@ def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp
     _check_table(out, [str(p) for p in folder.iterdir()])
     run(argv)  # the lease went with the first run's process
     _check_table(out, [str(p) for p in folder.iterdir()])
+
+
+def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
+    """A folder that cannot be listed, a linked folder, a link cycle and a folder whose
+    name holds the archive separator: each is captioned or an error row, once, however
+    often --skip_existing runs; the output folder as input is refused."""
+    _, _, export = inputs
+    root, out = tmp_path / "in", tmp_path / "out"
+    (root / "locked").mkdir(parents=True)
+    (root / "locked" / "a.jpg").write_bytes(encode(noise(400), "JPEG"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.jpg").write_bytes(encode(noise(401), "JPEG"))
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "linked" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "x!").mkdir()
+    (root / "x!" / "c.jpg").write_bytes(encode(noise(402), "JPEG"))
+    (root / "d.jpg").write_bytes(encode(noise(403), "JPEG"))
+    scandir = os.scandir
+
+    def locked(path):  # the tests run as root, who can list any folder: a fault instead
+        if str(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    argv = ["--model", export, "--input", str(root), "--output_dir", str(out), *RUNNER]
+    run(argv)
+    expected = {
+        f"{root}/d.jpg": "ok",
+        f"{root}/linked/b.jpg": "ok",
+        f"{root}/linked/loop": "link_cycle",
+        f"{root}/locked": "unreadable_folder",
+        f"{root}/x!/c.jpg": "ambiguous_name",
+    }
+    for _ in range(2):
+        caps, errs = tables(out)
+        got = {r["uri"]: "ok" for r in caps} | {r["uri"]: r["error_type"] for r in errs}
+        assert got == expected
+        assert len(caps) + len(errs) == len(expected)
+        run([*argv, "--skip_existing"])
+    with pytest.raises(UsageError, match="is in this job's own output folder"):
+        run(["--model", export, "--input", str(out), "--output_dir", str(out), *RUNNER])
