@@ -83,8 +83,9 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
         except FileNotFoundError:
             row.update(error_type="missing_file", message="no such file")
             continue
-        except OSError as e:
-            row.update(error_type="read_error", message=f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - OSError, or tf.errors.* from an unreachable store
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            row.update(error_type="read_error", message=f"{type(e).__name__}: {first}")
             continue
         row.update(width=decoded.width, height=decoded.height)
         ready.append((len(rows) - 1, decoded.pixels))

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.defaults import MAX_PIXELS
+
+# The size check is ours (`max_pixels`, right after the header is read): PIL's own, a
+# process-wide warning that `warnings.catch_warnings` cannot silence safely while decode
+# threads run, printed DecompressionBombWarning lines for files that became error rows.
+Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_SIZE = 299
 PREPROCESSING = "pil-exif-rgb-white-alpha-bilinear-299-inception[-1,1]"
@@ -73,22 +77,20 @@ def decode_image(
     if not data:
         raise ImageError("empty", "file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            orientation = img.getexif().get(_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w  # rotated by 90 degrees once upright
-            img.seek(0)
-            img.load()
-            if orientation != 1:  # exif_transpose copies even when there is nothing to do
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img), (w, h)
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        orientation = img.getexif().get(_ORIENTATION, 1)
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w  # rotated by 90 degrees once upright
+        img.seek(0)
+        img.load()
+        if orientation != 1:  # exif_transpose copies even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img), (w, h)
     except ImageError:
         raise
     except UnidentifiedImageError:
