@@ -285,7 +285,10 @@ def set_up(args: argparse.Namespace) -> Run:
     }
     if loss_scale is not None:
         state.update(loss_scale=loss_scale.scale, good_steps=loss_scale.good_steps)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+    # Dropout's random state: Keras keeps it out of the model's checkpoint, and without it
+    # a resumed run draws other masks than the run it continues.
+    seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, dropout_seeds=seeds, **state)
     manager = checkpoint_manager(ckpt, args.model_dir, strategy, chief)
     fns = make_step_fns(
         strategy,

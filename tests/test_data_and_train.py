@@ -255,6 +255,11 @@ def test_sigkill_mid_epoch_then_resume_reaches_same_step_count(tmp_path):
     assert "resumed from" in r.stdout
     manifest = load_export(str(tmp_path / "m" / "export")).manifest
     assert manifest["training"]["steps"] == 3 * 23
+    # The same weights as a run never killed (dropout's random state resumes too).
+    whole = _train(tmp_path, "whole", "--epochs", "3", "--checkpoint_every", "2")
+    assert whole["steps"] == 3 * 23
+    for a, b in zip(_export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole")):
+        np.testing.assert_array_equal(a, b)
 
 
 def _run_ok(cmd):

@@ -184,8 +184,7 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
     bulk = {r["uri"].rsplit("/", 1)[1]: r["caption"] for r in rows if "!/" not in r["uri"]}
     from_features = predictions(f"{model}/eval/val/predictions.json")
     # Stage 3 computes features from raw images; evaluation decodes stage 1's float16 shards.
-    same = sum(bulk[name] == caption for name, caption in from_features.items())
-    assert same / len(from_features) >= 0.9, (bulk, from_features)
+    assert {name: bulk[name] for name in from_features} == from_features
 
     # The serving SavedModel, loaded from gs:// by a process with none of this project's code.
     assert serve_in_clean_process(gcs, f"{export}/serving", local / "val", val_names) == bulk
@@ -221,8 +220,7 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         for r in parquet_rows(gcs, f"{BUCKET}/beam", "captions-")
     }
     beam_features = predictions(f"{gs}/eval_beam/predictions.json")
-    same = sum(beam_bulk[name] == caption for name, caption in beam_features.items())
-    assert same / len(beam_features) >= 0.9, (beam_bulk, beam_features)
+    assert {name: beam_bulk[name] for name in beam_features} == beam_features
 
     # Quiet: progress lines and our own, nothing from Java's tokenizer or TF's start-up.
     for err in stderr:

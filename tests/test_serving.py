@@ -130,3 +130,42 @@ def test_model_caption_beam_search(served):
     beam = run(["--model", export, str(images / "rgb.jpg"), "--beam_size", "3"])[0]
     # Here (no length penalty) beam search finds a caption at least as probable as greedy's.
     assert bulk["rgb.jpg"]["log_prob"] - 1e-4 <= beam["log_prob"] <= 0
+
+
+def test_the_graph_decodes_every_format_as_pil_does_within_one_level():
+    """The served pixels themselves, not captions of a model that barely looks: the
+    graph's decoding equals model.preprocess within one level on every format."""
+    import numpy as np
+    from PIL import Image
+
+    from model.preprocess import IMAGE_SIZE, preprocess_image
+    from model.serving import decode_bounded
+
+    def smooth(seed: int, size=(320, 240)) -> Image.Image:  # photo-like: resizing matters
+        return noise(seed, (size[0] // 16, size[1] // 16)).resize(size, Image.BICUBIC)
+
+    rgba = smooth(3).convert("RGBA")
+    rgba.putalpha(smooth(4).convert("L"))
+    files = {
+        "rgb.jpg": encode(smooth(1), "JPEG", quality=90),
+        "photo_1280.jpg": encode(smooth(5, (1280, 960)), "JPEG"),  # decoded at 1/4 scale
+        "photo_640.jpg": encode(smooth(6, (640, 480)), "JPEG"),  # at 1/2 scale
+        "gray.png": encode(smooth(2).convert("L"), "PNG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "palette.png": encode(smooth(7).convert("P"), "PNG"),
+        "cmyk.jpg": encode(smooth(8).convert("CMYK"), "JPEG", quality=95),
+        "animated.gif": encode(smooth(9).convert("P"), "GIF"),
+        "bitmap.bmp": encode(smooth(10), "BMP"),
+        "webp.webp": encode(smooth(11), "WEBP", lossless=True),
+    }
+    names = sorted(files)
+    pixels, width, height, error = decode_bounded(
+        tf.constant([files[n] for n in names]), IMAGE_SIZE, 10**8, 10**8
+    )
+    for i, name in enumerate(names):
+        want = preprocess_image(files[name])
+        assert error[i].numpy() == b"", name
+        assert (int(width[i]), int(height[i])) == (want.width, want.height), name
+        diff = np.abs(pixels[i].numpy().astype(int) - want.pixels.astype(int))
+        assert diff.max() <= 1, (name, int(diff.max()))
+        assert np.std(want.pixels) > 5  # a real picture, not a flat one both sides agree on
