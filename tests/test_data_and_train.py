@@ -258,7 +258,8 @@ def test_sigkill_mid_epoch_then_resume_reaches_same_step_count(tmp_path):
     # The same weights as a run never killed (dropout's random state resumes too).
     whole = _train(tmp_path, "whole", "--epochs", "3", "--checkpoint_every", "2")
     assert whole["steps"] == 3 * 23
-    for a, b in zip(_export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole")):
+    resumed, whole = _export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole")
+    for a, b in zip(resumed, whole, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
