@@ -6,7 +6,7 @@
 For each `--weights` it extracts the train (6,600) and val (491) splits once
 (`beam_jobs.extract_features`), trains each run (`model.train`, defaults plus
 the run's flags) and evaluates it on val (`model.evaluate`) greedy and with beam
-3, with and without repeat blocking, beside the blind baseline (the most
+3, with and without repeat blocking, and with beam 5, beside the blind baseline (the most
 frequent training caption). It prints one table: BLEU-1..4, METEOR, ROUGE-L and
 CIDEr (x100, PTB tokenizer and METEOR when Java is there, as in the papers), the
 share of captions with a repeated trigram, the share at the length limit, and
@@ -36,9 +36,10 @@ DECODINGS = {
     "greedy+block4": ["--block_repeats", "4"],
     "beam3": ["--beam_size", "3", "--block_repeats", "0"],
     "beam3+block3": ["--beam_size", "3", "--block_repeats", "3"],
+    "beam5+block3": ["--beam_size", "5", "--block_repeats", "3"],
 }
 # Without --decodings: the four that show what blocking buys, greedy and beam.
-DEFAULT_DECODINGS = ["greedy", "greedy+block3", "beam3", "beam3+block3"]
+DEFAULT_DECODINGS = ["greedy", "greedy+block3", "beam3", "beam3+block3", "beam5+block3"]
 
 
 BLIND = "blind (most frequent caption)"
