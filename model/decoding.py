@@ -9,6 +9,7 @@ greedy decoding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,11 +62,13 @@ def greedy_decode_graph(
     max_length: int,
     block_repeats: int = 0,
     allow_unk: bool = False,
+    choose: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
 ) -> dict[str, tf.Tensor]:
     """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`).
 
     With `block_repeats` n > 0, a token that would repeat an n-gram of the caption
-    is never chosen (`model.ngrams`)."""
+    is never chosen (`model.ngrams`). `choose(log_probs (B, V), t) -> tokens (B,)`
+    picks each step's token: argmax by default (greedy); `sample_graph` draws."""
     batch = tf.shape(features)[0]
     encoded, projected = model.encode(features)
     decoder = model.decoder
@@ -85,7 +88,10 @@ def greedy_decode_graph(
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) + never)
         if block_repeats:
             log_probs += repeat_block_mask(history, t, block_repeats, vocab_size)
-        next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
+        if choose is None:
+            next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
+        else:
+            next_token = choose(log_probs, t)
         next_logp = tf.gather(log_probs, next_token, batch_dims=1)
         next_token = tf.where(done, PAD_ID, next_token)
         next_logp = tf.where(done, 0.0, next_logp)
@@ -133,6 +139,31 @@ def greedy_decode_graph(
         "hit_max_length": tf.logical_not(done),
         "attention": stacked(alphas, [0, batch, num_locations]),
     }
+
+
+def sample_graph(
+    model: ShowAttendTell,
+    features: tf.Tensor,
+    max_length: int,
+    samples: int,
+    seed: tf.Tensor,
+    block_repeats: int = DEFAULT_BLOCK_REPEATS,
+    allow_unk: bool = False,
+) -> dict[str, tf.Tensor]:
+    """`samples` captions per image drawn from the model (multinomial sampling, as
+    self-critical training does), in one graph call: features (B, L, D) -> the tensors of
+    `Decoded` for B * samples rows (image b's at b*K .. b*K+K-1), with greedy decoding's
+    `<end>` handling, banned tokens and repeat blocking; log-probs are 0 after `<end>`.
+    `seed` (2,) int32 makes the draws reproducible (stateless: the same seed, the same
+    captions on any device)."""
+    features = tf.repeat(features, samples, axis=0)
+
+    def draw(log_probs: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+        step_seed = tf.stack([seed[0], seed[1] + t])
+        drawn = tf.random.stateless_categorical(log_probs, 1, step_seed, dtype=tf.int32)
+        return drawn[:, 0]
+
+    return greedy_decode_graph(model, features, max_length, block_repeats, allow_unk, draw)
 
 
 def beam_decode_graph(

@@ -194,3 +194,39 @@ def test_unk_follows_one_rule_in_greedy_and_beam(beam_size):
         fn = make_decoder(m, 5, beam_size=beam_size, allow_unk=allow, block_repeats=0)
         ids = to_decoded(fn(feats)).token_ids
         assert (UNK_ID in ids) == allow, (allow, ids)
+
+
+def test_sampling_draws_from_the_model_with_decodings_rules():
+    """K captions per image in one graph call: first tokens follow the model's softmax
+    over the allowed tokens, the same seed draws the same captions, blocking holds and
+    log-probs are 0 after <end>."""
+    import tensorflow as tf
+
+    from model.decoding import sample_graph, to_decoded
+    from model.ngrams import has_repeated_ngram
+
+    model = looping_model()  # the same distribution every step, whatever the image
+    feats = tf.zeros((250, 64, 2048))
+
+    def draw(seed, block=3):
+        fn = tf.function(
+            lambda f, s: sample_graph(model, f, 8, samples=4, seed=s, block_repeats=block)
+        )
+        return to_decoded(fn(feats, tf.constant(seed, tf.int32)))
+
+    out = draw([1, 2])
+    assert out.token_ids.shape == (1000, 8)
+    _, bias = model.decoder.fc2.get_weights()
+    allowed = np.ones(8, bool)
+    allowed[[PAD_ID, 1, 2]] = False  # <pad>, <unk>, <start>
+    p = np.exp(bias - bias[allowed].max()) * allowed
+    p /= p.sum()
+    first = np.bincount(out.token_ids[:, 0], minlength=8) / 1000
+    np.testing.assert_allclose(first, p, atol=0.04)
+    np.testing.assert_array_equal(draw([1, 2]).token_ids, out.token_ids)
+    assert (draw([3, 4]).token_ids != out.token_ids).any()
+    for i in range(1000):
+        assert not has_repeated_ngram(out.words(i), 3)
+        n = out.lengths[i] + (0 if out.hit_max_length[i] else 1)
+        assert (out.log_probs[i, :n] < 0).all() and (out.log_probs[i, n:] == 0).all()
+    assert any(has_repeated_ngram(draw([1, 2], block=0).words(i), 3) for i in range(1000))
