@@ -21,6 +21,7 @@ from model.cli import (
     add_decoding_flags,
     check_exists,
     decoding_settings,
+    first_line,
     is_remote,
     positive_int,
     run_cli,
@@ -84,8 +85,7 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(error_type="missing_file", message="no such file")
             continue
         except Exception as e:  # noqa: BLE001 - OSError, or tf.errors.* from an unreachable store
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            row.update(error_type="read_error", message=f"{type(e).__name__}: {first}")
+            row.update(error_type="read_error", message=f"{type(e).__name__}: {first_line(e)}")
             continue
         row.update(width=decoded.width, height=decoded.height)
         ready.append((len(rows) - 1, decoded.pixels))

@@ -18,6 +18,12 @@ from typing import Any
 from model.storage import is_remote
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line: TensorFlow's and Keras's run long."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 class UsageError(ValueError):
     """A bad argument found at start; printed as one line by `run_cli`."""
 

@@ -26,6 +26,7 @@ from typing import Any
 import keras
 
 from model import storage
+from model.cli import first_line
 from model.defaults import NAMED_WEIGHTS, PRECISIONS, named_weights_path
 from model.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
 from model.preprocess import IMAGE_SIZE, PREPROCESSING
@@ -122,7 +123,7 @@ def fetch_keras_imagenet() -> str:
             file_hash=KERAS_IMAGENET_MD5,
         )
     except Exception as e:  # noqa: BLE001 - Keras wraps URL, HTTP and hash errors alike
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 160)
         raise WeightsUnavailableError(
             f"--weights imagenet: Keras could not download its weights ({reason}); "
             "offline, run `make weights` and pass --weights inception-2015"

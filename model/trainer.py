@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from model import formats, storage
 from model.captioner import ShowAttendTell
+from model.cli import first_line
 from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
 from model.defaults import PRESETS
 from model.export import save_export
@@ -392,7 +393,7 @@ def restore_newest_readable(ckpt: tf.train.Checkpoint, ckpt_dir: str) -> str | N
             ckpt.restore(prefix).expect_partial()
             return prefix
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (IndexError, DataLoss, ...)
-            reason = str(e).strip().splitlines()[0][:200]
+            reason = first_line(e)
             print(
                 f"train: warning: checkpoint {prefix} is unreadable ({type(e).__name__}: "
                 f"{reason}); trying the one before it",
