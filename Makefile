@@ -24,7 +24,7 @@ $(STAMP): setup.py
 install: $(STAMP) ## Create .venv and install the project with its test extra
 
 $(WEIGHTS_FILE): $(STAMP)
-	$(PY) -m model.pretrained
+	$(PY) -m model.images.pretrained
 
 weights: $(WEIGHTS_FILE) ## Real ImageNet InceptionV3 offline, for --weights inception-2015
 

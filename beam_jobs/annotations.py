@@ -14,8 +14,8 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from model.formats import FormatError
-from model.vocab import tokenize
+from model.io.formats import FormatError
+from model.text.vocab import tokenize
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 

@@ -70,9 +70,9 @@ from beam_jobs.sources import (
     read_path,
     read_uri,
 )
-from model import formats
 from model.cli import decoding_settings
 from model.defaults import MAX_BYTES
+from model.io import formats
 
 NAMESPACE = "caption_images"
 
@@ -309,8 +309,8 @@ class ToRowFn(beam.DoFn):
 
 
 def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
-    from model.plot import attention_png
-    from model.preprocess import decode_image
+    from model.evaluation.plot import attention_png
+    from model.images.preprocess import decode_image
 
     meta, result = element
     uri = meta.key

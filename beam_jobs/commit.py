@@ -23,7 +23,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from model import formats
+from model.io import formats
 
 STAGING_PREFIX = ".staging-"
 RUN_FILE = "run.json"
@@ -110,10 +110,10 @@ def _read_parquet(path: str, columns: list[str] | None = None) -> Any:
 
 
 def table_looping(caption_files: list[str]) -> dict[str, Any]:
-    """The looping figures (`model.ngrams.looping_figures`) of the whole captions table,
+    """The looping figures (`model.text.ngrams.looping_figures`) of the whole captions table,
     as evaluation reports them: repeated-trigram share, length-limit share, distinct
     captions per image."""
-    from model.ngrams import looping_figures
+    from model.text.ngrams import looping_figures
 
     captions: list[str] = []
     at_limit: list[bool] = []

@@ -20,7 +20,7 @@ from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
 from beam_jobs.sources import check_plain_file, read_failure, read_file
 from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
 from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
-from model.preprocess import Decoded, ImageError, preprocess_image
+from model.images.preprocess import ImageError, PreprocessedImage, preprocess_image
 from model.quiet import filtered_stream
 
 ERRORS_TAG = "errors"
@@ -73,7 +73,7 @@ def dry_run_result(result: Any, options: PipelineOptions, job: str) -> dict[str,
 
 
 def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
-    """A row of the errors table (model.formats.ERRORS_SCHEMA)."""
+    """A row of the errors table (model.io.formats.ERRORS_SCHEMA)."""
     return {"uri": uri, "error_type": kind, "message": message[:2000]}
 
 
@@ -102,7 +102,7 @@ class Meta(NamedTuple):
 class Outcome:
     """One input after reading and decoding: pixels, or the error that stopped it."""
 
-    decoded: Decoded | None
+    decoded: PreprocessedImage | None
     error: ImageError | None
     nbytes: int = 0  # 0 when the file could not be read
     sha256: str = ""

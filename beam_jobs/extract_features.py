@@ -79,7 +79,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not os.path.exists(named_weights_path(args.weights)):
             raise UsageError(
                 f"--weights {args.weights}: not converted yet; run `make weights` "
-                "(python -m model.pretrained) first"
+                "(python -m model.images.pretrained) first"
             )
     elif args.weights not in ("imagenet", "none"):
         check_exists("--weights", args.weights)

@@ -37,16 +37,16 @@ from beam_jobs.lease import output_lease
 from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
 from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
-from model import formats
 from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, named_weights_path
-from model.extractor import (
+from model.images.extractor import (
     check_weights,
     features_identity,
     fetch_keras_imagenet,
     weights_hash,
     weights_variant,
 )
-from model.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
+from model.io import formats
+from model.text.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
 
 NAMESPACE = "extract_features"
 

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from model.captioning import (  # noqa: F401 - CaptionResult is re-exported
+from model.images.preprocess import IMAGE_SIZE
+from model.inference.end_to_end import (  # noqa: F401 - CaptionResult is re-exported
     CaptionResult,
     LoadedCaptioner,
     build_caption_fn,
     split_results,
 )
-from model.preprocess import IMAGE_SIZE
 
 
 def _batching(batch_size: int) -> dict[str, int]:
@@ -64,7 +64,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
         )
         self.weights = weights
-        self.variant = variant  # of the backbone (model.extractor); None: the weights' own
+        self.variant = variant  # of the backbone (model.images.extractor); None: the weights' own
         self.precision = precision
         self.namespace = namespace
 
@@ -75,7 +75,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         tf = import_tensorflow()  # on a worker process, as quiet as the launcher
 
-        from model.extractor import build_feature_extractor
+        from model.images.extractor import build_feature_extractor
 
         extractor = build_feature_extractor(self.weights, self.precision, self.variant)
 
@@ -125,7 +125,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         # Take GPU memory as needed: several SDK processes may share one GPU.
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         import_tensorflow()  # on a worker process, as quiet as the launcher
-        from model.export import load_export
+        from model.network.export import load_export
 
         export = load_export(self.export_dir)
         return LoadedCaptioner(build_caption_fn(export, self.precision, self.decoding), export)

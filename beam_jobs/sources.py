@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from apache_beam.io.filesystems import FileSystems
 
 from model.defaults import MAX_BYTES
-from model.preprocess import ImageError
+from model.images.preprocess import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")

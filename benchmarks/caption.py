@@ -37,10 +37,10 @@ from benchmarks.common import (
 def main() -> None:
     a = job_bench_args(__doc__)
     from beam_jobs.caption_images import run
-    from model.captioner import ShowAttendTell
-    from model.export import save_export
-    from model.extractor import features_identity
-    from model.vocab import RESERVED, Vocabulary
+    from model.images.extractor import features_identity
+    from model.network.captioner import ShowAttendTell
+    from model.network.export import save_export
+    from model.text.vocab import RESERVED, Vocabulary
 
     with tempfile.TemporaryDirectory() as tmp:
         names = make_jpegs(os.path.join(tmp, "img"), max(a.images, 10 * a.memory_images))
@@ -120,7 +120,7 @@ def decoder_rate(model, batch_size: int, beam_size: int, repeats: int = 3) -> fl
     import numpy as np
     import tensorflow as tf
 
-    from model.decoding import make_decoder
+    from model.decoding.decoders import make_decoder
 
     decode = make_decoder(model, 20, beam_size=beam_size)
     feats = tf.constant(np.random.RandomState(0).randn(batch_size, 64, 2048), tf.float32)

@@ -46,7 +46,7 @@ def bare_inception_rate(batch_size: int, precision: str, batches: int = 6) -> fl
     """Images/s of the extractor alone on preprocessed inputs (the bound for both Beam jobs)."""
     import tensorflow as tf
 
-    from model.extractor import build_feature_extractor
+    from model.images.extractor import build_feature_extractor
 
     extractor = build_feature_extractor("none", precision)
     fn = tf.function(lambda x: extractor(x, training=False))

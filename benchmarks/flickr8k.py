@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from model.metrics import LOOPING_KEYS, METRIC_KEYS
+from model.evaluation.metrics import LOOPING_KEYS, METRIC_KEYS
 
 DECODINGS = {
     "greedy": ["--block_repeats", "0"],

@@ -50,11 +50,11 @@ def run(argv: list[str]) -> dict:
 
 
 def main() -> None:
-    from model.captioner import ShowAttendTell
-    from model.export import save_export
-    from model.extractor import features_identity
-    from model.serving import write_serving_export
-    from model.vocab import RESERVED, Vocabulary
+    from model.images.extractor import features_identity
+    from model.inference.saved_model import write_serving_export
+    from model.network.captioner import ShowAttendTell
+    from model.network.export import save_export
+    from model.text.vocab import RESERVED, Vocabulary
 
     with tempfile.TemporaryDirectory() as tmp:
         images = os.path.join(tmp, "img")

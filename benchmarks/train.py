@@ -5,7 +5,7 @@
 Writes feature shards (random features, 5 captions of 8-15 words per image,
 a 5000-word vocabulary) and, for float32, bfloat16 and float32 with XLA, measures
 in one run:
-- bare: the compiled multi-step train function (`model.steps`) on one batch held
+- bare: the compiled multi-step train function (`model.training.steps`) on one batch held
   in memory, with no input pipeline, host work or checkpoints: the bound for the loop,
   timed right before and right after each trainer run (the ratio uses their mean);
 - `model.train --preset tutorial` itself, for each `--steps_per_execution`: the
@@ -56,9 +56,9 @@ def flops_per_pair(
 
 def write_shards(folder: str, images: int) -> float:
     """A FEATURES_DIR with `images` images; returns the mean decoder steps per pair."""
-    from model import formats
-    from model.extractor import features_identity
-    from model.vocab import RESERVED, Vocabulary
+    from model.images.extractor import features_identity
+    from model.io import formats
+    from model.text.vocab import RESERVED, Vocabulary
 
     rng = np.random.RandomState(0)
     words = [f"w{i}" for i in range(VOCAB - len(RESERVED))]
@@ -91,9 +91,9 @@ def bare_step(folder: str, batch_size: int, policy: str, jit: bool) -> Callable[
     import keras
     import tensorflow as tf
 
-    from model.captioner import ShowAttendTell
-    from model.data import caption_pairs, check_data_dir, split_info
-    from model.steps import make_step_fns, run_steps
+    from model.data.shards import caption_pairs, check_data_dir, split_info
+    from model.network.captioner import ShowAttendTell
+    from model.training.steps import make_step_fns, run_steps
 
     manifest, vocab = check_data_dir(folder)
     files = split_info(folder, manifest, "train").files

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from model import storage
 from model.cli import (
     add_decoding_flags,
     check_exists,
@@ -27,6 +26,7 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import PRECISIONS
+from model.io import storage
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,9 +55,9 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
     """[{"path", "caption", "log_prob", ...} or {"path", "error_type", "message"}] in order."""
     import numpy as np
 
-    from model.captioning import build_caption_fn, split_results
-    from model.export import load_export
-    from model.preprocess import ImageError, preprocess_image
+    from model.images.preprocess import ImageError, preprocess_image
+    from model.inference.end_to_end import build_caption_fn, split_results
+    from model.network.export import load_export
 
     export = load_export(args.model)
     precision = args.precision or export.features.get("precision", "float32")
@@ -96,8 +96,8 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
-    from model.plot import plot_attention
-    from model.preprocess import decode_image
+    from model.evaluation.plot import plot_attention
+    from model.images.preprocess import decode_image
 
     image, _ = decode_image(read_bytes(row["path"]))
     image.thumbnail((320, 320))

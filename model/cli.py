@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from model.storage import is_remote
+from model.io.storage import is_remote
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -44,7 +44,7 @@ def run_cli(
         with contextlib.nullcontext() if wants_everything(args) else filtered_stream():
             return run(argv)
     except Exception as e:
-        from model.formats import FormatError  # here, not at the top: see the module doc
+        from model.io.formats import FormatError  # here, not at the top: see the module doc
 
         if isinstance(e, (UsageError, FormatError, FileNotFoundError, *errors)):
             sys.exit(f"error: {e}")
@@ -159,7 +159,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding flags as keyword arguments of `model.decoding.make_decoder`."""
+    """The decoding flags as keyword arguments of `model.decoding.decoders.make_decoder`."""
     return {
         "beam_size": args.beam_size,
         "length_penalty": args.length_penalty,

@@ -20,7 +20,7 @@ DEFAULT_DROPOUT = 0.5
 # Greedy decoding stops after this many words unless `<end>` comes first.
 DEFAULT_MAX_LENGTH = 20
 # Decoding never completes an n-gram of this size that the caption already holds
-# (0: off). Trigrams: see model/ngrams.py and docs for the measurements behind it.
+# (0: off). Trigrams: see model/text/ngrams.py and docs for the measurements behind it.
 DEFAULT_BLOCK_REPEATS = 3
 # How InceptionV3 may compute the features (stored as float16 either way).
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -39,7 +39,7 @@ PENDING_BYTES = 256 << 20
 # resumed with --skip_existing redoes at most this much work.
 CHECKPOINT_SECONDS = 60.0
 # `--weights NAME` for real ImageNet weights that `make weights` (python -m
-# model.pretrained) converts offline into the cache: name -> (backbone variant, file).
+# model.images.pretrained) converts offline into the cache: name -> (backbone variant, file).
 NAMED_WEIGHTS: dict[str, tuple[str, str]] = {
     "inception-2015": ("2015", "inception-2015.weights.h5"),
 }

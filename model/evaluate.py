@@ -54,7 +54,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from model.quiet import import_tensorflow
 
     import_tensorflow(args.verbose)
-    from model.evaluator import evaluate
+    from model.evaluation.report import evaluate
 
     return evaluate(args)
 

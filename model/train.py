@@ -3,7 +3,7 @@
     python -m model.train --data_dir FEATURES_DIR --model_dir MODEL_DIR [--epochs N] [--preset tiny]
 
 MirroredStrategy over the local GPUs (or the CPU), MultiWorkerMirroredStrategy
-when TF_CONFIG names several workers; one custom loop (`model.steps`) serves
+when TF_CONFIG names several workers; one custom loop (`model.training.steps`) serves
 both, and N replicas update exactly as one device on the whole batch. Several
 steps run per compiled call (`--steps_per_execution`). Step-level checkpoints in
 MODEL_DIR/checkpoints: killing the process (or every worker) and running the
@@ -142,7 +142,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from model.quiet import import_tensorflow
 
     import_tensorflow(verbose=args.verbose == 3)
-    from model.trainer import train
+    from model.training.loop import train
 
     return train(args)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from model.metrics import format_table
+from model.evaluation.metrics import format_table
 
 
 def main(argv: list[str] | None = None) -> None:

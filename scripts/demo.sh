@@ -11,7 +11,7 @@ rm -rf "$OUT"
 step() { printf '\n=== %s ===\n' "$*"; }
 
 step "1/6 Generate a captioning dataset: $TRAIN train + $VAL val images of coloured shapes"
-$PY -m model.datasets.make_shapes "$OUT/data" --train "$TRAIN" --val "$VAL"
+$PY -m demo.make_shapes "$OUT/data" --train "$TRAIN" --val "$VAL"
 
 step "2/6 Extract InceptionV3 features with Beam (--weights none: nothing is downloaded)"
 for split in train val; do

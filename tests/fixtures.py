@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import formats
-from model.captioner import ShowAttendTell
-from model.export import save_export
-from model.extractor import features_identity
-from model.vocab import Vocabulary
+from model.images.extractor import features_identity
+from model.io import formats
+from model.network.captioner import ShowAttendTell
+from model.network.export import save_export
+from model.text.vocab import Vocabulary
 
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model.beam_search import beam_search, length_penalty
-from model.decoding import greedy_decode, make_decoder, to_decoded
-from model.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from model.decoding.beam_search import beam_search, length_penalty
+from model.decoding.decoders import greedy_decode, make_decoder, to_decoded
+from model.text.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from tests.test_decoding import forced_model
 
 V = 8  # <pad> <unk> <start> <end> then words 4..7
@@ -160,7 +160,7 @@ def test_beam_size_one_is_greedy_decoding_on_the_real_model():
 
 
 def beam_search_on(model, feats, k):
-    from model.decoding import beam_decode_graph
+    from model.decoding.decoders import beam_decode_graph
 
     # The decoding defaults: <unk> banned and trigrams blocked, as greedy_decode has them.
     fn = tf.function(lambda f: beam_decode_graph(model, f, 6, k, 0.0, block_repeats=3))
@@ -172,7 +172,7 @@ def test_attention_follows_the_chosen_hypothesis():
     tokens through the model gives the same maps, step by step."""
     import keras
 
-    from model.captioner import ShowAttendTell
+    from model.network.captioner import ShowAttendTell
 
     keras.utils.set_random_seed(3)
     model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)

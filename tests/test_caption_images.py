@@ -10,9 +10,9 @@ import pytest
 
 from beam_jobs.caption_images import run
 from beam_jobs.common import UsageError
-from model.formats import FormatError
-from model.ngrams import looping_figures
-from model.vocab import Vocabulary
+from model.io.formats import FormatError
+from model.text.ngrams import looping_figures
+from model.text.vocab import Vocabulary
 from tests.fixtures import write_tiny_export
 from tests.helpers import bad_images, encode, good_images, noise, solid
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from model.cider import CiderD, ngram_keys
+from model.text.cider import CiderD, ngram_keys
 
 
 def corpus(seed: int, images: int = 300):

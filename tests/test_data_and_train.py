@@ -10,43 +10,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model.captioner import ShowAttendTell, combine_loss, loss_parts
-from model.data import caption_pairs, check_data_dir, split_info, tf_standardize
-from model.decoding import greedy_decode
-from model.export import load_export
-from model.formats import FormatError
-from model.steps import make_step_fns, run_steps
-from model.vocab import END_ID, PAD_ID, START_ID, standardize
+from model.data.shards import caption_pairs, check_data_dir, split_info
+from model.decoding.decoders import greedy_decode
+from model.io.formats import FormatError
+from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
+from model.network.export import load_export
+from model.text.vocab import END_ID, PAD_ID, START_ID, standardize
+from model.training.steps import make_step_fns, run_steps
 from tests.conftest import mirrored
 from tests.fixtures import caption_for, write_features_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
-
-
-def test_tf_and_python_tokenisers_split_unicode_text_alike():
-    """The TF pipeline's own split (not a Python re-split of its output) against `tokenize`."""
-    from model.vocab import WHITESPACE, tokenize
-
-    assert "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) == WHITESPACE
-    texts = [
-        "a\u00a0dog on a\u2009skateboard",
-        "東京\u3000タワー",
-        "line\u2028sep\u2029para\x85next\x1cfs",
-        "\ttabs\nand\r\nnewlines\x0bvt\x0cff",
-        "\u202fnarrow\u205fmath\u1680ogham\u200aHAIR ",
-        "ÉCOLE, été... x--y",
-        "\u00a0\u3000",
-    ]
-    got = tf.strings.split(tf_standardize(tf.constant(texts))).to_list()
-    assert [[w.decode() for w in row] for row in got] == [tokenize(t) for t in texts]
-    assert tokenize(texts[0]) == ["a", "dog", "on", "a", "skateboard"]
-
-
-def test_tf_standardize_matches_python():
-    texts = ["A Dog, running!", "  kid's (red)\tkite;  ", "ÉCOLE, été...", "x--y__z", "UPPER lower"]
-    got = [b.decode() for b in tf_standardize(tf.constant(texts)).numpy()]
-    assert [" ".join(g.split()) for g in got] == [standardize(t) for t in texts]
 
 
 def test_batches_are_cut_to_longest_caption(tmp_path):
@@ -291,7 +266,7 @@ def test_a_corrupt_or_unlisted_checkpoint_is_not_a_restart_from_zero(tmp_path):
 
 
 def test_two_trainers_cannot_share_a_model_dir(tmp_path):
-    from model.trainer import _LOCKS, lock_model_dir
+    from model.training.loop import _LOCKS, lock_model_dir
 
     write_features_dir(str(tmp_path / "f"), {"train": 4})
     lock_model_dir(str(tmp_path / "m"))  # this process plays the trainer already running
@@ -360,7 +335,7 @@ def test_steps_per_execution_trains_exactly_like_one_step_per_call(tmp_path):
     ],
 )
 def test_resume_with_a_changed_data_or_numerics_flag_fails_naming_it(tmp_path, flag, value):
-    from model.formats import FormatError
+    from model.io.formats import FormatError
 
     write_features_dir(str(tmp_path / "f"), {"train": 8})
     _train(tmp_path, "m", "--epochs", "1")
@@ -379,7 +354,7 @@ def test_resume_after_finishing_keeps_the_whole_history(tmp_path):
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_encoder_is_finite_under_mixed_precision_with_constant_channels(policy):
-    from model.layers import CNNEncoder
+    from model.network.layers import CNNEncoder
 
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -468,7 +443,7 @@ def test_jit_compile_trains_like_the_graph_step(tmp_path):
 
 
 def test_overflowing_step_is_skipped_and_the_loss_scale_halved():
-    from model.steps import DynamicLossScale
+    from model.training.steps import DynamicLossScale
 
     rng = np.random.RandomState(0)
     batches = [_batch(rng, [3, 7, 4, 6]), _batch(rng, [5, 3, 8, 4])]
@@ -505,8 +480,8 @@ def test_per_replica_batch_size_sets_the_global_batch(tmp_path):
 
 
 def test_the_export_is_the_epoch_with_the_best_val_cider(tmp_path):
-    from model.evaluator import decode_split
-    from model.metrics import cider
+    from model.evaluation.metrics import cider
+    from model.evaluation.report import decode_split
 
     write_features_dir(str(tmp_path / "f"), {"train": 20, "val": 6})
     summary = _train(tmp_path, "m", "--epochs", "3", "--patience", "0")
@@ -538,7 +513,7 @@ def test_resume_refuses_another_vocabulary_in_one_line(tmp_path):
 
 def test_more_epochs_on_resume_keep_the_learning_rate_continuous(tmp_path):
     from model.train import parse_args
-    from model.trainer import set_up
+    from model.training.loop import set_up
 
     write_features_dir(str(tmp_path / "f"), {"train": 8})
     _train(tmp_path, "m", "--epochs", "2", "--warmup_steps", "0")

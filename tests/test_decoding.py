@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from model.captioner import ShowAttendTell
-from model.decoding import greedy_decode
-from model.vocab import END_ID, PAD_ID, Vocabulary
+from model.decoding.decoders import greedy_decode
+from model.network.captioner import ShowAttendTell
+from model.text.vocab import END_ID, PAD_ID, Vocabulary
 
 WORD = 5
 
@@ -123,7 +123,7 @@ def reference_block(history: list[int], n: int) -> set[int]:
 def test_repeat_block_mask_bans_exactly_the_tokens_that_repeat_an_ngram(n):
     import tensorflow as tf
 
-    from model.ngrams import NEG_INF, repeat_block_mask
+    from model.text.ngrams import NEG_INF, repeat_block_mask
 
     rng = np.random.RandomState(n)
     steps, vocab = 12, 5
@@ -141,8 +141,8 @@ def test_repeat_block_mask_bans_exactly_the_tokens_that_repeat_an_ngram(n):
 def test_blocking_ends_the_loop_of_a_model_that_loops(beam_size):
     import tensorflow as tf
 
-    from model.decoding import make_decoder, to_decoded
-    from model.ngrams import has_repeated_ngram
+    from model.decoding.decoders import make_decoder, to_decoded
+    from model.text.ngrams import has_repeated_ngram
 
     feats = tf.zeros((2, 64, 2048))
     model = looping_model()
@@ -165,7 +165,7 @@ def test_blocking_ends_the_loop_of_a_model_that_loops(beam_size):
 
 
 def test_looping_figures():
-    from model.ngrams import looping_figures
+    from model.text.ngrams import looping_figures
 
     figures = looping_figures(
         ["a dog on a dog on a", "a cat", "a cat", "a small red circle above a small red square"],
@@ -180,8 +180,8 @@ def test_looping_figures():
 def test_unk_follows_one_rule_in_greedy_and_beam(beam_size):
     import tensorflow as tf
 
-    from model.decoding import make_decoder, to_decoded
-    from model.vocab import UNK_ID
+    from model.decoding.decoders import make_decoder, to_decoded
+    from model.text.vocab import UNK_ID
 
     m = forced_model()
     fc2_k, _ = m.decoder.fc2.get_weights()
@@ -202,8 +202,8 @@ def test_sampling_draws_from_the_model_with_decodings_rules():
     log-probs are 0 after <end>."""
     import tensorflow as tf
 
-    from model.decoding import sample_graph, to_decoded
-    from model.ngrams import has_repeated_ngram
+    from model.decoding.decoders import sample_graph, to_decoded
+    from model.text.ngrams import has_repeated_ngram
 
     model = looping_model()  # the same distribution every step, whatever the image
     feats = tf.zeros((250, 64, 2048))

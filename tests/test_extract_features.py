@@ -8,10 +8,10 @@ import tensorflow as tf
 
 from beam_jobs.common import UsageError
 from beam_jobs.extract_features import run
-from model import formats
-from model.data import check_data_dir, image_records, split_info
-from model.datasets.make_shapes import make_split
-from model.vocab import RESERVED, Vocabulary
+from demo.make_shapes import make_split
+from model.data.shards import check_data_dir, image_records, split_info
+from model.io import formats
+from model.text.vocab import RESERVED, Vocabulary
 from tests.helpers import bad_images
 
 RUNNER = ["--runner", "FnApiRunner"]

@@ -19,8 +19,8 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from model.datasets.make_shapes import make_split
-from model.metrics import METRIC_KEYS
+from demo.make_shapes import make_split
+from model.evaluation.metrics import METRIC_KEYS
 from tests.gcs import environment, gcs_emulator
 from tests.test_cli import ENV, ROOT
 

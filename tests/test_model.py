@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model.captioner import ShowAttendTell, combine_loss, loss_parts
-from model.extractor import build_feature_extractor
-from model.layers import AttentionGRUDecoder, BahdanauAttention, CNNEncoder
-from model.vocab import END_ID, PAD_ID, START_ID
+from model.images.extractor import build_feature_extractor
+from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
+from model.network.layers import AttentionGRUDecoder, BahdanauAttention, CNNEncoder
+from model.text.vocab import END_ID, PAD_ID, START_ID
 
 RNG = np.random.RandomState(0)
 
@@ -103,7 +103,7 @@ def test_attention_penalty_hand_computed():
 
 def test_tutorial_size_model_learns_on_random_features(tmp_path):
     """The done-criterion of the model core: build, train, save, reload, decode."""
-    from model.decoding import greedy_decode
+    from model.decoding.decoders import greedy_decode
 
     model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
     optimizer = keras.optimizers.Adam(1e-3)
@@ -152,7 +152,7 @@ def test_model_id_names_the_weights_not_the_save(tmp_path):
     get one id; one changed weight or another decoding limit gets another."""
     import time
 
-    from model.export import load_export, save_export
+    from model.network.export import load_export, save_export
     from tests.fixtures import write_tiny_export
 
     first = load_export(write_tiny_export(str(tmp_path / "a")))

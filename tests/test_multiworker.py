@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from model.export import load_export
+from model.network.export import load_export
 from tests.fixtures import write_features_dir
 from tests.test_data_and_train import ENV, ROOT, train_cmd
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.plot import plot_attention
+from model.evaluation.plot import plot_attention
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 20])
@@ -25,7 +25,7 @@ def test_plot_rejects_empty_caption(tmp_path):
 def test_image_and_attention_fill_the_panel(size):
     import matplotlib.pyplot as plt
 
-    from model.plot import attention_figure
+    from model.evaluation.plot import attention_figure
 
     image = Image.new("RGB", size, (200, 30, 30))
     fig = attention_figure(image, ["a", "b"], np.full((2, 64), 1 / 64))

@@ -3,8 +3,8 @@ import pytest
 import tensorflow as tf
 from keras.applications.inception_v3 import preprocess_input
 
-from model.extractor import build_feature_extractor
-from model.preprocess import IMAGE_SIZE, ImageError, preprocess_image
+from model.images.extractor import build_feature_extractor
+from model.images.preprocess import IMAGE_SIZE, ImageError, preprocess_image
 from tests.helpers import bad_images, good_images
 
 

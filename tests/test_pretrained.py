@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import skimage.data
 
-from model import pretrained
 from model.defaults import named_weights_path, weights_cache_dir
-from model.extractor import (
+from model.images import pretrained
+from model.images.extractor import (
     WeightsUnavailableError,
     build_feature_extractor,
     check_weights,
     features_identity,
 )
-from model.preprocess import preprocess_image
-from model.torchscript import read_tensors
+from model.images.preprocess import preprocess_image
+from model.images.torchscript import read_tensors
 
 SKIMAGE_PHOTOS = (
     "astronaut.png",

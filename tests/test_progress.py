@@ -7,7 +7,7 @@ import pytest
 from beam_jobs.caption_images import run as caption_run
 from beam_jobs.extract_features import run as extract_run
 from beam_jobs.progress import ProgressLine, Tally, format_duration, read_tallies
-from model.datasets.make_shapes import make_split
+from demo.make_shapes import make_split
 from tests.fixtures import write_tiny_export
 from tests.helpers import encode, noise
 

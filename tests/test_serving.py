@@ -134,12 +134,11 @@ def test_model_caption_beam_search(served):
 
 def test_the_graph_decodes_every_format_as_pil_does_within_one_level():
     """The served pixels themselves, not captions of a model that barely looks: the
-    graph's decoding equals model.preprocess within one level on every format."""
+    graph's decoding equals model.images.preprocess within one level on every format."""
     import numpy as np
     from PIL import Image
 
-    from model.preprocess import IMAGE_SIZE, preprocess_image
-    from model.serving import decode_bounded
+    from model.images.preprocess import IMAGE_SIZE, decode_bounded, preprocess_image
 
     def smooth(seed: int, size=(320, 240)) -> Image.Image:  # photo-like: resizing matters
         return noise(seed, (size[0] // 16, size[1] // 16)).resize(size, Image.BICUBIC)

@@ -1,4 +1,6 @@
-from model.vocab import (
+import tensorflow as tf
+
+from model.text.vocab import (
     END_ID,
     PAD_ID,
     RESERVED,
@@ -6,6 +8,7 @@ from model.vocab import (
     UNK_ID,
     Vocabulary,
     standardize,
+    tf_standardize,
     tokenize,
 )
 
@@ -42,3 +45,31 @@ def test_encode_decode_round_trip_and_unknowns(tmp_path):
     vocab.save(str(path))
     assert path.read_text().splitlines()[:4] == list(RESERVED)
     assert Vocabulary.load(str(path)) == vocab
+
+
+# The Python tokeniser and its TensorFlow twin (tf.data), byte for byte.
+
+
+def test_tf_and_python_tokenisers_split_unicode_text_alike():
+    """The TF pipeline's own split (not a Python re-split of its output) against `tokenize`."""
+    from model.text.vocab import WHITESPACE
+
+    assert "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) == WHITESPACE
+    texts = [
+        "a\u00a0dog on a\u2009skateboard",
+        "東京\u3000タワー",
+        "line\u2028sep\u2029para\x85next\x1cfs",
+        "\ttabs\nand\r\nnewlines\x0bvt\x0cff",
+        "\u202fnarrow\u205fmath\u1680ogham\u200aHAIR ",
+        "ÉCOLE, été... x--y",
+        "\u00a0\u3000",
+    ]
+    got = tf.strings.split(tf_standardize(tf.constant(texts))).to_list()
+    assert [[w.decode() for w in row] for row in got] == [tokenize(t) for t in texts]
+    assert tokenize(texts[0]) == ["a", "dog", "on", "a", "skateboard"]
+
+
+def test_tf_standardize_matches_python():
+    texts = ["A Dog, running!", "  kid's (red)\tkite;  ", "ÉCOLE, été...", "x--y__z", "UPPER lower"]
+    got = [b.decode() for b in tf_standardize(tf.constant(texts)).numpy()]
+    assert [" ".join(g.split()) for g in got] == [standardize(t) for t in texts]

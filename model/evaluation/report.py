@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from model import formats, storage
-from model.captioner import ShowAttendTell
 from model.cli import decoding_settings
-from model.data import check_data_dir, image_records, records, split_info
-from model.decoding import make_decoder, to_decoded
-from model.export import Export, load_export
-from model.metrics import format_table, score_captions
-from model.ngrams import looping_figures
-from model.vocab import Vocabulary, standardize
+from model.data.shards import check_data_dir, image_records, records, split_info
+from model.decoding.decoders import make_decoder, to_decoded
+from model.evaluation.metrics import format_table, score_captions
+from model.io import formats, storage
+from model.network.captioner import ShowAttendTell
+from model.network.export import Export, load_export
+from model.text.ngrams import looping_figures
+from model.text.vocab import Vocabulary, standardize
 
 
 def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
@@ -78,8 +78,8 @@ def most_frequent_caption(files: list[str]) -> str:
 def write_plots(decoded: dict[str, Any], images_dir: str, out_dir: str, count: int) -> list[str]:
     from PIL import Image
 
-    from model.plot import plot_attention
-    from model.preprocess import ImageError, decode_image
+    from model.evaluation.plot import plot_attention
+    from model.images.preprocess import ImageError, decode_image
 
     paths = []
     for i in range(min(count, len(decoded["image_id"]))):

@@ -15,10 +15,10 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from model.vocab import standardize
+from model.text.vocab import standardize
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-# What shows looping (model.ngrams.looping_figures), printed under the metrics, in %.
+# What shows looping (model.text.ngrams.looping_figures), printed under the metrics, in %.
 LOOPING_KEYS = ("repeated_3gram_share", "at_length_limit_share", "distinct_captions_per_image")
 _SHORT = {
     "repeated_3gram_share": "loops %",
@@ -89,7 +89,9 @@ def score_captions(
         else:
             out[names] = float(score)
     out["comparable"] = use_java
-    out["tokenizer"] = "ptb (Stanford CoreNLP)" if use_java else "python (model.vocab.standardize)"
+    out["tokenizer"] = (
+        "ptb (Stanford CoreNLP)" if use_java else "python (model.text.vocab.standardize)"
+    )
     out["images"] = len(ids)
     return out
 

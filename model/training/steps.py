@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from model.captioner import ShowAttendTell, combine_loss, loss_parts
-from model.vocab import PAD_ID
+from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
+from model.text.vocab import PAD_ID
 
 
 class Totals(NamedTuple):

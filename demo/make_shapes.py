@@ -1,6 +1,6 @@
 """Generates a small captioning dataset in COCO format: coloured shapes on textured backgrounds.
 
-    python -m model.datasets.make_shapes OUT --train 600 --val 100
+    python -m demo.make_shapes OUT --train 600 --val 100
 
 writes OUT/train/*.jpg, OUT/val/*.jpg and OUT/annotations/captions_{train,val}.json
 (COCO 'images' + 'annotations'), several differently worded captions per image.

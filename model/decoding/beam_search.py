@@ -17,7 +17,7 @@ The search follows fairseq and GNMT (Wu et al. 2016):
 - a row where nothing finished returns its best live (partial) hypothesis.
 Banned tokens (`<pad>`, `<start>`, by default `<unk>`) are masked out before the
 softmax, as in greedy decoding; with `block_repeats` n, so is every token that
-would repeat an n-gram of its hypothesis (`model.ngrams`), after the softmax.
+would repeat an n-gram of its hypothesis (`model.text.ngrams`), after the softmax.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from model.ngrams import repeat_block_mask
-from model.vocab import PAD_ID
+from model.text.ngrams import repeat_block_mask
+from model.text.vocab import PAD_ID
 
 NEG_INF = -1e9
 # (tokens (N,), state with leading dimension N) -> (logits (N, V), state, attention (N, L))
@@ -70,7 +70,7 @@ def beam_search(
     """Decodes `batch` rows; `initial_state` has leading dimension B * beam_size
     (row-major: row b's hypotheses are b*K .. b*K+K-1).
 
-    Returns the best hypothesis per row as greedy decoding does (`model.decoding.Decoded`):
+    Returns the best hypothesis per row as greedy decoding does (`decoders.DecodedBatch`):
     token_ids (B, T) with `<end>` and then `<pad>` (0), per-token log_probs (B, T),
     lengths (B,) in words, hit_max_length (B,), attention (B, T, L), plus
     `score` (B,), the length-penalised log-prob that ranked it.

@@ -1,18 +1,20 @@
 """Caption vocabulary: standardisation, top-k building, vocab.txt I/O, encode/decode.
 
-Pure Python so Beam workers, the trainer and tests share one definition. The
-tf.data pipeline mirrors `standardize` with TensorFlow string ops
-(`model.data.tf_standardize`); a test checks the two agree.
+Pure Python so Beam workers, the trainer and tests share one definition. Its
+TensorFlow twin, `tf_standardize` (string ops, for the tf.data pipeline), sits right
+below `standardize`; tests/test_vocab.py checks that the two agree byte for byte.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from model import storage
+from model.io import storage
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 RESERVED: tuple[str, ...] = (PAD, UNK, START, END)
@@ -31,6 +33,20 @@ _STRIP = str.maketrans({c: " " for c in PUNCTUATION + WHITESPACE})
 def standardize(text: str) -> str:
     """Lowercases, replaces ASCII punctuation and any whitespace with spaces, collapses them."""
     return " ".join(w for w in text.lower().translate(_STRIP).split(" ") if w)
+
+
+# RE2 spells every whitespace character as \x{HHHH}: a literal tab or no-break
+# space inside a character class is easy to lose in transit.
+_PUNCT_RE = "[" + re.escape(PUNCTUATION) + "".join(f"\\x{{{ord(c):04x}}}" for c in WHITESPACE) + "]"
+
+
+def tf_standardize(text: Any) -> Any:
+    """`standardize` with TensorFlow string ops, for tf.data: tf.string -> tf.string.
+    Spaces are not collapsed; `tf.strings.split` (no separator) skips the empty words."""
+    import tensorflow as tf
+
+    text = tf.strings.lower(text, encoding="utf-8")
+    return tf.strings.regex_replace(text, _PUNCT_RE, " ")
 
 
 def tokenize(text: str) -> list[str]:

@@ -19,14 +19,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from model import formats, storage
-from model.captioner import ShowAttendTell
 from model.cli import first_line
-from model.data import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
+from model.data.shards import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
 from model.defaults import PRESETS
-from model.export import save_export
-from model.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
-from model.vocab import Vocabulary
+from model.io import formats, storage
+from model.network.captioner import ShowAttendTell
+from model.network.export import save_export
+from model.text.vocab import Vocabulary
+from model.training.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
 
 # Per real token: the trained objective (cross-entropy + attention penalty) and
 # the cross-entropy alone (its exp is perplexity), on train and val.
@@ -534,12 +534,12 @@ def validation_captions(run: Run) -> dict[str, float]:
     """Greedy captions of the val split (with the default repeat blocking), scored with
     CIDEr-D, and the share that loops: what the checkpoint is chosen by."""
     from model.defaults import DEFAULT_BLOCK_REPEATS
-    from model.evaluator import decode_split
-    from model.metrics import cider
-    from model.ngrams import looping_figures
+    from model.evaluation.metrics import cider
+    from model.evaluation.report import decode_split
+    from model.text.ngrams import looping_figures
 
     if run.val_decoder is None:
-        from model.decoding import make_decoder
+        from model.decoding.decoders import make_decoder
 
         run.val_decoder = make_decoder(
             run.model, run.args.max_length, block_repeats=DEFAULT_BLOCK_REPEATS
@@ -607,7 +607,7 @@ def finish(run: Run) -> dict[str, Any]:
         )
         print(f"train: exported to {export_dir} ({summary['steps']} steps)", flush=True)
         if not getattr(run.args, "no_serving_export", False):
-            from model.serving import write_serving_export
+            from model.inference.saved_model import write_serving_export
 
             path = write_serving_export(export_dir)
             print(f"train: serving SavedModel in {path}", flush=True)

@@ -1,9 +1,9 @@
 """Images to captions with one compiled call per batch: what `beam_jobs.caption_images`
 (through its RunInference handler) and `python -m model.caption` both run.
 
-Pixels come from `model.preprocess.preprocess_image`; InceptionV3 runs on
+Pixels come from `model.images.preprocess.preprocess_image`; InceptionV3 runs on
 them, its features make the float16 round trip of stage 1's stored features,
-and `model.decoding` decodes them (greedy or beam search).
+and `model.decoding.decoders` decodes them (greedy or beam search).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from model.preprocess import IMAGE_SIZE
+from model.images.preprocess import IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def build_caption_fn(
     """
     import tensorflow as tf
 
-    from model.decoding import decode_graph
-    from model.extractor import build_feature_extractor
+    from model.decoding.decoders import decode_graph
+    from model.images.extractor import build_feature_extractor
 
     extractor = build_feature_extractor(
         export.extractor_weights(), precision, export.extractor_variant
@@ -72,7 +72,7 @@ def build_caption_fn(
 
 def split_results(outputs: dict[str, Any], vocab: Any) -> list[CaptionResult]:
     """Per-image results from one decoded batch."""
-    from model.decoding import to_decoded
+    from model.decoding.decoders import to_decoded
 
     decoded = to_decoded(outputs)
     results = []

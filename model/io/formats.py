@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from model import storage
+from model.io import storage
 
 FORMAT_VERSION = 1
 
@@ -165,7 +165,7 @@ def check_backbone(manifest: Mapping[str, Any], where: str) -> None:
 # every split of FEATURES_DIR and every reader must match all of them.
 FEATURE_IDENTITY_KEYS = (
     "backbone",
-    "variant",  # "keras" or "2015" (model.extractor)
+    "variant",  # "keras" or "2015" (model.images.extractor)
     "layer",
     "weights_hash",  # by content: a moved or copied file is the same weights
     "weights_seed",

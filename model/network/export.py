@@ -1,6 +1,6 @@
 """Writes and loads `MODEL_DIR/export/`: everything the captioner needs, and nothing else.
 
-Layout (see `model.formats.export_paths`): `captioner.keras` (config + weights),
+Layout (see `model.io.formats.export_paths`): `captioner.keras` (config + weights),
 `vocab.txt`, `manifest.json` (embeds the features manifest, so stage 3
 computes features exactly as training saw them, plus decoding defaults and a
 model id), and `extractor.weights.h5` when the features came from a weights file.
@@ -18,11 +18,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from model import formats, storage
-from model.captioner import ShowAttendTell
 from model.defaults import DEFAULT_MAX_LENGTH
-from model.extractor import local_weights_file
-from model.vocab import Vocabulary
+from model.images.extractor import local_weights_file
+from model.io import formats, storage
+from model.network.captioner import ShowAttendTell
+from model.text.vocab import Vocabulary
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Export:
 
     @property
     def extractor_variant(self) -> str:
-        """The backbone variant the features were computed with (model.extractor)."""
+        """The backbone variant the features were computed with (model.images.extractor)."""
         return self.features.get("variant") or "keras"
 
 

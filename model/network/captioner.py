@@ -14,9 +14,9 @@ import tensorflow as tf
 from keras import ops
 
 from model.defaults import PRESETS  # noqa: F401 - re-exported
-from model.formats import FEATURE_SHAPE
-from model.layers import PACKAGE, AttentionGRUDecoder, CNNEncoder
-from model.vocab import PAD_ID
+from model.io.formats import FEATURE_SHAPE
+from model.network.layers import PACKAGE, AttentionGRUDecoder, CNNEncoder
+from model.text.vocab import PAD_ID
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `weights` is
 - "inception-2015": Google's 2015-12-05 Inception-v3 with its ImageNet weights,
-  converted offline by `make weights` (`model.pretrained`) into the cache;
+  converted offline by `make weights` (`model.images.pretrained`) into the cache;
 - "imagenet": Keras's ImageNet weights (Keras downloads and caches them);
 - "none": random init from a fixed seed, so every worker and every stage builds
   the same network;
@@ -25,11 +25,11 @@ from typing import Any
 
 import keras
 
-from model import storage
 from model.cli import first_line
 from model.defaults import NAMED_WEIGHTS, PRECISIONS, named_weights_path
-from model.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
-from model.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.images.preprocess import IMAGE_SIZE, PREPROCESSING
+from model.io import storage
+from model.io.formats import BACKBONE, BACKBONE_LAYER, FEATURE_DTYPE, FEATURE_SHAPE
 
 # Random init must be identical in stage 1 and stage 3, or features differ.
 NONE_WEIGHTS_SEED = 1234
@@ -103,7 +103,7 @@ def check_weights(weights: str) -> str:
         if not os.path.exists(named_weights_path(weights)):
             raise WeightsUnavailableError(
                 f"--weights {weights}: not converted yet; run `make weights` "
-                f"(python -m model.pretrained) first"
+                f"(python -m model.images.pretrained) first"
             )
         return weights
     if not storage.exists(weights):

@@ -8,24 +8,13 @@ the shuffle buffers, whatever the corpus size.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 
-from model import formats
-from model.vocab import END_ID, PUNCTUATION, START_ID, UNK_ID, WHITESPACE, Vocabulary
-
-# RE2 spells every whitespace character as \x{HHHH}: a literal tab or no-break
-# space inside a character class is easy to lose in transit.
-_PUNCT_RE = "[" + re.escape(PUNCTUATION) + "".join(f"\\x{{{ord(c):04x}}}" for c in WHITESPACE) + "]"
-
-
-def tf_standardize(text: tf.Tensor) -> tf.Tensor:
-    """TensorFlow twin of `model.vocab.standardize` (tested to agree)."""
-    text = tf.strings.lower(text, encoding="utf-8")
-    return tf.strings.regex_replace(text, _PUNCT_RE, " ")
+from model.io import formats
+from model.text.vocab import END_ID, START_ID, UNK_ID, Vocabulary, tf_standardize
 
 
 def make_lookup(vocab: Vocabulary) -> tf.lookup.StaticHashTable:

@@ -38,7 +38,7 @@ def plot_attention(
     columns: int = 5,
 ) -> str:
     """Writes `attention_png(...)` to `path` (local or remote) and returns `path`."""
-    from model import storage
+    from model.io import storage
 
     storage.write_bytes(path, attention_png(image, words, attention, title, columns))
     return path
