@@ -19,41 +19,39 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from beam_jobs.annotations import ImageRecord, parse_file
-from beam_jobs.common import (
-    ERRORS_TAG,
+from beam_jobs.features_output import (
+    check_existing_manifest,
+    commit_features_manifest,
+    features_manifest_body,
+    prepare_vocab,
+    write_vocab,
+)
+from beam_jobs.inference import FeatureExtractorHandler
+from beam_jobs.lease import output_lease
+from beam_jobs.preprocessing import ERRORS_TAG, Loaded, Meta, PreprocessFn
+from beam_jobs.progress import ProgressReporter, TallyFn, describe_errors, errors_by_type
+from beam_jobs.runner import (
     LOG,
-    Loaded,
-    Meta,
-    PreprocessFn,
-    UsageError,
     counter_values,
     dry_run_result,
     pipeline_options,
     run_pipeline,
     runs_remotely,
 )
-from beam_jobs.inference import FeatureExtractorHandler
-from beam_jobs.lease import output_lease
-from beam_jobs.progress import ProgressReporter, Tally, describe_errors, errors_by_type
 from beam_jobs.sources import path_exists
 from beam_jobs.tfrecord_sink import WriteGzipTFRecords
+from model.cli import UsageError
 from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, named_weights_path
 from model.images.extractor import (
     check_weights,
-    features_identity,
     fetch_keras_imagenet,
     weights_hash,
     weights_variant,
 )
 from model.io import formats
-from model.text.vocab import PUNCTUATION, RESERVED, Vocabulary, count_words, top_k_words
+from model.text.vocab import count_words
 
 NAMESPACE = "extract_features"
-
-
-def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
-    """What the features are: every field a reader must match to reuse them."""
-    return features_identity(args.weights, args.precision)
 
 
 def stage_weights(weights: str, options: PipelineOptions) -> str:
@@ -79,21 +77,6 @@ def stage_weights(weights: str, options: PipelineOptions) -> str:
     return target
 
 
-def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    """Fails at start if FEATURES_DIR holds features computed another way."""
-    path = formats.features_manifest_path(output_dir)
-    if not FileSystems.exists(path):
-        return None
-    existing = formats.read_manifest(path, formats.KIND_FEATURES)
-    for key in formats.FEATURE_IDENTITY_KEYS:
-        if existing.get(key) != body[key]:
-            raise UsageError(
-                f"{output_dir} holds features with {key}={existing.get(key)!r}; this run uses "
-                f"{body[key]!r} (use another --output_dir)"
-            )
-    return existing
-
-
 def image_path(images_dir: str, file_name: str) -> str:
     return (
         posixpath.join(images_dir, file_name)
@@ -102,17 +85,11 @@ def image_path(images_dir: str, file_name: str) -> str:
     )
 
 
-class ToExampleFn(beam.DoFn):
+class ToExampleFn(TallyFn):
     """(Meta, float16 features) -> (split, serialized Example, caption count)."""
 
     def __init__(self, progress_dir: str | None = None):
-        self.tally = Tally(NAMESPACE, progress_dir)
-
-    def setup(self) -> None:
-        self.tally.setup()
-
-    def finish_bundle(self) -> None:
-        self.tally.flush()
+        super().__init__(NAMESPACE, progress_dir)
 
     def process(self, element: tuple[Meta, Any]) -> Iterator[tuple[str, bytes, int]]:
         meta, features = element
@@ -150,68 +127,6 @@ class WordCountFn(beam.CombineFn):
 
     def extract_output(self, acc: collections.Counter) -> dict[str, int]:
         return dict(acc)
-
-
-def write_vocab(counts: dict[str, int], path: str, size: int) -> int:
-    vocab = Vocabulary(tuple(top_k_words(counts, size)))
-    vocab.save(path)
-    return len(vocab)
-
-
-def write_manifest(
-    output_dir: str,
-    body: dict[str, Any],
-    split_stats: dict[str, tuple[int, int]],
-    error_stats: dict[str, int],
-    shards: list[str],
-    vocab: dict[str, Any],
-    splits: Sequence[str],
-    orphans: dict[str, int],
-    images_dir: str = "",
-    dropped: dict[str, int] | None = None,
-) -> str:
-    """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
-    path = formats.features_manifest_path(output_dir)
-    existing = (
-        formats.read_manifest(path, formats.KIND_FEATURES) if FileSystems.exists(path) else {}
-    )
-    all_splits = dict(existing.get("splits", {}))
-    for split in splits:
-        images, captions = split_stats.get(split, (0, 0))
-        all_splits[split] = {
-            "images": images,
-            "captions": captions,
-            "errors": error_stats.get(split, 0),
-            "orphan_annotations": orphans.get(split, 0),
-            "dropped_captions": (dropped or {}).get(split, 0),
-            "images_dir": images_dir,
-            "shards": sorted(
-                posixpath.basename(s)
-                for s in shards
-                if posixpath.basename(s).startswith(f"{split}-")
-            ),
-        }
-    formats.write_manifest(
-        path,
-        formats.KIND_FEATURES,
-        {**body, "splits": all_splits, "vocab": vocab, "created_by": "beam_jobs.extract_features"},
-    )
-    remove_unlisted_shards(output_dir, {s: all_splits[s]["shards"] for s in splits})
-    return path
-
-
-def remove_unlisted_shards(output_dir: str, listed: dict[str, list[str]]) -> list[str]:
-    """After the manifest names a split's new shards, an earlier extraction's shards of
-    that split (another shard count) are deleted: readers only ever see complete sets."""
-    stale = [
-        m.path
-        for split, names in listed.items()
-        for m in FileSystems.match([formats.shard_pattern(output_dir, split)])[0].metadata_list
-        if posixpath.basename(m.path) not in names
-    ]
-    if stale:
-        FileSystems.delete(stale)
-    return stale
 
 
 def sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -314,7 +229,7 @@ def build_pipeline(
 
     def manifest(_: None, split_stats, error_stats, shards, size) -> str:
         vocab = {**vocab_static, "size": size}
-        return write_manifest(
+        return commit_features_manifest(
             args.output_dir,
             body,
             split_stats,
@@ -339,31 +254,6 @@ def build_pipeline(
             size=vocab_info["size"],
         )
     )
-
-
-def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, Any]:
-    """Describes the vocabulary; non-train runs must find one at start."""
-    target = f"{args.output_dir.rstrip('/')}/{formats.VOCAB_FILE}"
-    info = {
-        "file": formats.VOCAB_FILE,
-        "built_from": "train",
-        "requested_size": args.vocab_size,
-        "reserved": list(RESERVED),
-        "standardization": f"lowercase; replace {PUNCTUATION!r} with spaces; split on whitespace",
-        "order": "frequency descending, ties alphabetical",
-    }
-    if "train" in splits:
-        return info
-    source = args.vocab or target
-    if not FileSystems.exists(source):
-        raise UsageError(
-            f"no vocabulary for split {','.join(splits)}: {source} does not exist "
-            "(run the train split first or pass --vocab PATH)"
-        )
-    vocab = Vocabulary.load(source)
-    if source != target:
-        vocab.save(target)
-    return {**info, "size": len(vocab)}
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:

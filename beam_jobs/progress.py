@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 ERROR_PREFIX = "error."  # counters named error.<error_type>
@@ -79,6 +80,22 @@ class Tally:
             os.replace(tmp, self._path)  # the reader never sees half a file
         except OSError:  # the launcher has finished and removed the folder
             self._path = None
+
+
+class TallyFn(beam.DoFn):
+    """A DoFn that counts: `self.tally` set up with the DoFn and flushed after each bundle.
+
+    Subclasses pass their job's namespace and the progress folder to `__init__`, call
+    `self.tally.inc(name)` as they go, and call `super().setup()` if they set up more."""
+
+    def __init__(self, namespace: str, progress_dir: str | None = None):
+        self.tally = Tally(namespace, progress_dir)
+
+    def setup(self) -> None:
+        self.tally.setup()
+
+    def finish_bundle(self) -> Any:
+        self.tally.flush()
 
 
 def read_tallies(progress_dir: str) -> dict[str, int]:

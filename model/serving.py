@@ -19,7 +19,7 @@ The graph reproduces `model.images.preprocess` with TensorFlow ops: JPEGs are de
 at the same reduced DCT scale as PIL's draft mode, transparency is composited
 on white, and the 299x299 bilinear resize is antialiased as PIL's is. It does
 not apply EXIF orientation (TensorFlow cannot read it), so a photo a camera
-stored sideways is captioned sideways; see the README for how often the served
+stored sideways is captioned sideways; see docs/serving.md for how often the served
 captions differ from `caption_images`'.
 """
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs.caption_images import run
-from beam_jobs.common import UsageError
+from model.cli import UsageError
 from model.io.formats import FormatError
 from model.text.ngrams import looping_figures
 from model.text.vocab import Vocabulary
@@ -402,7 +402,7 @@ def test_one_folder_spelled_three_ways_with_the_outputs_inside_it(inputs, tmp_pa
 
 
 def test_the_manifest_refuses_to_describe_a_loss(tmp_path):
-    from beam_jobs.caption_pipeline import write_manifest
+    from beam_jobs.caption_run import write_staged_manifest as write_manifest
 
     with pytest.raises(RuntimeError, match="1 input\\(s\\) are in neither table"):
         write_manifest(None, str(tmp_path), {}, captioned=3, failed=1, files=[], inputs=5)

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from beam_jobs.common import UsageError
 from beam_jobs.extract_features import run
 from demo.make_shapes import make_split
+from model.cli import UsageError
 from model.data.shards import check_data_dir, image_records, split_info
 from model.io import formats
 from model.text.vocab import RESERVED, Vocabulary

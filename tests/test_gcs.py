@@ -255,8 +255,8 @@ def serve_in_clean_process(env, saved_model, folder, file_names):
 
 
 def readme_dataflow_commands():
-    """The commands between the README's dataflow-commands markers, as argv lists."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """The commands between the dataflow-commands markers of docs/cloud.md, as argv lists."""
+    text = open(os.path.join(ROOT, "docs", "cloud.md")).read()
     block = text.split("<!-- dataflow-commands")[1].split("<!-- /dataflow-commands -->")[0]
     lines = [
         line
@@ -268,7 +268,7 @@ def readme_dataflow_commands():
 
 
 def test_readme_dataflow_commands_translate(gcs, tmp_path, monkeypatch):
-    """Each Dataflow command of the README, verbatim but for the bucket and project,
+    """Each Dataflow command of docs/cloud.md, verbatim but for the bucket and project,
     translated with --dry_run True against objects on the emulator."""
     import tensorflow as tf
 

@@ -26,12 +26,11 @@ from model.text.vocab import Vocabulary, standardize
 
 
 def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
-    for key in formats.FEATURE_IDENTITY_KEYS:
-        if export.features.get(key) != features_manifest.get(key):
-            raise formats.FormatError(
-                f"{data_dir}: features have {key}={features_manifest.get(key)!r} but the model "
-                f"was trained on {export.features.get(key)!r}"
-            )
+    if diff := formats.features_mismatch(export.features, features_manifest):
+        key, trained_on, found = diff
+        raise formats.FormatError(
+            f"{data_dir}: features have {key}={found!r} but the model was trained on {trained_on!r}"
+        )
 
 
 def decode_split(

@@ -176,6 +176,23 @@ FEATURE_IDENTITY_KEYS = (
 )
 
 
+def features_identity_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity fields of a features manifest (or of an export's `features`)."""
+    return {key: manifest.get(key) for key in FEATURE_IDENTITY_KEYS}
+
+
+def features_mismatch(
+    expected: Mapping[str, Any], actual: Mapping[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """(key, expected value, actual value) of the first identity field on which two
+    features manifests differ, None when they describe the same features: the one check
+    behind every reader's refusal (evaluate, extract into an existing dir, train resume)."""
+    for key in FEATURE_IDENTITY_KEYS:
+        if expected.get(key) != actual.get(key):
+            return key, expected.get(key), actual.get(key)
+    return None
+
+
 def features_manifest_path(data_dir: str) -> str:
     return f"{data_dir.rstrip('/')}/{MANIFEST_FILE}"
 

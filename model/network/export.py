@@ -74,7 +74,7 @@ def model_id(
         "model": model.config.to_dict(),
         "vocab": list(vocab.tokens),
         "decoding": decoding,
-        "features": {k: features_manifest.get(k) for k in formats.FEATURE_IDENTITY_KEYS},
+        "features": formats.features_identity_of(features_manifest),
     }
     h.update(json.dumps(identity, sort_keys=True).encode())
     for w in sorted(model.weights, key=lambda w: w.path):

@@ -105,7 +105,7 @@ def data_identity(features_manifest: dict[str, Any], vocab: Vocabulary) -> dict[
     a checkpoint resumes only on these."""
     tokens = "\n".join(vocab.tokens).encode()
     return {
-        **{k: features_manifest.get(k) for k in formats.FEATURE_IDENTITY_KEYS},
+        **formats.features_identity_of(features_manifest),
         "vocab_sha256": hashlib.sha256(tokens).hexdigest(),
     }
 
@@ -186,7 +186,7 @@ def distribute(
 # ---------------------------------------------------------------- the training state
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything one training run holds: data, strategy, model, optimizer, counters."""
 
@@ -302,22 +302,22 @@ def set_up(args: argparse.Namespace) -> Run:
     )
     logs = os.path.join(args.model_dir, "logs" if chief else f"tmp/logs-{_task_id(strategy)}")
     run = Run(
-        args,
-        features_manifest,
-        vocab,
-        train_info,
-        val_info,
-        strategy,
-        chief,
-        policy,
-        global_batch,
-        steps_per_epoch,
-        model,
-        optimizer,
-        fns,
-        state,
-        manager,
-        tf.summary.create_file_writer(logs),
+        args=args,
+        features_manifest=features_manifest,
+        vocab=vocab,
+        train_info=train_info,
+        val_info=val_info,
+        strategy=strategy,
+        chief=chief,
+        policy=policy,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        model=model,
+        optimizer=optimizer,
+        fns=fns,
+        state=state,
+        manager=manager,
+        writer=tf.summary.create_file_writer(logs),
     )
     restore_or_initialise(run, ckpt)
     return run

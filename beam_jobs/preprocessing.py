@@ -1,75 +1,28 @@
-"""What both Beam jobs share: options, file reads, the preprocessing DoFn, error rows, counters."""
+"""Image inputs to pixels, ahead of the model: `PreprocessFn` and the error rows.
+
+Both jobs read and decode their images here with `model.images.preprocess`, the one
+preprocessing path of every stage; an input that cannot be decoded becomes an error
+row (`error_row`) on the ERRORS_TAG output, never an exception.
+"""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
-import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_jobs.progress import ERROR_PREFIX, ProgressReporter, Tally
+from beam_jobs.progress import ERROR_PREFIX, TallyFn
 from beam_jobs.sources import check_plain_file, read_failure, read_file
-from model.cli import UsageError  # noqa: F401 - re-exported for the jobs
 from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
 from model.images.preprocess import ImageError, PreprocessedImage, preprocess_image
-from model.quiet import filtered_stream
 
 ERRORS_TAG = "errors"
-LOG = logging.getLogger("show_attend_tell")
-
-
-def _not_beam_resource_notice(record: logging.LogRecord) -> bool:
-    # Beam 2.77's RunInference imports `resource` together with a module that needs
-    # torch; without torch it warns twice per run that memory cannot be measured.
-    return not record.getMessage().startswith("Resource module is not available")
-
-
-# Runners that run the pipeline in this machine's memory: a shuffle there holds its data.
-LOCAL_RUNNERS = (
-    "DirectRunner",
-    "FnApiRunner",
-    "PrismRunner",
-    "BundleBasedDirectRunner",
-    "SwitchingDirectRunner",
-)
-
-
-def runs_remotely(options: PipelineOptions) -> bool:
-    """Whether the workers are other machines (Dataflow, ...), not this one's processes."""
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    return (name or "DirectRunner") not in LOCAL_RUNNERS
-
-
-def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Beam flags pass straight through. With no --runner we use the in-process
-    FnApiRunner: DirectRunner would first try to download Prism, which fails offline."""
-    root = logging.getLogger()
-    if _not_beam_resource_notice not in root.filters:
-        root.addFilter(_not_beam_resource_notice)
-    options = PipelineOptions(list(beam_args))
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "FnApiRunner"
-    return options
-
-
-def dry_run_result(result: Any, options: PipelineOptions, job: str) -> dict[str, Any] | None:
-    """With --dry_run (Dataflow), say that the pipeline was only translated."""
-    from apache_beam.options.pipeline_options import TestOptions
-
-    if not options.view_as(TestOptions).dry_run:
-        return None
-    print(f"{job}: dry run: pipeline translated for the runner; nothing was submitted or run")
-    return {"dry_run": True}
 
 
 def error_row(uri: str, kind: str, message: str) -> dict[str, str]:
@@ -126,7 +79,7 @@ def load_and_decode(item: Loaded, max_pixels: int, max_bytes: int = MAX_BYTES) -
         return Outcome(None, e, len(data), sha256)
 
 
-class PreprocessFn(beam.DoFn):
+class PreprocessFn(TallyFn):
     """Loaded -> (Meta, pixels) for RunInference, or (key, error row) on the errors output.
 
     Reading and decoding run on a small thread pool up to `lookahead` inputs
@@ -153,7 +106,7 @@ class PreprocessFn(beam.DoFn):
         self.pending_bytes = pending_bytes
         self.threads = threads
         self.lookahead = lookahead
-        self.tally = Tally(namespace, progress_dir)
+        super().__init__(namespace, progress_dir)
 
     @classmethod
     def from_flags(cls, namespace: str, args: Any, progress_dir: str | None) -> PreprocessFn:
@@ -168,7 +121,7 @@ class PreprocessFn(beam.DoFn):
         )
 
     def setup(self) -> None:
-        self.tally.setup()
+        super().setup()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
@@ -221,46 +174,3 @@ class PreprocessFn(beam.DoFn):
     def teardown(self) -> None:
         if pool := getattr(self, "pool", None):
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def counter_values(result: Any, namespace: str) -> dict[str, int]:
-    """Committed counter totals of a finished pipeline (attempted where committed is absent)."""
-    values: dict[str, int] = {}
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:  # some runners do not report metrics
-        return values
-    for c in counters:
-        if c.key.metric.namespace != namespace:
-            continue
-        value = c.committed if c.committed is not None else c.attempted
-        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + int(value or 0)
-    return values
-
-
-def run_pipeline(
-    options: PipelineOptions,
-    build: Callable[[beam.Pipeline, str], None],
-    reporter: ProgressReporter,
-    verbose: bool = False,
-) -> tuple[Any, float]:
-    """Builds a pipeline with `build(pipeline, progress_dir)` and runs it to the end while
-    `reporter` prints progress; returns (result, seconds). Unless `verbose`, the start-up
-    lines of worker processes (multi_processing) are filtered out like the launcher's."""
-    quiet = contextlib.nullcontext() if verbose else filtered_stream()
-    with quiet, Timer() as timer, reporter:
-        p = beam.Pipeline(options=options)
-        build(p, reporter.dir)
-        result = p.run()
-        reporter.attach(result)  # runners whose run() returns at once report counters
-        result.wait_until_finish()
-    return result, timer.seconds
-
-
-class Timer:
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.start

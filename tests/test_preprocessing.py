@@ -7,7 +7,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_jobs.common import ERRORS_TAG, Loaded, PreprocessFn, pipeline_options
+from beam_jobs.preprocessing import ERRORS_TAG, Loaded, PreprocessFn
+from beam_jobs.runner import pipeline_options
 from beam_jobs.sources import read_path
 from tests.helpers import bad_images, good_images
 
