@@ -166,6 +166,20 @@ def image_records(files: list[str], batch_size: int) -> tf.data.Dataset:
     return ds.map(parse_batch).map(to_float).prefetch(tf.data.AUTOTUNE)
 
 
+def image_batches(
+    files: list[str], batch_size: int, seed: int, record_buffer: int = 512
+) -> tf.data.Dataset:
+    """Whole images in an order fixed by `seed` (self-critical training): dicts of
+    parse_batch, features as float32. A resumed epoch skips the batches it did."""
+
+    def to_float(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {**batch, "features": tf.cast(batch["features"], tf.float32)}
+
+    ds = records(files, shuffle_files=True, seed=seed).shuffle(record_buffer, seed=seed)
+    ds = ds.batch(batch_size).map(parse_batch).map(to_float)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def feature_stats(files: list[str], max_images: int = 2000) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-channel mean and variance over the locations of the first `max_images` images."""
     total = total_sq = None

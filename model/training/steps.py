@@ -228,3 +228,64 @@ def run_steps(fn: Any, iterator: Any, steps: int) -> Totals:
     sums, done = fn(iterator, tf.constant(steps, tf.int32))
     objective, ce, tokens, pairs = (float(x) for x in sums.numpy())
     return Totals(objective, ce, tokens, pairs, int(done))
+
+
+def make_policy_step(
+    strategy: tf.distribute.Strategy,
+    model: ShowAttendTell,
+    optimizer: keras.optimizers.Optimizer,
+    clip_norm: float = 0.0,
+) -> Callable[..., tf.Tensor]:
+    """The self-critical update (`model.training.scst`), as one compiled call:
+    (features (N, L, D), tokens (N, T + 1) `<start>` + sampled ids, advantages (N,)) of
+    the whole global batch -> (policy loss, tokens) summed over it.
+
+    Every replica receives the whole batch (every worker drew the same samples) and
+    takes its own contiguous rows; the loss is divided by the batch's token count, the
+    gradients are summed with one all-reduce, clipped and applied as in cross-entropy
+    training, so N replicas apply the update of one device. The teacher-forced pass runs
+    without dropout, as the samples were drawn.
+    """
+    variables = model.trainable_variables
+
+    def replica_step(features: tf.Tensor, tokens: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
+        ctx = tf.distribute.get_replica_context()
+        n = tf.shape(tokens)[0]
+        per = (n + ctx.num_replicas_in_sync - 1) // ctx.num_replicas_in_sync
+        start = tf.minimum(ctx.replica_id_in_sync_group * per, n)
+        end = tf.minimum(start + per, n)
+        global_tokens = tf.maximum(real_tokens(tokens), 1.0)
+
+        def gradients() -> tuple[list[tf.Tensor], tf.Tensor]:
+            rows, weights = tokens[start:end], advantages[start:end]
+            with tf.GradientTape() as tape:
+                logits, _ = model((features[start:end], rows[:, :-1]), training=False)
+                log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+                targets = rows[:, 1:]
+                chosen = tf.gather(log_probs, targets, batch_dims=2)  # (b, T)
+                mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+                sequence = tf.reduce_sum(chosen * mask, axis=1)  # log p(w_i | I)
+                loss = -tf.reduce_sum(weights * sequence) / global_tokens
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+            return grads, tf.stack([loss * global_tokens, tf.reduce_sum(mask)])
+
+        grads, sums = tf.cond(
+            end > start,
+            gradients,
+            lambda: ([tf.zeros_like(v) for v in variables], tf.zeros([2])),
+        )
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        ctx.merge_call(
+            lambda strategy, g: apply_summed_gradients(strategy, optimizer, g, variables),
+            args=(grads,),
+        )
+        return sums
+
+    @tf.function
+    def step(features: tf.Tensor, tokens: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
+        per_replica = strategy.run(replica_step, args=(features, tokens, advantages))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return step

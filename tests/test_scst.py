@@ -1,0 +1,107 @@
+"""Self-critical training: the baseline, the rewards, and the distributed policy step."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model.network.captioner import ShowAttendTell
+from model.text.cider import CiderD
+from model.text.vocab import END_ID, PAD_ID, START_ID
+from model.training.scst import mean_of_others, score_samples, teacher_tokens
+from model.training.steps import make_policy_step
+from tests.conftest import mirrored
+
+
+def test_each_sample_is_judged_against_the_mean_of_the_others():
+    rewards = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    np.testing.assert_allclose(mean_of_others(rewards, 3), [2.5, 2.0, 1.5, 3.0, 3.0, 0.0])
+    # Advantages of one image sum to zero: the baseline adds no bias, only less variance.
+    advantages = rewards - mean_of_others(rewards, 3)
+    np.testing.assert_allclose(advantages.reshape(2, 3).sum(axis=1), 0, atol=1e-12)
+    np.testing.assert_array_equal(mean_of_others(rewards, 1), 0)
+
+
+def test_rewards_are_cider_d_of_the_words_and_the_greedy_baseline_is_per_image():
+    refs = [[[5, 6, 7, 8], [5, 6, 9]], [[10, 11, 12], [10, 11, 13, 14]]]
+    df = CiderD.from_references(refs)
+    # Two samples per image: words, then <end> and <pad>, which are not words.
+    token_ids = np.array(
+        [[5, 6, 7, 8, END_ID], [9, 9, END_ID, 0, 0], [10, 11, 12, END_ID, 0], [4, END_ID, 0, 0, 0]]
+    )
+    samples = {"token_ids": token_ids, "lengths": np.array([4, 2, 3, 1])}
+    mean = score_samples(df, samples, refs, 2)
+    want = df.scores(
+        [[5, 6, 7, 8], [9, 9], [10, 11, 12], [4]], [refs[0], refs[0], refs[1], refs[1]]
+    )
+    np.testing.assert_allclose(mean.rewards, want)
+    assert mean.rewards[0] > mean.rewards[1] and mean.rewards[2] > mean.rewards[3]
+    np.testing.assert_allclose(mean.baselines, want[[1, 0, 3, 2]])
+    greedy = {"token_ids": token_ids[[1, 3]], "lengths": np.array([2, 1])}
+    by_greedy = score_samples(df, samples, refs, 2, greedy)
+    np.testing.assert_allclose(by_greedy.baselines, want[[1, 1, 3, 3]])
+
+
+def _samples(rng, n, length):
+    ids = np.zeros((n, length), np.int32)
+    for i in range(n):
+        words = rng.randint(1, length)
+        ids[i, :words] = rng.randint(4, 12, size=words)
+        if words < length:
+            ids[i, words] = END_ID
+    return ids
+
+
+def _reference_policy_steps(batches, clip_norm):
+    """Plain Keras on one device: Adam with global_clipnorm on the whole batch."""
+    keras.utils.set_random_seed(1)
+    model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
+    optimizer = keras.optimizers.Adam(1e-2, global_clipnorm=clip_norm)
+    norms = []
+    for feats, tokens, advantages in batches:
+        with tf.GradientTape() as tape:
+            logits, _ = model((feats, tokens[:, :-1]), training=False)
+            log_probs = tf.nn.log_softmax(logits)
+            targets = tokens[:, 1:]
+            chosen = tf.gather(log_probs, targets, batch_dims=2)
+            mask = tf.cast(targets != PAD_ID, tf.float32)
+            loss = -tf.reduce_sum(advantages * tf.reduce_sum(chosen * mask, 1)) / tf.reduce_sum(
+                mask
+            )
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
+        norms.append(float(tf.linalg.global_norm(grads)))
+        optimizer.apply(grads, model.trainable_variables)
+    return model.get_weights(), norms
+
+
+@pytest.mark.parametrize("devices", [["/cpu:0"], ["/cpu:0", "/cpu:1"]])
+def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
+    """Sampled captions of unequal length (the replicas' token counts differ), an odd
+    batch (the replicas' row counts differ) and an active clip: N replicas give the
+    update of plain Keras on the whole batch."""
+    rng = np.random.RandomState(0)
+    batches = []
+    for n in (5, 7, 6):
+        tokens = teacher_tokens(_samples(rng, n, 6))
+        assert (tokens[:, 0] == START_ID).all()
+        feats = rng.rand(n, 64, 2048).astype(np.float32)
+        batches.append((feats, tokens, 3 * rng.randn(n).astype(np.float32)))
+    expected, norms = _reference_policy_steps(batches, clip_norm=0.05)
+    assert min(norms) > 0.05 * len(devices)
+    strategy = mirrored(*devices)
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
+        optimizer = keras.optimizers.Adam(1e-2)
+        optimizer.build(model.trainable_variables)
+    step = make_policy_step(strategy, model, optimizer, clip_norm=0.05)
+    tokens_seen = 0.0
+    for feats, tokens, advantages in batches:
+        sums = step(tf.constant(feats), tf.constant(tokens), tf.constant(advantages))
+        tokens_seen += float(sums[1])
+    assert tokens_seen == sum(float((t[:, 1:] != PAD_ID).sum()) for _, t, _ in batches)
+    assert int(optimizer.iterations.numpy()) == 3
+    for w, a, b in zip(model.weights, expected, model.get_weights(), strict=True):
+        if w.path == "decoder/attention/V/bias":
+            continue  # softmax ignores it: its gradient is round-off, which Adam normalises
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5, err_msg=w.path)
