@@ -35,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True, help="FEATURES_DIR written by extract_features")
     p.add_argument("--model_dir", required=True, help="checkpoints, logs and export/ go here")
-    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--epochs", type=positive_int, default=20, help="cross-entropy epochs")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch_size", type=positive_int, help="global batch (default 64)")
     batch.add_argument(
@@ -99,6 +99,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=3,
         help="stop after this many epochs without a better --select_by score (0: off)",
     )
+    scst = p.add_argument_group(
+        "self-critical training (Rennie et al. 2017): after the cross-entropy epochs, "
+        "sample captions and raise those whose CIDEr-D beats a baseline"
+    )
+    scst.add_argument(
+        "--scst_epochs",
+        type=non_negative_int,
+        default=0,
+        help="self-critical epochs after --epochs of cross-entropy (0: none); a larger "
+        "value on the same MODEL_DIR continues",
+    )
+    scst.add_argument(
+        "--scst_samples", type=positive_int, default=5, help="captions sampled per image (K)"
+    )
+    scst.add_argument(
+        "--scst_baseline",
+        default="mean",
+        choices=["mean", "greedy"],
+        help="each sample's baseline: the mean reward of the image's other samples, or the "
+        "reward of its greedy caption",
+    )
+    scst.add_argument(
+        "--scst_learning_rate", type=positive_float, default=5e-5, help="constant Adam rate"
+    )
+    scst.add_argument(
+        "--scst_max_length",
+        type=positive_int,
+        help="longest sampled caption (default: --max_length)",
+    )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")
     p.add_argument(
@@ -130,6 +159,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "3 lines and TensorFlow's own start-up log",
     )
     args = p.parse_args(argv)
+    if args.scst_epochs and args.scst_baseline == "mean" and args.scst_samples < 2:
+        p.error("--scst_baseline mean compares each sample with the others: --scst_samples >= 2")
+    if args.scst_epochs and args.select_by != "cider":
+        p.error("self-critical training optimises CIDEr-D: use --select_by cider with it")
+    if args.scst_epochs and args.mixed_precision == "float16":
+        p.error("self-critical training has no loss scaling: use bfloat16 or float32")
+    args.scst_max_length = args.scst_max_length or args.max_length
     if args.verbose is None:  # a progress bar only where \r redraws it; logs get lines
         args.verbose = 1 if sys.stdout.isatty() else 2
     return args

@@ -1,5 +1,9 @@
 """Self-critical training: the baseline, the rewards, and the distributed policy step."""
 
+import signal
+import subprocess
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -105,3 +109,82 @@ def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
         if w.path == "decoder/attention/V/bias":
             continue  # softmax ignores it: its gradient is round-off, which Adam normalises
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5, err_msg=w.path)
+
+
+# ---------------------------------------------------------------- the trainer's stage
+
+
+def _scst_run(tmp_path, name, *extra):
+    from tests.test_data_and_train import _train
+
+    return _train(tmp_path, name, "--batch_size", "8", "--epochs", "1", *extra)
+
+
+def test_cross_entropy_then_self_critical_in_one_command_and_a_larger_count_continues(tmp_path):
+    from model.network.export import load_export
+    from tests.fixtures import write_features_dir
+
+    data = tmp_path / "f"
+    write_features_dir(str(data), {"train": 24, "val": 8})  # 24 images: 12 steps of 2 x 5
+    first = _scst_run(tmp_path, "m", "--scst_epochs", "1")
+    assert (first["ce_epochs"], first["scst_epochs"]) == (1, 1)
+    assert first["steps"] == 5 + 12
+    scst_rows = [r for r in first["history"] if "scst_epoch" in r]
+    assert len(scst_rows) == 1 and scst_rows[0]["samples"] == 24 * 5
+    assert {"reward", "baseline", "val_cider"} <= set(scst_rows[0])
+    assert first["scst"]["samples"] == 5 and first["scst"]["baseline"] == "mean"
+    assert first["selected"]["phase"] in ("cross-entropy", "self-critical")
+    # The reward's document frequencies are stored with the features, for the next run.
+    assert len(list(data.glob("cider-df-train-*.npz"))) == 1
+    again = _scst_run(tmp_path, "m", "--scst_epochs", "2")
+    assert (again["ce_epochs"], again["scst_epochs"]) == (1, 2)
+    assert again["steps"] == 5 + 2 * 12
+    manifest = load_export(str(tmp_path / "m" / "export")).manifest
+    assert manifest["training"]["scst_epochs"] == 2
+
+
+def test_self_critical_flags_that_cannot_work_are_refused_in_one_line(tmp_path):
+    from tests.test_data_and_train import ENV, ROOT, train_cmd
+
+    for flags, message in (
+        (("--scst_samples", "1"), "--scst_samples >= 2"),
+        (("--select_by", "loss"), "--select_by cider"),
+    ):
+        cmd = train_cmd(tmp_path, tmp_path / "m", "--scst_epochs", "1", *flags)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+        assert r.returncode != 0
+        assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_sigkill_mid_self_critical_epoch_resumes_to_the_same_weights(tmp_path):
+    from tests.fixtures import write_features_dir
+    from tests.test_data_and_train import ENV, ROOT, _export_weights, train_cmd
+
+    # No val split, so no selection: the export is the last step's weights.
+    write_features_dir(str(tmp_path / "f"), {"train": 24})
+    flags = ("--batch_size", "8", "--epochs", "1", "--scst_epochs", "2", "--checkpoint_every", "3")
+    cmd = train_cmd(tmp_path / "f", tmp_path / "m", *flags)
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # CE ends at step 5; kill inside the first SCST epoch
+        steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt_dir.glob("ckpt-*.index")]
+        if steps and max(steps) >= 9:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training finished before it was killed:\n" + proc.stdout.read().decode())
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "m" / "export").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "self-critical epoch 2/2" in r.stdout
+    whole = _scst_run(tmp_path, "whole", *flags[4:])
+    assert whole["steps"] == 5 + 2 * 12
+    for a, b in zip(
+        _export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole"), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)

@@ -17,20 +17,39 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from model.cli import first_line
-from model.data.shards import SplitInfo, caption_pairs, check_data_dir, feature_stats, split_info
+from model.data.shards import (
+    SplitInfo,
+    caption_pairs,
+    check_data_dir,
+    feature_stats,
+    image_batches,
+    split_info,
+)
 from model.defaults import PRESETS
 from model.io import formats, storage
 from model.network.captioner import ShowAttendTell
 from model.network.export import save_export
 from model.text.vocab import Vocabulary
-from model.training.steps import ZERO, DynamicLossScale, StepFns, Totals, make_step_fns, run_steps
+from model.training import scst
+from model.training.steps import (
+    ZERO,
+    DynamicLossScale,
+    StepFns,
+    Totals,
+    make_policy_step,
+    make_step_fns,
+    run_steps,
+)
 
 # Per real token: the trained objective (cross-entropy + attention penalty) and
 # the cross-entropy alone (its exp is perplexity), on train and val.
 LOSS_KEYS = ("loss", "ce", "val_loss", "val_ce", "val_cider", "val_loops")
+# Per self-critical epoch: mean reward (CIDEr-D of the samples), mean baseline, val.
+SCST_KEYS = ("reward", "baseline", "val_cider", "val_loops")
 # Flags that decide the data order or the numerics: a resumed run must keep them.
 RESUME_FLAGS = (
     "batch_size",
@@ -45,6 +64,10 @@ RESUME_FLAGS = (
     "clip_norm",
     "shard_policy",
     "select_by",
+    "scst_samples",
+    "scst_baseline",
+    "scst_learning_rate",
+    "scst_max_length",
 )
 XLA_LENGTH_MULTIPLE = 4  # with --jit_compile, caption lengths are padded to buckets of 4
 
@@ -186,6 +209,20 @@ def distribute(
 # ---------------------------------------------------------------- the training state
 
 
+@dataclass(frozen=True)
+class SelfCritic:
+    """What a self-critical step needs besides the model: the reward's document
+    frequencies, the compiled sampler, greedy decoder and policy update, and the step's
+    size in images."""
+
+    df: scst.CiderD
+    sample: Any  # (features, seed (2,)) -> K captions per image
+    greedy: Any  # features -> greedy captions (the greedy baseline)
+    step: Any  # make_policy_step
+    images_per_step: int
+    steps_per_epoch: int
+
+
 @dataclass(kw_only=True)
 class Run:
     """Everything one training run holds: data, strategy, model, optimizer, counters."""
@@ -207,6 +244,8 @@ class Run:
     manager: tf.train.CheckpointManager
     writer: Any
     val_decoder: Any = None  # greedy decoding of the val split, traced once (select_by cider)
+    scst_optimizer: keras.optimizers.Optimizer | None = None  # --scst_epochs: constant rate
+    critic: SelfCritic | None = None  # built when the self-critical epochs start
 
     def var(self, name: str) -> int:
         return int(self.state[name].numpy())
@@ -220,8 +259,12 @@ class Run:
         return bool(self.args.patience and self.var("bad_epochs") >= self.args.patience)
 
     @property
-    def done(self) -> bool:
+    def ce_done(self) -> bool:
         return self.var("epoch") >= self.args.epochs or self.stopped_early
+
+    @property
+    def done(self) -> bool:
+        return self.ce_done and self.var("scst_epoch") >= self.args.scst_epochs
 
     def dataset(self, info: SplitInfo, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
         return caption_pairs(
@@ -274,6 +317,10 @@ def set_up(args: argparse.Namespace) -> Run:
         )
         optimizer = keras.optimizers.Adam(schedule)  # clipping happens after the all-reduce
         optimizer.build(model.trainable_variables)
+        scst_optimizer = None
+        if args.scst_epochs:
+            scst_optimizer = keras.optimizers.Adam(args.scst_learning_rate)
+            scst_optimizer.build(model.trainable_variables)
     loss_scale = DynamicLossScale() if policy == "mixed_float16" else None
     state = {
         "step": tf.Variable(0, dtype=tf.int64, name="step"),
@@ -283,13 +330,19 @@ def set_up(args: argparse.Namespace) -> Run:
         "best_val": tf.Variable(float("inf"), dtype=tf.float64, name="best_val"),
         "bad_epochs": tf.Variable(0, dtype=tf.int64, name="bad_epochs"),
         "history": tf.Variable("[]", dtype=tf.string, name="history"),  # JSON, all epochs
+        "scst_epoch": tf.Variable(0, dtype=tf.int64, name="scst_epoch"),
+        # This self-critical epoch's sums so far: reward, baseline, samples.
+        "scst_sums": tf.Variable(tf.zeros([3], tf.float64), name="scst_sums"),
     }
     if loss_scale is not None:
         state.update(loss_scale=loss_scale.scale, good_steps=loss_scale.good_steps)
     # Dropout's random state: Keras keeps it out of the model's checkpoint, and without it
     # a resumed run draws other masks than the run it continues.
     seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, dropout_seeds=seeds, **state)
+    extra = {"scst_optimizer": scst_optimizer} if scst_optimizer is not None else {}
+    ckpt = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, dropout_seeds=seeds, **extra, **state
+    )
     manager = checkpoint_manager(ckpt, args.model_dir, strategy, chief)
     fns = make_step_fns(
         strategy,
@@ -318,6 +371,7 @@ def set_up(args: argparse.Namespace) -> Run:
         state=state,
         manager=manager,
         writer=tf.summary.create_file_writer(logs),
+        scst_optimizer=scst_optimizer,
     )
     restore_or_initialise(run, ckpt)
     return run
@@ -436,9 +490,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"policy {run.policy}, model {run.model.config.to_dict()}",
         flush=True,
     )
-    while not run.done:
+    while not run.ce_done:
         totals = train_epoch(run)
         end_epoch(run, totals)
+    if not run.done:
+        start_self_critical(run)
+    while not run.done:
+        sums = scst_epoch(run)
+        end_scst_epoch(run, sums)
     run.writer.flush()
     return finish(run)
 
@@ -507,6 +566,7 @@ def end_epoch(run: Run, totals: Totals) -> None:
         if score < float(run.state["best_val"].numpy()):
             run.state["best_val"].assign(score)
             run.state["bad_epochs"].assign(0)
+            record["selected"] = True
             if run.chief:
                 run.model.save_weights(best_weights_path(args.model_dir))
         else:
@@ -571,6 +631,160 @@ def evaluate_split(run: Run, info: SplitInfo) -> Totals:
             return totals
 
 
+# ---------------------------------------------------------------- self-critical epochs
+
+
+def start_self_critical(run: Run) -> None:
+    """Before the first self-critical step: start from the best cross-entropy epoch (as
+    ruotianluo's --start_from does), and build the reward and the compiled calls."""
+    args = run.args
+    best = best_weights_path(args.model_dir)
+    fresh = run.var("scst_epoch") == 0 and run.var("position") == 0
+    if fresh and run.val_info is not None and tf.io.gfile.exists(best):
+        run.model.load_weights(best)  # a checkpoint taken after this holds the weights
+    from model.decoding.decoders import greedy_decode_graph, sample_graph
+    from model.defaults import DEFAULT_BLOCK_REPEATS
+
+    k, length = args.scst_samples, args.scst_max_length
+    spec = tf.TensorSpec([None, *run.model.config.feature_shape], tf.float32)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
+    def sample(features: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        return sample_graph(run.model, features, length, k, seed, DEFAULT_BLOCK_REPEATS)
+
+    @tf.function(input_signature=[spec])
+    def greedy(features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return greedy_decode_graph(run.model, features, length, DEFAULT_BLOCK_REPEATS)
+
+    images = max(1, math.ceil(run.global_batch / k))
+    run.critic = SelfCritic(
+        df=scst.load_or_build_df(
+            args.data_dir, run.vocab, args.train_split, run.train_info.files, run.chief
+        ),
+        sample=sample,
+        greedy=greedy,
+        step=make_policy_step(run.strategy, run.model, run.scst_optimizer, args.clip_norm),
+        images_per_step=images,
+        steps_per_epoch=max(1, math.ceil(run.train_info.images / images)),
+    )
+    print(
+        f"train: self-critical: {images} images x {k} samples per step, "
+        f"{run.critic.steps_per_epoch} steps/epoch x {args.scst_epochs} epochs, baseline "
+        f"{args.scst_baseline}, learning rate {args.scst_learning_rate}",
+        flush=True,
+    )
+
+
+def scst_step(run: Run, batch: dict[str, tf.Tensor]) -> scst.Rewards:
+    """One self-critical update on a batch of images; returns its rewards."""
+    args, critic, k = run.args, run.critic, run.args.scst_samples
+    features = batch["features"]
+    references = scst.reference_ids(batch["captions"].to_list(), run.vocab)
+    # Stateless draws seeded by the run's seed and the step: every worker, and a resumed
+    # run, draws the same captions.
+    seed = tf.constant([args.seed, run.var("step")], tf.int32)
+    samples = {key: v.numpy() for key, v in critic.sample(features, seed).items()}
+    greedy = None
+    if args.scst_baseline == "greedy":
+        greedy = {key: v.numpy() for key, v in critic.greedy(features).items()}
+    rewards = scst.score_samples(critic.df, samples, references, k, greedy)
+    critic.step(
+        tf.repeat(features, k, axis=0),
+        tf.constant(scst.teacher_tokens(samples["token_ids"])),
+        tf.constant(rewards.advantages),
+    )
+    return rewards
+
+
+def scst_epoch(run: Run) -> np.ndarray:
+    """Runs the rest of the current self-critical epoch; checkpoints every
+    --checkpoint_every steps. Returns the epoch's sums (reward, baseline, samples)."""
+    args, critic, e = run.args, run.critic, run.var("scst_epoch")
+    ds = image_batches(run.train_info.files, critic.images_per_step, args.seed * 1000 + 500 + e)
+    bar = keras.utils.Progbar(
+        critic.steps_per_epoch,
+        verbose=int(args.verbose == 1),
+        stateful_metrics=["reward", "baseline"],
+    )
+    sums = run.state["scst_sums"].numpy()
+    for batch in ds.skip(run.var("position")):
+        rewards = scst_step(run, batch)
+        sums = sums + [rewards.rewards.sum(), rewards.baselines.sum(), len(rewards.rewards)]
+        for name in ("step", "position"):
+            run.state[name].assign_add(1)
+        run.state["scst_sums"].assign(sums)
+        mean = sums[:2] / max(sums[2], 1.0)
+        bar.update(
+            min(run.var("position"), critic.steps_per_epoch),
+            [("reward", mean[0]), ("baseline", mean[1])],
+        )
+        if run.chief:
+            with run.writer.as_default(step=run.var("step")):
+                tf.summary.scalar("scst/reward", float(rewards.rewards.mean()))
+                tf.summary.scalar("scst/baseline", float(rewards.baselines.mean()))
+        if run.var("step") % args.checkpoint_every == 0:
+            run.manager.save(checkpoint_number=run.var("step"))
+    return sums
+
+
+def end_scst_epoch(run: Run, sums: np.ndarray) -> None:
+    """Validation by greedy CIDEr-D (the export is the best epoch of either kind), the
+    epoch's record and a checkpoint."""
+    args, e = run.args, run.var("scst_epoch")
+    record: dict[str, Any] = {
+        "scst_epoch": e + 1,
+        "reward": float(sums[0] / max(sums[2], 1.0)),
+        "baseline": float(sums[1] / max(sums[2], 1.0)),
+        "samples": int(sums[2]),
+        "step": run.var("step"),
+    }
+    if run.val_info is not None:
+        record.update(validation_captions(run))
+        if -record["val_cider"] < float(run.state["best_val"].numpy()):
+            run.state["best_val"].assign(-record["val_cider"])
+            record["selected"] = True
+            if run.chief:
+                run.model.save_weights(best_weights_path(args.model_dir))
+    run.state["history"].assign(json.dumps([*run.history, record]))
+    run.state["scst_epoch"].assign_add(1)
+    run.state["position"].assign(0)
+    run.state["scst_sums"].assign(tf.zeros([3], tf.float64))
+    run.manager.save(checkpoint_number=run.var("step"))
+    if run.chief:
+        with run.writer.as_default(step=run.var("step")):
+            for key in SCST_KEYS:
+                if key in record:
+                    tf.summary.scalar(f"scst_epoch/{key}", record[key])
+    if args.verbose:
+        print(
+            f"train: self-critical epoch {e + 1}/{args.scst_epochs} step {run.var('step')} "
+            + " ".join(f"{key} {record[key]:.4f}" for key in SCST_KEYS if key in record),
+            flush=True,
+        )
+
+
+def scst_summary(run: Run) -> dict[str, Any]:
+    """The self-critical stage in the export's training summary."""
+    last = [r for r in run.history if "scst_epoch" in r]
+    return {
+        "samples": run.args.scst_samples,
+        "baseline": run.args.scst_baseline,
+        "learning_rate": run.args.scst_learning_rate,
+        "max_length": run.args.scst_max_length,
+        "reward": last[-1]["reward"] if last else None,
+    }
+
+
+def selected_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Which epoch the export holds: the last one marked selected (best on val)."""
+    chosen = [r for r in history if r.get("selected")]
+    if not chosen:
+        return None
+    r = chosen[-1]
+    phase = "self-critical" if "scst_epoch" in r else "cross-entropy"
+    return {"phase": phase, "epoch": r.get("scst_epoch", r.get("epoch"))}
+
+
 def best_val(run: Run) -> float | None:
     """The best epoch's selection metric (CIDEr, or the val loss), None without val."""
     if run.val_info is None or not math.isfinite(float(run.state["best_val"].numpy())):
@@ -594,6 +808,10 @@ def finish(run: Run) -> dict[str, Any]:
         "steps_per_epoch": run.steps_per_epoch,
         "global_batch": run.global_batch,
         "history": run.history,
+        "ce_epochs": run.var("epoch"),
+        "scst_epochs": run.var("scst_epoch"),
+        **({"scst": scst_summary(run)} if run.var("scst_epoch") else {}),
+        "selected": selected_epoch(run.history),
         "selected_by": run.args.select_by if run.val_info else None,
         "best_val": best_val(run),
         "stopped_early": run.stopped_early,
