@@ -5,7 +5,7 @@
 
 For each `--weights` it extracts the train (6,600) and val (491) splits once
 (`beam_jobs.extract_features`), trains each run (`model.train`, defaults plus
-the run's flags) and evaluates it on val (`model.evaluate`) greedy and with beam
+the run's flags; a run may continue another's, as self-critical training does) and evaluates it on val (`model.evaluate`) greedy and with beam
 3, with and without repeat blocking, and with beam 5, beside the blind baseline (the most
 frequent training caption). It prints one table: BLEU-1..4, METEOR, ROUGE-L and
 CIDEr (x100, PTB tokenizer and METEOR when Java is there, as in the papers), the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,9 +86,15 @@ def extract(data: str, features: str, weights: str, logs: str) -> None:
         )
 
 
-def train(features: str, model_dir: str, epochs: int, flags: list[str], log: str) -> None:
+def train(
+    features: str, model_dir: str, epochs: int, flags: list[str], log: str, base: str = ""
+) -> None:
+    """Trains one run; with `base`, continues a copy of that run's MODEL_DIR (its
+    checkpoints, config and best epoch), e.g. self-critical epochs after its CE ones."""
     if os.path.exists(os.path.join(model_dir, "export", "manifest.json")):
         return
+    if base and not os.path.exists(model_dir):
+        shutil.copytree(base, model_dir, ignore=shutil.ignore_patterns("export", "eval", ".lock"))
     argv = ["--data_dir", features, "--model_dir", model_dir, "--epochs", str(epochs)]
     sh([sys.executable, "-m", "model.train", *argv, "--no_serving_export", *flags], log)
 
@@ -128,7 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=["defaults="],
         help="NAME=FLAGS: model.train flags of each run, e.g. 'no-dropout=--dropout 0 "
-        "--select_by loss' (the first run is also trained on the other --weights)",
+        "--select_by loss' (the first run is also trained on the other --weights); "
+        "NAME:BASE=FLAGS continues a copy of run BASE, e.g. 'scst:defaults=--scst_epochs 3'",
     )
     p.add_argument("--decodings", nargs="+", default=DEFAULT_DECODINGS, choices=list(DECODINGS))
     return p.parse_args(argv)
@@ -143,9 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     for w, weights in enumerate(args.weights):
         features = os.path.join(args.out, f"features-{weights}")
         extract(args.data, features, weights, logs)
-        for name, flags in runs if w == 0 else runs[:1]:
+        for spec, flags in runs if w == 0 else runs[:1]:
+            name, _, base = spec.partition(":")
             model_dir = os.path.join(args.out, f"model-{weights}-{name}")
-            train(features, model_dir, args.epochs, flags.split(), f"{logs}/train-{name}.log")
+            base_dir = os.path.join(args.out, f"model-{weights}-{base}") if base else ""
+            log = f"{logs}/train-{name}.log"
+            train(features, model_dir, args.epochs, flags.split(), log, base_dir)
             for decoding in args.decodings:
                 log = f"{logs}/evaluate-{weights}-{name}.log"
                 m = evaluate(features, model_dir, decoding, DECODINGS[decoding], log)

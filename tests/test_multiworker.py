@@ -166,3 +166,35 @@ def test_two_workers_split_whole_files_when_there_are_enough(tmp_path):
     assert "on 2 replica(s)" in outs[0]
     history = load_export(str(tmp_path / "m" / "export")).manifest["training"]["history"]
     assert [h["pairs"] for h in history] == [24, 24]  # each pair once per epoch, none twice
+
+
+# One CE epoch, then one self-critical epoch of 40 images: 8 steps of 8 images x 5 samples.
+SCST_FLAGS = (
+    *("--epochs", "1", "--scst_epochs", "1", "--batch_size", "40"),
+    *("--clip_norm", "0.05", "--learning_rate", "1e-2", "--scst_learning_rate", "1e-2"),
+    *("--patience", "0", "--dropout", "0"),
+)
+
+
+def test_two_workers_self_critical_equal_one_process(tmp_path):
+    """Every worker draws the same samples (stateless seeds from the step), each replica
+    takes its rows of the policy gradient, clipped after the all-reduce: two workers
+    end with one process's weights. No val split: the export is the last step."""
+    write_features_dir(str(tmp_path / "f"), {"train": 40})
+    (one,) = wait_all(start_workers(tmp_path / "f", tmp_path / "one", 1, *SCST_FLAGS))
+    outs = wait_all(start_workers(tmp_path / "f", tmp_path / "two", 2, *SCST_FLAGS))
+    assert "on 2 replica(s)" in outs[0] and "self-critical epoch 1/1" in outs[0]
+    training = load_export(str(tmp_path / "two" / "export")).manifest["training"]
+    assert (training["ce_epochs"], training["scst_epochs"], training["steps"]) == (1, 1, 2 + 5)
+    expected = weights(tmp_path / "one")
+    got = weights(tmp_path / "two")
+    assert any(not np.array_equal(got[k], v) for k, v in weights_after_ce(tmp_path).items())
+    assert_same_weights(got, expected)
+
+
+def weights_after_ce(tmp_path):
+    """The same command without the self-critical epoch: the SCST step must move away."""
+    flags = [f for f in SCST_FLAGS]
+    flags[flags.index("--scst_epochs") + 1] = "0"
+    wait_all(start_workers(tmp_path / "f", tmp_path / "ce", 1, *flags))
+    return weights(tmp_path / "ce")
