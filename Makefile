@@ -47,6 +47,7 @@ bench: $(STAMP) ## Throughput and memory benchmarks, printed as ratios to the ba
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.caption
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.scst
 
 FLICKR8K ?= ../shared/data/flickr8k
 quality: $(STAMP) $(WEIGHTS_FILE) ## Caption quality on real photos: Flickr8k in FLICKR8K (about 2 hours on 2 cores)

@@ -55,3 +55,10 @@ def test_ngram_keys_count_every_order():
     keys, counts = ngram_keys([5, 6, 5, 6])
     assert len(keys) == 2 + 2 + 2 + 1  # {5,6}, {56,65}, {565,656}, {5656}
     assert sorted(counts.tolist()) == [1, 1, 1, 1, 2, 2, 2]  # 5, 6 and 5-6 twice
+
+
+def test_empty_candidates_score_zero_even_when_all_are_empty():
+    """An untrained or early model may end a caption at once: every sample empty."""
+    df = CiderD.from_references([[[5, 6, 7]], [[8, 9]]])
+    np.testing.assert_array_equal(df.scores([[], []], [[[5, 6, 7]], [[8, 9]]]), [0.0, 0.0])
+    assert df.scores([[], [8, 9]], [[[5, 6, 7]], [[8, 9]]])[1] > 0

@@ -58,6 +58,8 @@ def sentence_ngrams(
         owners.append(np.nonzero(valid)[0])
         keys.append(key[valid])
     owner, key = np.concatenate(owners), np.concatenate(keys)
+    if not len(owner):  # only empty sentences (a caption may be just `<end>`)
+        return owner, key, np.zeros(0, np.int64)
     sort = np.lexsort((key, owner))
     owner, key = owner[sort], key[sort]
     first = np.flatnonzero(np.r_[True, (owner[1:] != owner[:-1]) | (key[1:] != key[:-1])])
