@@ -38,7 +38,7 @@ from beam_jobs.caption_steps import (
     to_loaded,
 )
 from beam_jobs.inference import CaptionerHandler
-from beam_jobs.lease import output_lease
+from beam_jobs.lease import Lease, output_lease
 from beam_jobs.parts import (
     WritePartsFn,
 )
@@ -232,11 +232,11 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     """Checks the export and inputs, runs the pipeline, returns a summary dict. Holds the
     lease on --output_dir (`beam_jobs.lease`) from start to commit: a second run on it
     refuses in one line."""
-    with output_lease(args.output_dir, "caption_images"):
-        return _run_job(args, beam_args)
+    with output_lease(args.output_dir, "caption_images") as lease:
+        return _run_job(args, beam_args, lease)
 
 
-def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
+def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -> dict[str, Any]:
     manifest = check_export(args.model)
     for spec in args.input:
         where = spec if "://" in spec else os.path.abspath(spec)
@@ -273,6 +273,7 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
         discard_run(plan)
         return dry
+    lease.confirm()  # still this run's output: no other run has taken it over
     commit_run(args.output_dir, plan)  # only now are the previous tables replaced or added to
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)

@@ -294,9 +294,16 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def serve(port: int, bucket: str) -> None:
-    """Runs the emulator in memory, with one fix: an empty object (TensorFlow's
-    folder marker) arrives with no body, which the emulator reads as None."""
+    """Runs the emulator in memory, with two fixes:
+    - an empty object (TensorFlow's folder marker) arrives with no body, which the
+      emulator reads as None;
+    - `ifGenerationMatch` on uploads and deletes is honoured as GCS does (412 when the
+      object's generation differs; 0: the object must not exist), atomically: the
+      output lease of the Beam jobs (`beam_jobs.lease`) rests on it."""
+    from http import HTTPStatus
+
     from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
 
     media_upload = objects._media_upload
@@ -307,6 +314,39 @@ def serve(port: int, bucket: str) -> None:
         return media_upload(request, response, storage)
 
     objects._media_upload = empty_body_is_empty  # looked up by name in objects.insert
+    lock = threading.Lock()
+
+    def object_name(request) -> str:  # noqa: ANN001
+        if "object_id" in request.params:
+            return request.params["object_id"]
+        if "name" in request.query:
+            return request.query["name"][0]
+        data = request.data if isinstance(request.data, dict) else {}
+        return (data.get("meta") or data).get("name", "")
+
+    def with_preconditions(handler):  # noqa: ANN001, ANN202
+        def handle(request, response, storage, *args, **kwargs):  # noqa: ANN001, ANN202
+            wanted = request.query.get("ifGenerationMatch")
+            if not wanted:
+                return handler(request, response, storage, *args, **kwargs)
+            with lock:  # the check and the write as one step
+                try:
+                    obj = storage.get_file_obj(request.params["bucket_name"], object_name(request))
+                    generation = str(obj["generation"])
+                except NotFound:
+                    generation = "0"
+                if generation != wanted[0]:
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return None
+                return handler(request, response, storage, *args, **kwargs)
+
+        return handle
+
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler in (objects.insert, objects.delete):
+                handlers[method] = with_preconditions(handler)
     emulator = server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     emulator.run()
 

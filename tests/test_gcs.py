@@ -300,3 +300,75 @@ def test_readme_dataflow_commands_translate(gcs, tmp_path, monkeypatch):
         args = [a.replace("gs://B/", f"{root}/") for a in argv[3:]]
         args[args.index("--project") + 1] = "demo-project"
         assert jobs[argv[2]].run([*args, "--dry_run", "True"]) == {"dry_run": True}, argv
+
+
+def _caption_runs(env, argvs, extra_env=None):
+    """Starts the caption commands at once; returns their CompletedProcess-like results."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "beam_jobs.caption_images", *argv],
+            env={**ENV, **env, **(extra_env or {})},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in argvs
+    ]
+    return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def test_one_writer_per_gcs_output_and_a_stale_lease_is_taken_over(gcs, tmp_path):
+    """Two replacing runs started together on one gs:// output, then two adding runs:
+    each run either commits or refuses in one line naming the holder, and afterwards
+    every input is in exactly one row. A lease whose heartbeat stopped is taken over."""
+    import tensorflow as tf
+
+    from tests.fixtures import write_tiny_export
+    from tests.helpers import encode, noise
+
+    export = write_tiny_export(str(tmp_path / "export"))
+    gs = f"gs://{BUCKET}/lease"
+    for folder, first in (("a", 0), ("b", 100)):
+        for i in range(6):
+            with tf.io.gfile.GFile(f"{gs}/{folder}/{first + i}.png", "wb") as f:
+                f.write(encode(noise(first + i), "PNG"))
+    out = f"{gs}/out"
+
+    def argv(*extra):
+        return ["--model", export, "--output_dir", out, "--batch_size", "4", *extra]
+
+    def uris():
+        rows = parquet_rows(gcs, f"{BUCKET}/lease/out", "captions-")
+        rows += parquet_rows(gcs, f"{BUCKET}/lease/out", "errors-")
+        return sorted(r["uri"] for r in rows)
+
+    want_a = sorted(f"{gs}/a/{i}.png" for i in range(6))
+    want_b = sorted(f"{gs}/b/{100 + i}.png" for i in range(6))
+    for runs, want in (
+        ([argv("--input", f"{gs}/a")] * 2, want_a),
+        ([argv("--input", f"{gs}/b", "--skip_existing")] * 2, sorted(want_a + want_b)),
+    ):
+        results = _caption_runs(gcs, runs)
+        for proc, _, stderr in results:
+            last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+            assert proc.returncode == 0 or (
+                f"error: {out} is in use by caption_images (pid" in last
+            ), stderr[-3000:]
+        assert any(proc.returncode == 0 for proc, _, _ in results)
+        assert uris() == want
+        assert not tf.io.gfile.exists(f"{out}/.lease")  # released at the end
+
+    # A run killed without releasing: its lease stays, with a heartbeat that stops.
+    with tf.io.gfile.GFile(f"{out}/.lease", "w") as f:
+        f.write(json.dumps({"holder": "caption_images (pid 1 on gone)", "heartbeat": 0}))
+    refused = _caption_runs(gcs, [argv("--input", f"{gs}/a")])[0]
+    assert refused[0].returncode != 0
+    assert "in use by caption_images (pid 1 on gone)" in refused[2].strip().splitlines()[-1]
+    import time
+
+    time.sleep(2.5)
+    taken = _caption_runs(gcs, [argv("--input", f"{gs}/a")], {"SAT_LEASE_TTL": "2"})[0]
+    assert taken[0].returncode == 0, taken[2][-3000:]
+    assert "took over" in taken[1] and "pid 1 on gone" in taken[1]
+    assert uris() == want_a  # a replacing run: only a's rows
