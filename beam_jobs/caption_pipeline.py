@@ -21,6 +21,8 @@ from beam_jobs.caption_run import (
     check_export,
     commit_run,
     discard_run,
+    disk_full_message,
+    is_disk_full,
     plan_run,
     write_staged_manifest,
 )
@@ -232,8 +234,13 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
     """Checks the export and inputs, runs the pipeline, returns a summary dict. Holds the
     lease on --output_dir (`beam_jobs.lease`) from start to commit: a second run on it
     refuses in one line."""
-    with output_lease(args.output_dir, "caption_images") as lease:
-        return _run_job(args, beam_args, lease)
+    try:
+        with output_lease(args.output_dir, "caption_images") as lease:
+            return _run_job(args, beam_args, lease)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise UsageError(disk_full_message(args.output_dir)) from None
 
 
 def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -> dict[str, Any]:

@@ -23,6 +23,7 @@ everything the run leaves on disk, through four calls:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import posixpath
 import time
@@ -246,3 +247,35 @@ def discard_run(plan: RunPlan) -> None:
     parts that a later resume needs."""
     if not plan.adopted:
         FileSystems.delete([plan.staging])
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain, or in the text Beam's runners wrap a worker's
+    exception in."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "[Errno 28]" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(output_dir: str) -> str:
+    """What a run that filled the disk says, in one line: what it kept, and how to go on."""
+    staged = stale_staging(output_dir)
+    sizes = {
+        folder: sum(m.size_in_bytes for m in FileSystems.match([f"{folder}/*"])[0].metadata_list)
+        for folder in staged
+    }
+    kept = (
+        "its finished parts are kept in "
+        + ", ".join(f"{f} ({sizes[f] / 1e6:.1f} MB)" for f in staged)
+        + "; free space, then run the same command with --skip_existing to resume (or delete "
+        "that folder to discard them)"
+        if staged
+        else "nothing was staged; free space and run the command again"
+    )
+    return f"no space left on the device of {output_dir}: the run stopped before its commit; {kept}"

@@ -684,3 +684,57 @@ def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
         run([*argv, "--skip_existing"])
     with pytest.raises(UsageError, match="is in this job's own output folder"):
         run(["--model", export, "--input", str(out), "--output_dir", str(out), *RUNNER])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_that_says_how_to_resume(inputs, tmp_path, small_disk):
+    """The output's disk fills up: one line saying what was kept and how to go on (no
+    traceback); after space is freed, the resume captions every input exactly once."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV, ROOT
+
+    _, _, export = inputs
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(300 + i), "JPEG"))
+    out = small_disk / "out"
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:  # fill the disk to the last block
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv += ["--batch_size", "4", "--checkpoint_seconds", "0", *RUNNER]
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on the device of {out}"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "--skip_existing" in last or "run the command again" in last
+    filler.unlink()
+    resumed = run([*argv, "--skip_existing"])
+    assert resumed["captioned"] + resumed["failed"] <= 12
+    assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
