@@ -7,7 +7,6 @@ as Parquet tables with a manifest.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ from beam_jobs.lease import Lease, output_lease
 from beam_jobs.parts import (
     WritePartsFn,
 )
+from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, PreprocessFn
 from beam_jobs.progress import (
     ProgressReporter,
@@ -246,7 +246,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
 def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -> dict[str, Any]:
     manifest = check_export(args.model)
     for spec in args.input:
-        where = spec if "://" in spec else os.path.abspath(spec)
+        where = absolute(spec)
         for own in own_outputs(args):
             if (where.rstrip("/") + "/").startswith(own.rstrip("/") + "/"):
                 raise UsageError(

@@ -49,6 +49,7 @@ from beam_jobs.parts import (
     row_count,
     without_overlaps,
 )
+from beam_jobs.paths import absolute
 from model.cli import UsageError, decoding_settings
 from model.io import formats
 
@@ -165,7 +166,7 @@ def run_identity(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str
     """What makes two runs the same run: a killed one is resumed only by its own command."""
     return {
         "model_id": manifest["model_id"],
-        "inputs": sorted(s if "://" in s else os.path.abspath(s) for s in args.input),
+        "inputs": sorted(absolute(s) for s in args.input),
         "precision": args.precision or manifest["features"].get("precision", "float32"),
         "decoding": decoding_settings(args),
         "max_bytes": args.max_bytes,

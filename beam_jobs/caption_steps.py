@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.inference import CaptionResult
+from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, Loaded, Meta, error_row
 from beam_jobs.progress import (
     ERROR_PREFIX,
@@ -124,7 +125,7 @@ def matched_inputs(spec: str, exclude: Sequence[str] = ()) -> Iterator[str | Ite
 def own_outputs(args: argparse.Namespace) -> list[str]:
     """The folders this job writes, as match_input spells paths: never inputs."""
     folders = [args.output_dir] + ([args.attention_dir] if args.attention_dir else [])
-    return [f if "://" in f else os.path.abspath(f) for f in folders]
+    return [absolute(f) for f in folders]
 
 
 def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[str, dict[str, str]]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.paths import is_local
 from model.io import formats
 
 STAGING_PREFIX = ".staging-"
@@ -39,7 +40,7 @@ def _matches(pattern: str) -> list[str]:
 
 def stale_staging(output_dir: str) -> list[str]:
     """The staging folders of runs that did not finish, oldest first."""
-    if "://" in output_dir:  # an object store: a folder is the prefix of its objects
+    if not is_local(output_dir):  # an object store: a folder is the prefix of its objects
         files = _matches(f"{output_dir.rstrip('/')}/{STAGING_PREFIX}*/**")
         folders = sorted({f.split(STAGING_PREFIX, 1)[1].split("/", 1)[0] for f in files})
     else:
@@ -50,7 +51,7 @@ def stale_staging(output_dir: str) -> list[str]:
 
 def write_run_record(staging: str, record: dict[str, Any]) -> None:
     """`staging/run.json`: what a run is, so that a rerun can tell whether to resume it."""
-    if "://" not in staging:
+    if is_local(staging):
         os.makedirs(staging, exist_ok=True)
     with FileSystems.create(f"{staging}/{RUN_FILE}", mime_type="application/json") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True).encode())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -78,11 +77,7 @@ def stage_weights(weights: str, options: PipelineOptions) -> str:
 
 
 def image_path(images_dir: str, file_name: str) -> str:
-    return (
-        posixpath.join(images_dir, file_name)
-        if "://" in images_dir
-        else f"{images_dir.rstrip('/')}/{file_name}"
-    )
+    return f"{images_dir.rstrip('/')}/{file_name}"
 
 
 class ToExampleFn(TallyFn):

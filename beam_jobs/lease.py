@@ -36,6 +36,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.paths import is_local
 from model.cli import UsageError
 
 LOCK_FILE = ".lock"
@@ -68,11 +69,11 @@ class Lease:
 @contextlib.contextmanager
 def output_lease(output_dir: str, job: str) -> Iterator[Lease]:
     """Holds the lease on `output_dir` for the block; a held one is refused in one line."""
-    if output_dir.startswith("gs://"):
+    if FileSystems.get_scheme(output_dir) == "gs":
         with _gcs_lease(output_dir, job) as lease:
             yield lease
         return
-    if "://" in output_dir:
+    if not is_local(output_dir):
         yield Lease(output_dir)
         return
     with _local_lease(output_dir, job) as lease:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.paths import absolute, is_local
 from model.defaults import MAX_BYTES
 from model.images.preprocess import ImageError
 
@@ -61,7 +62,7 @@ def path_exists(path: str) -> bool:
     least one object under it."""
     if FileSystems.exists(path):
         return True
-    if "://" not in path:
+    if is_local(path):
         return False
     listing = FileSystems.match([path.rstrip("/") + "/**"], limits=[1])[0].metadata_list
     return bool(listing)
@@ -72,12 +73,11 @@ def match_input(spec: str) -> list[str]:
 
     Local paths come back absolute and normalised (no `.`, `..` or `//`), so one file
     spelled several ways is one uri."""
-    if "://" not in spec:
-        spec = os.path.abspath(spec)
+    spec = absolute(spec)
     if _is_glob(spec):
         return sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
     folder = spec.rstrip("/")
-    listing = FileSystems.match([folder + "/**"])[0].metadata_list if "://" in spec else None
+    listing = None if is_local(spec) else FileSystems.match([folder + "/**"])[0].metadata_list
     if listing is None:
         if os.path.isdir(folder):
             return sorted(walk_folder(folder))
@@ -226,7 +226,7 @@ def check_plain_file(path: str, max_bytes: int = MAX_BYTES) -> None:
     """Refuses, before reading, a path that holds more than `max_bytes` or (locally) is not
     a regular file (a FIFO would block forever). An object's size comes from the store's
     metadata. Raises ImageError; OSError (or Beam's IO error) if it is missing."""
-    if "://" in path:
+    if not is_local(path):
         size = FileSystems.get_filesystem(path).size(path)
     else:
         st = os.stat(path)

@@ -13,6 +13,10 @@ share of captions with a repeated trigram, the share at the length limit, and
 distinct captions per image. Each step is skipped when its output is already
 there, so a killed benchmark continues where it stopped.
 
+Any COCO-format folder laid out as Flickr8k is (or as `demo.make_shapes` writes it, a
+folder of images per split) works: `--data` of `python -m demo.make_shapes OUT --mode
+hard` measures the synthetic data where cross-entropy alone plateaus.
+
 The Flickr8k photos are for research use only: they are read where they are and
 never copied. About 15 minutes to extract each weights variant and 2 minutes an
 epoch on 2 CPU cores.
@@ -57,6 +61,12 @@ def sh(argv: list[str], log: str) -> None:
     print(f"flickr8k:   {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def images_dir(data: str, split: str) -> str:
+    """Flickr8k keeps every photo in Images/; `demo.make_shapes` a folder per split."""
+    shared = os.path.join(data, "Images")
+    return shared if os.path.isdir(shared) else os.path.join(data, split)
+
+
 def extract(data: str, features: str, weights: str, logs: str) -> None:
     manifest = os.path.join(features, "manifest.json")
     for split in ("train", "val"):
@@ -74,7 +84,7 @@ def extract(data: str, features: str, weights: str, logs: str) -> None:
                 "--captions_json",
                 os.path.join(data, "annotations", f"captions_{split}.json"),
                 "--images_dir",
-                os.path.join(data, "Images"),
+                images_dir(data, split),
                 "--output_dir",
                 features,
                 "--weights",
