@@ -45,6 +45,7 @@ from beam_jobs.commit import (
 )
 from beam_jobs.parts import (
     finished_parts,
+    read_parquet,
     remove_inflight,
     row_count,
     without_overlaps,
@@ -69,13 +70,10 @@ def check_one_model(
     existing: list[str], model_id: str, output_dir: str, allow_mixed: bool = False
 ) -> None:
     """--skip_existing adds rows to a table: refuse, in one line, to add another model's."""
-    import pyarrow.parquet as pq
-
     ids: set[str] = set()
     for path in existing:
         if posixpath.basename(path).startswith("captions-"):
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                ids.update(pq.read_table(f, columns=["model_id"]).column(0).unique().to_pylist())
+            ids.update(read_parquet(path, ["model_id"]).column(0).unique().to_pylist())
     others = sorted(ids - {model_id})
     if others and not allow_mixed:
         raise UsageError(

@@ -23,6 +23,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.parts import read_parquet
 from beam_jobs.paths import is_local
 from model.io import formats
 
@@ -102,14 +103,6 @@ def staged_files(staging: str) -> list[str]:
     return [f for f in _matches(f"{staging}/*.parquet") if posixpath.basename(f) in listed]
 
 
-def _read_parquet(path: str, columns: list[str] | None = None) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.read_table(pa.BufferReader(f.read()), columns=columns)
-
-
 def table_looping(caption_files: list[str]) -> dict[str, Any]:
     """The looping figures (`model.text.ngrams.looping_figures`) of the whole captions table,
     as evaluation reports them: repeated-trigram share, length-limit share, distinct
@@ -119,7 +112,7 @@ def table_looping(caption_files: list[str]) -> dict[str, Any]:
     captions: list[str] = []
     at_limit: list[bool] = []
     for path in caption_files:
-        table = _read_parquet(path, ["caption", "hit_max_length"])
+        table = read_parquet(path, ["caption", "hit_max_length"])
         captions += table["caption"].to_pylist()
         at_limit += table["hit_max_length"].to_pylist()
     return looping_figures(captions, at_limit)
@@ -134,14 +127,13 @@ def supersede_retried_errors(staging: str, existing: list[str]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    read = _read_parquet
     transient = pa.array(formats.TRANSIENT_ERRORS)
-    old = {f: read(f) for f in existing if posixpath.basename(f).startswith("errors-")}
+    old = {f: read_parquet(f) for f in existing if posixpath.basename(f).startswith("errors-")}
     old = {f: t for f, t in old.items() if pc.any(pc.is_in(t["error_type"], transient)).as_py()}
     if not old:
         return 0
     rewritten = pa.chunked_array(
-        [read(f, ["uri"])["uri"].combine_chunks() for f in staged_files(staging)],
+        [read_parquet(f, ["uri"])["uri"].combine_chunks() for f in staged_files(staging)],
         pa.string(),
     )
     dropped = 0

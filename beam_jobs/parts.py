@@ -64,11 +64,18 @@ def finished_parts(folder: str, prefix: str) -> list[str]:
     return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
 
 
-def read_uris(path: str) -> list[str]:
+def read_parquet(path: str, columns: list[str] | None = None) -> Any:
+    """A Parquet file (local or remote, through Beam's FileSystems) as a pyarrow Table:
+    the one Parquet reader of the jobs' own outputs."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.read_table(f, columns=["uri"]).column(0).to_pylist()
+        return pq.read_table(pa.BufferReader(f.read()), columns=columns)
+
+
+def read_uris(path: str) -> list[str]:
+    return read_parquet(path, ["uri"]).column(0).to_pylist()
 
 
 def without_overlaps(paths: list[str]) -> list[str]:
