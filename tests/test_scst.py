@@ -141,6 +141,11 @@ def test_cross_entropy_then_self_critical_in_one_command_and_a_larger_count_cont
     assert again["steps"] == 5 + 2 * 12
     manifest = load_export(str(tmp_path / "m" / "export")).manifest
     assert manifest["training"]["scst_epochs"] == 2
+    # Cross-entropy epochs cannot come after self-critical ones.
+    from model.io.formats import FormatError
+
+    with pytest.raises(FormatError, match="more --epochs cannot follow them"):
+        _scst_run(tmp_path, "m", "--scst_epochs", "2", "--epochs", "2")
 
 
 def test_self_critical_flags_that_cannot_work_are_refused_in_one_line(tmp_path):

@@ -490,6 +490,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"policy {run.policy}, model {run.model.config.to_dict()}",
         flush=True,
     )
+    if run.var("scst_epoch") and not run.ce_done:
+        raise formats.FormatError(
+            f"{args.model_dir} has run {run.var('scst_epoch')} self-critical epoch(s) after "
+            f"{run.var('epoch')} cross-entropy ones: more --epochs cannot follow them "
+            f"(keep --epochs {run.var('epoch')}, or use a new --model_dir)"
+        )
     while not run.ce_done:
         totals = train_epoch(run)
         end_epoch(run, totals)
