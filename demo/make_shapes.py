@@ -69,13 +69,14 @@ def captions_for(s: Scene) -> list[str]:
     ]
 
 
-def draw(s: Scene, rng: random.Random) -> Image.Image:
+def background(kind: str, rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A plain colour with diagonal stripes or a grid of dots in a darker shade of it."""
     w, h = IMAGE_SIZE
     base = tuple(rng.randint(90, 170) for _ in range(3))
     img = Image.new("RGB", IMAGE_SIZE, base)
     d = ImageDraw.Draw(img)
     shade = tuple(max(0, c - 45) for c in base)
-    if s.background == "striped":
+    if kind == "striped":
         step = rng.randint(8, 14)
         for x in range(-h, w, step):
             d.line([(x, 0), (x + h, h)], fill=shade, width=3)
@@ -84,6 +85,12 @@ def draw(s: Scene, rng: random.Random) -> Image.Image:
         for y in range(step // 2, h, step):
             for x in range(step // 2, w, step):
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=shade)
+    return img, d
+
+
+def draw(s: Scene, rng: random.Random) -> Image.Image:
+    w, h = IMAGE_SIZE
+    img, d = background(s.background, rng)
     r = rng.randint(30, 38) if s.size == "large" else rng.randint(11, 15)
     cx = (
         rng.randint(r + 4, w // 2 - r // 2)
@@ -187,17 +194,7 @@ def _place(things: tuple[Thing, ...]) -> str:
 
 def draw_hard(s: HardScene, rng: random.Random) -> Image.Image:
     w, h = IMAGE_SIZE
-    base = tuple(rng.randint(90, 170) for _ in range(3))
-    img = Image.new("RGB", IMAGE_SIZE, base)
-    d = ImageDraw.Draw(img)
-    shade = tuple(max(0, c - 45) for c in base)
-    if s.background == "striped":
-        for x in range(-h, w, 11):
-            d.line([(x, 0), (x + h, h)], fill=shade, width=3)
-    else:
-        for y in range(6, h, 13):
-            for x in range(6, w, 13):
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=shade)
+    img, d = background(s.background, rng)
     cw, ch = w // GRID[0], h // GRID[1]
     for t in s.things:
         r = rng.randint(14, 18)

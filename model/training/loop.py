@@ -577,16 +577,7 @@ def end_epoch(run: Run, totals: Totals) -> None:
                 run.model.save_weights(best_weights_path(args.model_dir))
         else:
             run.state["bad_epochs"].assign_add(1)
-    run.state["history"].assign(json.dumps([*run.history, record]))
-    run.state["epoch"].assign_add(1)
-    run.state["position"].assign(0)
-    run.state["epoch_sums"].assign(tf.zeros([5], tf.float64))
-    run.manager.save(checkpoint_number=run.var("step"))
-    if run.chief:
-        with run.writer.as_default(step=run.var("step")):
-            for k in LOSS_KEYS:
-                if k in record:
-                    tf.summary.scalar(f"epoch/{k}", record[k])
+    close_epoch(run, record, "epoch", "epoch_sums", LOSS_KEYS, "epoch")
     if args.verbose:
         print(
             f"train: epoch {e + 1}/{args.epochs} step {run.var('step')} "
@@ -594,6 +585,24 @@ def end_epoch(run: Run, totals: Totals) -> None:
             + (" (early stop)" if run.stopped_early else ""),
             flush=True,
         )
+
+
+def close_epoch(
+    run: Run, record: dict[str, Any], counter: str, sums: str, keys: tuple, prefix: str
+) -> None:
+    """The end of an epoch of either kind: its record joins the history, `counter`
+    advances, the position and the running `sums` restart, a checkpoint is written, and
+    the record's `keys` go to TensorBoard as `prefix/key`."""
+    run.state["history"].assign(json.dumps([*run.history, record]))
+    run.state[counter].assign_add(1)
+    run.state["position"].assign(0)
+    run.state[sums].assign(tf.zeros_like(run.state[sums]))
+    run.manager.save(checkpoint_number=run.var("step"))
+    if run.chief:
+        with run.writer.as_default(step=run.var("step")):
+            for key in keys:
+                if key in record:
+                    tf.summary.scalar(f"{prefix}/{key}", record[key])
 
 
 def validation_captions(run: Run) -> dict[str, float]:
@@ -751,16 +760,7 @@ def end_scst_epoch(run: Run, sums: np.ndarray) -> None:
             record["selected"] = True
             if run.chief:
                 run.model.save_weights(best_weights_path(args.model_dir))
-    run.state["history"].assign(json.dumps([*run.history, record]))
-    run.state["scst_epoch"].assign_add(1)
-    run.state["position"].assign(0)
-    run.state["scst_sums"].assign(tf.zeros([3], tf.float64))
-    run.manager.save(checkpoint_number=run.var("step"))
-    if run.chief:
-        with run.writer.as_default(step=run.var("step")):
-            for key in SCST_KEYS:
-                if key in record:
-                    tf.summary.scalar(f"scst_epoch/{key}", record[key])
+    close_epoch(run, record, "scst_epoch", "scst_sums", SCST_KEYS, "scst_epoch")
     if args.verbose:
         print(
             f"train: self-critical epoch {e + 1}/{args.scst_epochs} step {run.var('step')} "
