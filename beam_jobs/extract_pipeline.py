@@ -131,24 +131,11 @@ def sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
     return a, b
 
 
-def build_pipeline(
-    p: beam.Pipeline,
-    args: argparse.Namespace,
-    splits: Sequence[str],
-    orphans: dict[str, int],
-    vocab_info: dict[str, Any],
-    progress_dir: str | None = None,
-    dropped: dict[str, int] | None = None,
-) -> None:
-    source = args.karpathy_json or args.captions_json
-    body = features_manifest_body(args)
-    records = (
-        p
-        | "AnnotationFile" >> beam.Create([source])
-        | "ParseAnnotations"
-        >> beam.FlatMap(lambda path: parse_file(path, bool(args.karpathy_json), args.split).records)
-        | "SpreadRecords" >> beam.Reshuffle()
-    )
+def embed_images(
+    records: beam.PCollection, args: argparse.Namespace, progress_dir: str | None
+) -> tuple[beam.PCollection, beam.PCollection]:
+    """Image records -> (examples (split, serialized Example, captions), errors (split,
+    error row)): each image read and decoded ahead of the model, then InceptionV3."""
     images_dir = args.images_dir
     decoded = (
         records
@@ -173,80 +160,106 @@ def build_pipeline(
         | "ToExamples" >> beam.ParDo(ToExampleFn(progress_dir))
     )
     errors = decoded[ERRORS_TAG] | "ErrorSplit" >> beam.Map(lambda kv: (kv[0].split, kv[1]))
+    return examples, errors
 
-    if "train" in splits:
-        vocab_size = (
-            records
-            | "TrainOnly" >> beam.Filter(lambda r: r.split == "train")
-            | "TrainCaptions" >> beam.FlatMap(lambda r: r.captions)
-            | "CountWords" >> beam.CombineGlobally(WordCountFn())
-            | "WriteVocab"
-            >> beam.Map(write_vocab, f"{args.output_dir}/{formats.VOCAB_FILE}", args.vocab_size)
-        )
-        vocab_info = {**vocab_info, "size": beam.pvalue.AsSingleton(vocab_size)}
 
-    written = []
-    for split in splits:
-        written.append(
-            examples
-            | f"Select[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
-            | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
-            | f"WriteShards[{split}]"
-            >> WriteGzipTFRecords(
-                formats.shard_prefix(args.output_dir, split),
-                file_name_suffix=formats.SHARD_SUFFIX,
-                num_shards=args.num_shards,
-                max_records_per_shard=None if args.num_shards else IMAGES_PER_SHARD,
-            )
+def build_vocab(records: beam.PCollection, args: argparse.Namespace) -> Any:
+    """Counts the train captions' words and writes vocab.txt; its size, as a side input."""
+    size = (
+        records
+        | "TrainOnly" >> beam.Filter(lambda r: r.split == "train")
+        | "TrainCaptions" >> beam.FlatMap(lambda r: r.captions)
+        | "CountWords" >> beam.CombineGlobally(WordCountFn())
+        | "WriteVocab"
+        >> beam.Map(write_vocab, f"{args.output_dir}/{formats.VOCAB_FILE}", args.vocab_size)
+    )
+    return beam.pvalue.AsSingleton(size)
+
+
+def write_split(
+    examples: beam.PCollection, errors: beam.PCollection, split: str, args: argparse.Namespace
+) -> list[beam.PCollection]:
+    """One split's shards and errors table; the paths written."""
+    shards = (
+        examples
+        | f"Select[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+        | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
+        | f"WriteShards[{split}]"
+        >> WriteGzipTFRecords(
+            formats.shard_prefix(args.output_dir, split),
+            file_name_suffix=formats.SHARD_SUFFIX,
+            num_shards=args.num_shards,
+            max_records_per_shard=None if args.num_shards else IMAGES_PER_SHARD,
         )
-        written.append(
-            errors
-            | f"SelectErrors[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
-            | f"ErrorRows[{split}]" >> beam.Map(lambda e: e[1])
-            | f"WriteErrors[{split}]"
-            >> beam.io.WriteToParquet(
-                f"{args.output_dir.rstrip('/')}/errors-{split}",
-                formats.ERRORS_SCHEMA,
-                codec=formats.PARQUET_CODEC,
-                file_name_suffix=".parquet",
-                num_shards=1,
-            )
+    )
+    error_table = (
+        errors
+        | f"SelectErrors[{split}]" >> beam.Filter(lambda e, s=split: e[0] == s)
+        | f"ErrorRows[{split}]" >> beam.Map(lambda e: e[1])
+        | f"WriteErrors[{split}]"
+        >> beam.io.WriteToParquet(
+            f"{args.output_dir.rstrip('/')}/errors-{split}",
+            formats.ERRORS_SCHEMA,
+            codec=formats.PARQUET_CODEC,
+            file_name_suffix=".parquet",
+            num_shards=1,
         )
+    )
+    return [shards, error_table]
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    splits: Sequence[str],
+    orphans: dict[str, int],
+    vocab_info: dict[str, Any],
+    progress_dir: str | None = None,
+    dropped: dict[str, int] | None = None,
+) -> None:
+    """The job: annotations -> image records -> features and errors per split, the
+    vocabulary (when train is among the splits), then the manifest once all is final."""
+    source = args.karpathy_json or args.captions_json
+    records = (
+        p
+        | "AnnotationFile" >> beam.Create([source])
+        | "ParseAnnotations"
+        >> beam.FlatMap(lambda path: parse_file(path, bool(args.karpathy_json), args.split).records)
+        | "SpreadRecords" >> beam.Reshuffle()
+    )
+    examples, errors = embed_images(records, args, progress_dir)
+    # The vocabulary size is a side input when this run builds it, a constant otherwise.
+    size = build_vocab(records, args) if "train" in splits else vocab_info["size"]
+    written = [pc for split in splits for pc in write_split(examples, errors, split, args)]
     split_stats = (
         examples
         | "PerSplit" >> beam.Map(lambda e: (e[0], (1, e[2])))
         | "CountPerSplit" >> beam.CombinePerKey(sum_pairs)
     )
     error_stats = errors | "ErrorsPerSplit" >> beam.combiners.Count.PerKey()
-    shard_files = written | "AllWritten" >> beam.Flatten()
-    # The vocabulary size is a side input when this run builds it, a constant otherwise.
     vocab_static = {k: v for k, v in vocab_info.items() if k != "size"}
-
-    def manifest(_: None, split_stats, error_stats, shards, size) -> str:
-        vocab = {**vocab_static, "size": size}
-        return commit_features_manifest(
-            args.output_dir,
-            body,
-            split_stats,
-            error_stats,
-            shards,
-            vocab,
-            splits,
-            orphans,
-            args.images_dir,
-            dropped,
-        )
-
+    body = features_manifest_body(args)  # here: it hashes the launcher's weights file
     _ = (
         p
         | "ManifestTrigger" >> beam.Create([None])
         | "WriteManifest"
         >> beam.Map(
-            manifest,
+            lambda _, split_stats, error_stats, shards, size: commit_features_manifest(
+                args.output_dir,
+                body,
+                split_stats,
+                error_stats,
+                shards,
+                {**vocab_static, "size": size},
+                splits,
+                orphans,
+                args.images_dir,
+                dropped,
+            ),
             split_stats=beam.pvalue.AsDict(split_stats),
             error_stats=beam.pvalue.AsDict(error_stats),
-            shards=beam.pvalue.AsList(shard_files),
-            size=vocab_info["size"],
+            shards=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
+            size=size,
         )
     )
 

@@ -21,7 +21,6 @@ from model.cli import (
     check_exists,
     decoding_settings,
     first_line,
-    is_remote,
     positive_int,
     run_cli,
 )
@@ -42,13 +41,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_decoding_flags(p)
     p.add_argument("--verbose", action="store_true", help="TensorFlow's start-up log too")
     return p.parse_args(argv)
-
-
-def read_bytes(path: str) -> bytes:
-    if is_remote(path):
-        return storage.read_bytes(path)
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -77,7 +69,7 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"path": path}
         rows.append(row)
         try:
-            decoded = preprocess_image(read_bytes(path))
+            decoded = preprocess_image(storage.read_bytes(path))
         except ImageError as e:
             row.update(error_type=e.kind, message=str(e))
             continue
@@ -99,7 +91,7 @@ def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
     from model.evaluation.plot import plot_attention
     from model.images.preprocess import decode_image
 
-    image, _ = decode_image(read_bytes(row["path"]))
+    image, _ = decode_image(storage.read_bytes(row["path"]))
     image.thumbnail((320, 320))
     result = row["result"]
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
