@@ -7,8 +7,10 @@ when TF_CONFIG names several workers; one custom loop (`model.training.steps`) s
 both, and N replicas update exactly as one device on the whole batch. Several
 steps run per compiled call (`--steps_per_execution`). Step-level checkpoints in
 MODEL_DIR/checkpoints: killing the process (or every worker) and running the
-same command again continues where it stopped, with the same data order. The
-model, its vocabulary and a manifest go to MODEL_DIR/export/.
+same command again continues where it stopped, with the same data order. With
+`--scst_epochs N`, N self-critical epochs (CIDEr-D as the reward) follow the
+cross-entropy ones (docs/train.md). The model, its vocabulary and a manifest go to
+MODEL_DIR/export/.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The training loop behind `python -m model.train` (see that module for the command).
 
 `train(args)` sets up the strategy, data, model and checkpoints (`set_up`),
-runs epochs (`train_epoch`, `end_epoch`) and exports (`finish`).
+runs the cross-entropy epochs (`train_epoch`, `end_epoch`), then the self-critical
+ones if asked (`start_self_critical`, `scst_epoch`, `end_scst_epoch`; the reward and
+the baselines live in `model.training.scst`) and exports the best epoch (`finish`).
 """
 
 from __future__ import annotations
