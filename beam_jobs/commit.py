@@ -159,8 +159,15 @@ class CommitFault(BaseException):  # noqa: N818 - a stand-in for SIGKILL, not an
 
 
 def _fault(step: str) -> None:
-    if os.environ.get(FAULT_ENV) == step:
+    """The tests' hook: SAT_COMMIT_FAULT=STEP stops the commit after STEP with CommitFault,
+    SAT_COMMIT_FAULT=kill:STEP with a real SIGKILL of this process."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted == step:
         raise CommitFault(step)
+    if wanted == f"kill:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def commit(

@@ -608,6 +608,40 @@ def test_a_commit_killed_at_any_step_is_finished_by_the_next_command(
     )
 
 
+@pytest.mark.parametrize("step", ["moved", "manifest"])
+def test_a_commit_sigkilled_mid_way_is_finished_by_the_next_command(inputs, tmp_path, step):
+    """A real SIGKILL (no Python unwinding, no finally) inside the commit's window: the
+    next unrelated command finds the old rows and the new ones, none twice."""
+    import subprocess
+    import sys
+
+    from beam_jobs.commit import FAULT_ENV
+    from tests.test_cli import ENV, ROOT
+
+    _, _, export = inputs
+    folder, other, out = tmp_path / "in", tmp_path / "other", tmp_path / "out"
+    for d, seed in ((folder, 180), (other, 190)):
+        d.mkdir()
+        for i in range(3):
+            (d / f"{i}.jpg").write_bytes(encode(noise(seed + i), "JPEG"))
+    base = ["--model", export, "--output_dir", str(out), "--batch_size", "4", *RUNNER]
+    run([*base, "--input", str(folder)])
+    (folder / "3.jpg").write_bytes(encode(noise(199), "JPEG"))
+    killed = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.caption_images", *base, "--input", str(folder)],
+        env={**ENV, FAULT_ENV: f"kill:{step}"},
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run([*base, "--input", str(other), "--skip_existing"])
+    want = [str(folder / f"{i}.jpg") for i in range(4)] + [
+        str(other / f"{i}.jpg") for i in range(3)
+    ]
+    _check_table(out, want)
+
+
 def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp_path):
     """Two replacing runs on one output folder, the second started while the first
     runs: it refuses in one line naming the holder, and the first commits every row."""
