@@ -26,24 +26,31 @@ def test_each_sample_is_judged_against_the_mean_of_the_others():
     np.testing.assert_array_equal(mean_of_others(rewards, 1), 0)
 
 
-def test_rewards_are_cider_d_of_the_words_and_the_greedy_baseline_is_per_image():
-    refs = [[[5, 6, 7, 8], [5, 6, 9]], [[10, 11, 12], [10, 11, 13, 14]]]
+def test_rewards_are_cider_d_of_the_words_and_the_ending_and_the_greedy_baseline_is_per_image():
+    refs = [[[5, 6, 7, 8, END_ID], [5, 6, 9, END_ID]], [[10, 11, 12, END_ID], [10, 11, 13, END_ID]]]
     df = CiderD.from_references(refs)
-    # Two samples per image: words, then <end> and <pad>, which are not words.
+    # Two samples per image: words, `<end>`, `<pad>`; the last one ran to the limit.
     token_ids = np.array(
-        [[5, 6, 7, 8, END_ID], [9, 9, END_ID, 0, 0], [10, 11, 12, END_ID, 0], [4, END_ID, 0, 0, 0]]
+        [[5, 6, 7, 8, END_ID], [9, 9, END_ID, 0, 0], [10, 11, 12, END_ID, 0], [4, 4, 4, 4, 4]]
     )
-    samples = {"token_ids": token_ids, "lengths": np.array([4, 2, 3, 1])}
+    samples = {"token_ids": token_ids, "lengths": np.array([4, 2, 3, 5])}
     mean = score_samples(df, samples, refs, 2)
-    want = df.scores(
-        [[5, 6, 7, 8], [9, 9], [10, 11, 12], [4]], [refs[0], refs[0], refs[1], refs[1]]
-    )
+    candidates = [[5, 6, 7, 8, END_ID], [9, 9, END_ID], [10, 11, 12, END_ID], [4, 4, 4, 4, 4]]
+    want = df.scores(candidates, [refs[0], refs[0], refs[1], refs[1]])
     np.testing.assert_allclose(mean.rewards, want)
     assert mean.rewards[0] > mean.rewards[1] and mean.rewards[2] > mean.rewards[3]
     np.testing.assert_allclose(mean.baselines, want[[1, 0, 3, 2]])
-    greedy = {"token_ids": token_ids[[1, 3]], "lengths": np.array([2, 1])}
+    greedy = {"token_ids": token_ids[[1, 3]], "lengths": np.array([2, 5])}
     by_greedy = score_samples(df, samples, refs, 2, greedy)
     np.testing.assert_allclose(by_greedy.baselines, want[[1, 1, 3, 3]])
+
+
+def test_a_caption_cut_short_scores_below_the_same_words_ended_properly():
+    """The bad-ending guard: the end token is an n-gram like any word."""
+    refs = [[[5, 6, 7, END_ID], [8, 5, 6, 7, END_ID]]]
+    df = CiderD.from_references(refs * 3 + [[[9, 10, END_ID]]])
+    whole, cut = df.scores([[5, 6, 7, END_ID], [5, 6, END_ID]], refs * 2)
+    assert whole > cut
 
 
 def _samples(rng, n, length):

@@ -46,8 +46,13 @@ def mean_of_others(rewards: np.ndarray, samples: int) -> np.ndarray:
 
 
 def caption_ids(token_ids: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
-    """Decoded rows (words, then `<end>` and `<pad>`) -> each row's words as a list."""
-    return [row[:n].tolist() for row, n in zip(token_ids, lengths, strict=True)]
+    """Decoded rows (words, then `<end>` and `<pad>`) -> each row's words and, if it
+    ended, its `<end>`: the reward scores the ending too (see `reference_ids`)."""
+    out = []
+    for row, n in zip(token_ids, lengths, strict=True):
+        ended = n < len(row) and row[n] == END_ID
+        out.append(row[: n + 1 if ended else n].tolist())
+    return out
 
 
 def teacher_tokens(token_ids: np.ndarray) -> np.ndarray:
@@ -58,15 +63,24 @@ def teacher_tokens(token_ids: np.ndarray) -> np.ndarray:
 
 
 def reference_ids(captions: Sequence[Sequence[bytes]], vocab: Vocabulary) -> list[list[list[int]]]:
-    """Each image's reference captions as token-id lists (no markers)."""
-    return [[vocab.encode(c.decode(), add_markers=False) for c in refs] for refs in captions]
+    """Each image's reference captions as token ids, each ending with `<end>`.
+
+    The end token is part of every sentence the reward sees, references, samples and
+    document frequencies alike, as in ruotianluo's self-critical code: a sample that
+    stops mid-phrase ("a girl is playing in a red and white") then misses the reference
+    n-grams that end a caption ("white <end>"), and self-critical training does not learn
+    to cut captions short for the n-grams they keep (the "bad endings" of CIDEr-D)."""
+    return [
+        [[*vocab.encode(c.decode(), add_markers=False), END_ID] for c in refs] for refs in captions
+    ]
 
 
 def df_path(data_dir: str, vocab: Vocabulary, split: str) -> str:
     """Where the document frequencies of `split`'s references live: FEATURES_DIR/
-    cider-df-SPLIT-VOCABHASH.npz (the n-gram keys are token ids of that vocabulary)."""
+    cider-df-SPLIT-VOCABHASH-end.npz (the n-gram keys are token ids of that vocabulary,
+    each reference ending with `<end>`)."""
     digest = hashlib.sha256("\n".join(vocab.tokens).encode()).hexdigest()[:12]
-    return f"{data_dir.rstrip('/')}/cider-df-{split}-{digest}.npz"
+    return f"{data_dir.rstrip('/')}/cider-df-{split}-{digest}-end.npz"
 
 
 def load_or_build_df(
