@@ -148,9 +148,16 @@ def test_cross_entropy_then_self_critical_in_one_command_and_a_larger_count_cont
     assert again["steps"] == 5 + 2 * 12
     manifest = load_export(str(tmp_path / "m" / "export")).manifest
     assert manifest["training"]["scst_epochs"] == 2
-    # Cross-entropy epochs cannot come after self-critical ones.
+    # The rate was pinned when the stage started: another is refused on resume.
     from model.io.formats import FormatError
 
+    with pytest.raises(FormatError, match="--scst_learning_rate"):
+        _scst_run(tmp_path, "m", "--scst_epochs", "3", "--scst_learning_rate", "1e-5")
+    # A cross-entropy run does not pin the self-critical flags of a stage added later.
+    _scst_run(tmp_path, "ce", "--scst_epochs", "0")
+    later = _scst_run(tmp_path, "ce", "--scst_epochs", "1", "--scst_learning_rate", "1e-5")
+    assert later["scst"]["learning_rate"] == 1e-5
+    # Cross-entropy epochs cannot come after self-critical ones.
     with pytest.raises(FormatError, match="more --epochs cannot follow them"):
         _scst_run(tmp_path, "m", "--scst_epochs", "2", "--epochs", "2")
 

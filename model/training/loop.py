@@ -179,6 +179,10 @@ def check_run_config(
                 f"{model_dir} was trained with {key} {saved['training'][key]}, this run has "
                 f"{value}: resume with the same --{_flag(key)} (or use a new --model_dir)"
             )
+    if missing := {k: v for k, v in training.items() if k not in saved.get("training", {})}:
+        saved = {**saved, "training": {**saved.get("training", {}), **missing}}
+        if chief:  # e.g. the self-critical flags, once that stage starts
+            storage.write_text(path, json.dumps(saved, indent=2))
     for key, value in (data or {}).items():
         if key in saved.get("data", {}) and saved["data"][key] != value:
             what = "a vocabulary" if key == "vocab_sha256" else f"features with {key}"
@@ -295,7 +299,13 @@ def set_up(args: argparse.Namespace) -> Run:
     global_batch = args.batch_size or (args.per_replica_batch_size or 0) * replicas or 64
     policy = precision_policy(args.mixed_precision)
     config = model_config(args, len(vocab))
-    training = {k: getattr(args, k, None) for k in RESUME_FLAGS}
+    # The self-critical flags are fixed from the run that starts that stage on: a
+    # cross-entropy run does not pin the rate of a self-critical stage added later.
+    training = {
+        k: getattr(args, k, None)
+        for k in RESUME_FLAGS
+        if args.scst_epochs or not k.startswith("scst_")
+    }
     training.update(batch_size=global_batch, precision=policy)
     data = data_identity(features_manifest, vocab)
     record = check_run_config(args.model_dir, config, training, chief, data, args.epochs)
