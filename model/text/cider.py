@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 
@@ -94,11 +95,11 @@ class CiderD:
         keys, df = np.unique(key[first], return_counts=True)
         return cls(keys, df, len(references))
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | IO[bytes]) -> None:
         np.savez_compressed(path, keys=self.keys, df=self.df, images=self.images)
 
     @classmethod
-    def load(cls, path: str) -> CiderD:
+    def load(cls, path: str | IO[bytes]) -> CiderD:
         with np.load(path) as f:
             return cls(f["keys"], f["df"], int(f["images"]))
 

@@ -22,7 +22,7 @@ on the same samples; the gradient pass is what is split between them.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,39 +89,27 @@ def load_or_build_df(
     """The reward's document frequencies: read from the features dir, or computed from
     the split's references (a few seconds) and, on the chief, stored there for the next
     run. A features dir that cannot be written to only costs the recomputation."""
-    import tensorflow as tf
-
     from model.data.shards import image_records
     from model.io import storage
 
     path = df_path(data_dir, vocab, split)
     if storage.exists(path):
-        local = storage.copy_to_local(path, os.path.join(_tmpdir(), os.path.basename(path)))
-        return CiderD.load(local)
+        return CiderD.load(io.BytesIO(storage.read_bytes(path)))
     references: list[list[list[int]]] = []
     for batch in image_records(files, 512):
-        captions = tf.RaggedTensor.to_list(batch["captions"])
-        references += reference_ids(captions, vocab)
+        references += reference_ids(batch["captions"].to_list(), vocab)
     df = CiderD.from_references(references)
     if chief:
-        local = os.path.join(_tmpdir(), os.path.basename(path))
-        df.save(local)
+        buffer = io.BytesIO()
+        df.save(buffer)
         try:
-            storage.copy_from_local(local, path)
+            storage.write_bytes(path, buffer.getvalue())
         except Exception as e:  # noqa: BLE001 - a read-only features dir is fine
             print(
                 f"train: could not store {path} ({type(e).__name__}); kept in memory",
                 file=sys.stderr,
             )
     return df
-
-
-def _tmpdir() -> str:
-    import tempfile
-
-    path = os.path.join(tempfile.gettempdir(), f"sat-cider-{os.getpid()}")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 @dataclass(frozen=True)
@@ -156,16 +144,3 @@ def score_samples(
 def sampled_tokens(samples: dict[str, np.ndarray]) -> int:
     """Tokens the policy loss counts: each sample's words and its `<end>`."""
     return int(np.sum(teacher_tokens(samples["token_ids"])[:, 1:] != PAD_ID))
-
-
-__all__ = [
-    "BASELINES",
-    "END_ID",
-    "Rewards",
-    "load_or_build_df",
-    "mean_of_others",
-    "reference_ids",
-    "sampled_tokens",
-    "score_samples",
-    "teacher_tokens",
-]
