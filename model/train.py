@@ -130,6 +130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=positive_int,
         help="longest sampled caption (default: --max_length)",
     )
+    scst.add_argument(
+        "--scst_dropout",
+        default="on",
+        choices=["on", "off"],
+        help="dropout in the policy-gradient pass, as in cross-entropy training and "
+        "ruotianluo's code (the captions are sampled without it)",
+    )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")
     p.add_argument(

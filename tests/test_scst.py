@@ -118,6 +118,47 @@ def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5, err_msg=w.path)
 
 
+def test_the_policy_pass_uses_the_models_dropout_unless_told_not_to():
+    rng = np.random.RandomState(0)
+    feats = tf.constant(rng.rand(6, 64, 2048).astype(np.float32))
+    tokens = tf.constant(teacher_tokens(_samples(rng, 6, 6)))
+    advantages = tf.constant(rng.randn(6).astype(np.float32))
+    weights = {}
+    for dropout in (False, True):
+        keras.utils.set_random_seed(1)
+        model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8, dropout=0.5)
+        optimizer = keras.optimizers.Adam(1e-2)
+        optimizer.build(model.trainable_variables)
+        step = make_policy_step(tf.distribute.get_strategy(), model, optimizer, dropout=dropout)
+        step(feats, tokens, advantages)
+        weights[dropout] = model.get_weights()
+    # The output layer's kernel: dropout acts on its input. (The embedding's plain-Keras
+    # update is sparse, the step's dense.)
+    kernel = [w.path for w in model.weights].index("decoder/fc2/kernel")
+    # Without dropout, the update of the plain pass; with it, another one.
+    np.testing.assert_allclose(
+        weights[False][kernel],
+        _reference_after_one_step(feats, tokens, advantages)[kernel],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert not np.allclose(weights[True][kernel], weights[False][kernel])
+
+
+def _reference_after_one_step(feats, tokens, advantages):
+    """Plain Keras, one step, no dropout."""
+    keras.utils.set_random_seed(1)
+    model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8, dropout=0.5)
+    with tf.GradientTape() as tape:
+        logits, _ = model((feats, tokens[:, :-1]), training=False)
+        chosen = tf.gather(tf.nn.log_softmax(logits), tokens[:, 1:], batch_dims=2)
+        mask = tf.cast(tokens[:, 1:] != PAD_ID, tf.float32)
+        loss = -tf.reduce_sum(advantages * tf.reduce_sum(chosen * mask, 1)) / tf.reduce_sum(mask)
+    grads = tape.gradient(loss, model.trainable_variables)
+    keras.optimizers.Adam(1e-2).apply(grads, model.trainable_variables)
+    return model.get_weights()
+
+
 # ---------------------------------------------------------------- the trainer's stage
 
 

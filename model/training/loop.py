@@ -70,6 +70,7 @@ RESUME_FLAGS = (
     "scst_baseline",
     "scst_learning_rate",
     "scst_max_length",
+    "scst_dropout",
 )
 XLA_LENGTH_MULTIPLE = 4  # with --jit_compile, caption lengths are padded to buckets of 4
 
@@ -690,7 +691,13 @@ def start_self_critical(run: Run) -> None:
         ),
         sample=sample,
         greedy=greedy,
-        step=make_policy_step(run.strategy, run.model, run.scst_optimizer, args.clip_norm),
+        step=make_policy_step(
+            run.strategy,
+            run.model,
+            run.scst_optimizer,
+            args.clip_norm,
+            dropout=args.scst_dropout == "on",
+        ),
         images_per_step=images,
         steps_per_epoch=max(1, math.ceil(run.train_info.images / images)),
     )
@@ -789,6 +796,7 @@ def scst_summary(run: Run) -> dict[str, Any]:
         "baseline": run.args.scst_baseline,
         "learning_rate": run.args.scst_learning_rate,
         "max_length": run.args.scst_max_length,
+        "dropout": run.args.scst_dropout,
         "reward": last[-1]["reward"] if last else None,
     }
 

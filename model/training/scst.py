@@ -11,8 +11,8 @@ log-probability of the captions that beat a baseline:
 with b_i the mean reward of the image's other K - 1 samples (ruotianluo's "new
 self-critical", the default) or the reward of the image's greedy caption (Rennie's
 original, `--scst_baseline greedy`). The log-probabilities come from a teacher-forced
-pass over the samples (dropout off, as the samples were drawn), so the step is the same
-distributed, clipped update as cross-entropy's (`model.training.steps`).
+pass over the samples (with the model's dropout unless `--scst_dropout off`), so the step
+is the same distributed, clipped update as cross-entropy's (`model.training.steps`).
 
 Every worker draws the samples of the whole global batch with the same stateless seed
 (the run's seed and the step), so N replicas or hosts apply the update one device would

@@ -235,6 +235,7 @@ def make_policy_step(
     model: ShowAttendTell,
     optimizer: keras.optimizers.Optimizer,
     clip_norm: float = 0.0,
+    dropout: bool = True,
 ) -> Callable[..., tf.Tensor]:
     """The self-critical update (`model.training.scst`), as one compiled call:
     (features (N, L, D), tokens (N, T + 1) `<start>` + sampled ids, advantages (N,)) of
@@ -243,8 +244,12 @@ def make_policy_step(
     Every replica receives the whole batch (every worker drew the same samples) and
     takes its own contiguous rows; the loss is divided by the batch's token count, the
     gradients are summed with one all-reduce, clipped and applied as in cross-entropy
-    training, so N replicas apply the update of one device. The teacher-forced pass runs
-    without dropout, as the samples were drawn.
+    training, so N replicas apply the update of one device. With `dropout`, the
+    teacher-forced pass runs with the model's dropout, as cross-entropy training does
+    (ruotianluo's model is in train mode during self-critical training too): the samples
+    come from the model without it, their gradient is regularised as cross-entropy's is.
+    Each replica then draws its own masks, so the update is one device's exactly only
+    without dropout (as for cross-entropy).
     """
     variables = model.trainable_variables
 
@@ -259,7 +264,7 @@ def make_policy_step(
         def gradients() -> tuple[list[tf.Tensor], tf.Tensor]:
             rows, weights = tokens[start:end], advantages[start:end]
             with tf.GradientTape() as tape:
-                logits, _ = model((features[start:end], rows[:, :-1]), training=False)
+                logits, _ = model((features[start:end], rows[:, :-1]), training=dropout)
                 log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
                 targets = rows[:, 1:]
                 chosen = tf.gather(log_probs, targets, batch_dims=2)  # (b, T)
