@@ -140,7 +140,7 @@ def main() -> None:
         lambda f: greedy_decode_graph(model, f, max_length, DEFAULT_BLOCK_REPEATS),
         input_signature=[spec],
     )
-    policy = make_policy_step(strategy, model, scst_optimizer, clip_norm=5.0)
+    policy = make_policy_step(strategy, model, scst_optimizer, k, clip_norm=5.0)
     seed = tf.constant([0, 1], tf.int32)
     drawn = {key: v.numpy() for key, v in sample(feats, seed).items()}
     greedy_out = {key: v.numpy() for key, v in greedy(feats).items()}
@@ -150,11 +150,14 @@ def main() -> None:
     t_reward = timed(lambda: score_samples(df, drawn, refs, k), args.steps)
     t_reward_greedy = timed(lambda: score_samples(df, drawn, refs, k, greedy_out), args.steps)
     inputs = (
-        tf.repeat(feats, k, axis=0),
-        tf.constant(teacher_tokens(drawn["token_ids"])),
-        tf.constant(rewards.advantages),
+        images,
+        features[:images],
+        teacher_tokens(drawn["token_ids"]),
+        rewards.advantages,
+        rewards.rewards,
+        rewards.baselines,
     )
-    t_policy = timed(lambda: policy(*inputs).numpy(), args.steps)
+    t_policy = timed(lambda: policy(*inputs), args.steps)
     mean_len = float(np.mean(drawn["lengths"]))
     scst_mean = t_sample + t_reward + t_policy
     scst_greedy = scst_mean + t_greedy + (t_reward_greedy - t_reward)

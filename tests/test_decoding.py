@@ -230,3 +230,34 @@ def test_sampling_draws_from_the_model_with_decodings_rules():
         n = out.lengths[i] + (0 if out.hit_max_length[i] else 1)
         assert (out.log_probs[i, :n] < 0).all() and (out.log_probs[i, n:] == 0).all()
     assert any(has_repeated_ngram(draw([1, 2], block=0).words(i), 3) for i in range(1000))
+
+
+def test_each_row_draws_its_own_captions_whatever_share_of_the_batch_a_call_holds():
+    """A worker that samples images 100..149 of a batch of 250 draws exactly the rows a
+    call on the whole batch draws for them (and the share's position matters)."""
+    import tensorflow as tf
+
+    from model.decoding.decoders import sample_graph
+
+    model = looping_model()
+    feats = tf.zeros((250, 64, 2048))
+    seed = tf.constant([5, 6], tf.int32)
+    whole = sample_graph(model, feats, 8, 4, seed)["token_ids"].numpy()
+    share = sample_graph(model, feats[100:150], 8, 4, seed, first_image=100, images=250)
+    np.testing.assert_array_equal(share["token_ids"].numpy(), whole[400:600])
+    elsewhere = sample_graph(model, feats[100:150], 8, 4, seed, first_image=0, images=250)
+    assert (elsewhere["token_ids"].numpy() != whole[400:600]).any()
+
+
+def test_inverse_cdf_draws_by_probability_and_never_a_token_without_any():
+    import tensorflow as tf
+
+    from model.decoding.decoders import inverse_cdf
+
+    probs = tf.constant([[0.0, 0.25, 0.0, 0.75, 0.0]] * 4000)
+    uniform = tf.constant((np.arange(4000) + 0.5) / 4000, tf.float32)
+    counts = np.bincount(inverse_cdf(probs, uniform).numpy(), minlength=5)
+    np.testing.assert_array_equal(counts, [0, 1000, 0, 3000, 0])
+    # Round-off: probabilities summing below 1 and a uniform at the top of [0, 1).
+    top = tf.constant([np.nextafter(np.float32(1), np.float32(0))])
+    assert inverse_cdf(tf.constant([[0.3, 0.3, 0.3999, 0.0]]), top).numpy()[0] == 2

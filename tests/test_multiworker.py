@@ -177,13 +177,17 @@ SCST_FLAGS = (
 
 
 def test_two_workers_self_critical_equal_one_process(tmp_path):
-    """Every worker draws the same samples (stateless seeds from the step), each replica
-    takes its rows of the policy gradient, clipped after the all-reduce: two workers
-    end with one process's weights. No val split: the export is the last step."""
+    """Each worker samples its half of the images (every row's draws seeded by the step
+    and the row), its replica back-propagates them, the gradients are clipped after the
+    all-reduce: two workers end with one process's weights. No val split: the export
+    is the last step."""
     write_features_dir(str(tmp_path / "f"), {"train": 40})
     (one,) = wait_all(start_workers(tmp_path / "f", tmp_path / "one", 1, *SCST_FLAGS))
     outs = wait_all(start_workers(tmp_path / "f", tmp_path / "two", 2, *SCST_FLAGS))
     assert "on 2 replica(s)" in outs[0] and "self-critical epoch 1/1" in outs[0]
+    # Each worker samples only its half of every batch, and the samples are one process's.
+    assert "8 images x 5 samples per step (this worker samples 8)" in one
+    assert all("8 images x 5 samples per step (this worker samples 4)" in o for o in outs)
     training = load_export(str(tmp_path / "two" / "export")).manifest["training"]
     assert (training["ce_epochs"], training["scst_epochs"], training["steps"]) == (1, 1, 2 + 5)
     expected = weights(tmp_path / "one")

@@ -13,7 +13,7 @@ from model.network.captioner import ShowAttendTell
 from model.text.cider import CiderD
 from model.text.vocab import END_ID, PAD_ID, START_ID
 from model.training.scst import mean_of_others, score_samples, teacher_tokens
-from model.training.steps import make_policy_step
+from model.training.steps import make_policy_step, replica_images
 from tests.conftest import mirrored
 
 
@@ -87,17 +87,19 @@ def _reference_policy_steps(batches, clip_norm):
 
 @pytest.mark.parametrize("devices", [["/cpu:0"], ["/cpu:0", "/cpu:1"]])
 def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
-    """Sampled captions of unequal length (the replicas' token counts differ), an odd
-    batch (the replicas' row counts differ) and an active clip: N replicas give the
-    update of plain Keras on the whole batch."""
+    """Sampled captions of unequal length (the replicas' token counts differ), odd
+    batches of images (the replicas' image counts differ) and an active clip: N replicas,
+    each with its own images' samples, give the update of plain Keras on the whole batch."""
     rng = np.random.RandomState(0)
-    batches = []
-    for n in (5, 7, 6):
-        tokens = teacher_tokens(_samples(rng, n, 6))
+    k, batches = 2, []
+    for n in (3, 5, 4):
+        tokens = teacher_tokens(_samples(rng, n * k, 6))
         assert (tokens[:, 0] == START_ID).all()
         feats = rng.rand(n, 64, 2048).astype(np.float32)
-        batches.append((feats, tokens, 3 * rng.randn(n).astype(np.float32)))
-    expected, norms = _reference_policy_steps(batches, clip_norm=0.05)
+        batches.append((feats, tokens, 3 * rng.randn(n * k).astype(np.float32)))
+    expected, norms = _reference_policy_steps(
+        [(np.repeat(f, k, axis=0), t, a) for f, t, a in batches], clip_norm=0.05
+    )
     assert min(norms) > 0.05 * len(devices)
     strategy = mirrored(*devices)
     with strategy.scope():
@@ -105,12 +107,15 @@ def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
         model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
         optimizer = keras.optimizers.Adam(1e-2)
         optimizer.build(model.trainable_variables)
-    step = make_policy_step(strategy, model, optimizer, clip_norm=0.05)
-    tokens_seen = 0.0
+    step = make_policy_step(strategy, model, optimizer, k, clip_norm=0.05)
+    assert step.share(5) == (0, 5)  # one worker holds every replica's images
+    seen = np.zeros(5)
     for feats, tokens, advantages in batches:
-        sums = step(tf.constant(feats), tf.constant(tokens), tf.constant(advantages))
-        tokens_seen += float(sums[1])
-    assert tokens_seen == sum(float((t[:, 1:] != PAD_ID).sum()) for _, t, _ in batches)
+        rewards = rng.rand(len(tokens))
+        sums = step(len(feats), feats, tokens, advantages, rewards, rewards / 2)
+        seen += sums
+        np.testing.assert_allclose(sums[2:], [rewards.sum(), rewards.sum() / 2, len(tokens)])
+    assert seen[1] == sum(float((t[:, 1:] != PAD_ID).sum()) for _, t, _ in batches)
     assert int(optimizer.iterations.numpy()) == 3
     for w, a, b in zip(model.weights, expected, model.get_weights(), strict=True):
         if w.path == "decoder/attention/V/bias":
@@ -118,30 +123,33 @@ def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5, err_msg=w.path)
 
 
+def test_replicas_take_contiguous_images_and_the_last_may_have_none():
+    assert replica_images(5, 2) == [(0, 3), (3, 5)]
+    assert replica_images(13, 4) == [(0, 4), (4, 8), (8, 12), (12, 13)]
+    assert replica_images(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
 def test_the_policy_pass_uses_the_models_dropout_unless_told_not_to():
     rng = np.random.RandomState(0)
-    feats = tf.constant(rng.rand(6, 64, 2048).astype(np.float32))
-    tokens = tf.constant(teacher_tokens(_samples(rng, 6, 6)))
-    advantages = tf.constant(rng.randn(6).astype(np.float32))
+    feats = rng.rand(3, 64, 2048).astype(np.float32)
+    tokens = teacher_tokens(_samples(rng, 6, 6))
+    advantages = rng.randn(6).astype(np.float32)
     weights = {}
     for dropout in (False, True):
         keras.utils.set_random_seed(1)
         model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8, dropout=0.5)
         optimizer = keras.optimizers.Adam(1e-2)
         optimizer.build(model.trainable_variables)
-        step = make_policy_step(tf.distribute.get_strategy(), model, optimizer, dropout=dropout)
-        step(feats, tokens, advantages)
+        strategy = tf.distribute.get_strategy()
+        step = make_policy_step(strategy, model, optimizer, 2, dropout=dropout)
+        step(3, feats, tokens, advantages, advantages, advantages)
         weights[dropout] = model.get_weights()
     # The output layer's kernel: dropout acts on its input. (The embedding's plain-Keras
     # update is sparse, the step's dense.)
     kernel = [w.path for w in model.weights].index("decoder/fc2/kernel")
     # Without dropout, the update of the plain pass; with it, another one.
-    np.testing.assert_allclose(
-        weights[False][kernel],
-        _reference_after_one_step(feats, tokens, advantages)[kernel],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    reference = _reference_after_one_step(np.repeat(feats, 2, axis=0), tokens, advantages)
+    np.testing.assert_allclose(weights[False][kernel], reference[kernel], rtol=1e-5, atol=1e-6)
     assert not np.allclose(weights[True][kernel], weights[False][kernel])
 
 

@@ -149,21 +149,43 @@ def sample_graph(
     seed: tf.Tensor,
     block_repeats: int = DEFAULT_BLOCK_REPEATS,
     allow_unk: bool = False,
+    first_image: tf.Tensor | int = 0,
+    images: tf.Tensor | int | None = None,
 ) -> dict[str, tf.Tensor]:
     """`samples` captions per image drawn from the model (multinomial sampling, as
     self-critical training does), in one graph call: features (B, L, D) -> the tensors of
     `DecodedBatch` for B * samples rows (image b's at b*K .. b*K+K-1), with greedy decoding's
     `<end>` handling, banned tokens and repeat blocking; log-probs are 0 after `<end>`.
-    `seed` (2,) int32 makes the draws reproducible (stateless: the same seed, the same
-    captions on any device)."""
+
+    `seed` (2,) int32 makes the draws reproducible, and each row's draws are its own: the
+    features may be images `first_image` .. `first_image + B - 1` of a batch of `images`
+    (default B), and those rows are the rows a call on the whole batch draws. So each
+    worker of a distributed run samples only its share of the batch, and the captions do
+    not depend on how the batch is split. (Each step draws one uniform per row of the
+    whole batch, stateless from (seed, step), and inverts each row's distribution at it.)"""
+    batch = tf.shape(features)[0]
     features = tf.repeat(features, samples, axis=0)
+    total_rows = (batch if images is None else images) * samples
+    rows = first_image * samples + tf.range(batch * samples)
 
     def draw(log_probs: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
         step_seed = tf.stack([seed[0], seed[1] + t])
-        drawn = tf.random.stateless_categorical(log_probs, 1, step_seed, dtype=tf.int32)
-        return drawn[:, 0]
+        uniform = tf.gather(tf.random.stateless_uniform([total_rows], step_seed), rows)
+        return inverse_cdf(tf.exp(log_probs), uniform)
 
     return greedy_decode_graph(model, features, max_length, block_repeats, allow_unk, draw)
+
+
+def inverse_cdf(probs: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:
+    """probs (B, V) rows of a distribution (zeros allowed), uniform (B,) in [0, 1) -> (B,)
+    the token whose cumulative-probability interval holds each row's uniform: a draw from
+    each row. A zero-probability token has an empty interval, so it is never drawn (the
+    round-off of the sum included)."""
+    cdf = tf.math.cumsum(probs, axis=-1)
+    drawn = tf.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], side="right")[:, 0]
+    vocab = tf.shape(probs)[1]
+    last = vocab - 1 - tf.argmax(tf.reverse(probs > 0, [1]), axis=1, output_type=tf.int32)
+    return tf.minimum(tf.cast(drawn, tf.int32), last)
 
 
 def beam_decode_graph(

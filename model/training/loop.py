@@ -40,6 +40,7 @@ from model.training import scst
 from model.training.steps import (
     ZERO,
     DynamicLossScale,
+    PolicyStep,
     StepFns,
     Totals,
     make_policy_step,
@@ -223,9 +224,9 @@ class SelfCritic:
     size in images."""
 
     df: scst.CiderD
-    sample: Any  # (features, seed (2,)) -> K captions per image
+    sample: Any  # (features, seed (2,), first image, images) -> K captions per image
     greedy: Any  # features -> greedy captions (the greedy baseline)
-    step: Any  # make_policy_step
+    step: PolicyStep
     images_per_step: int
     steps_per_epoch: int
 
@@ -676,9 +677,15 @@ def start_self_critical(run: Run) -> None:
     k, length = args.scst_samples, args.scst_max_length
     spec = tf.TensorSpec([None, *run.model.config.feature_shape], tf.float32)
 
-    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
-    def sample(features: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        return sample_graph(run.model, features, length, k, seed, DEFAULT_BLOCK_REPEATS)
+    scalar = tf.TensorSpec([], tf.int32)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32), scalar, scalar])
+    def sample(
+        features: tf.Tensor, seed: tf.Tensor, first_image: tf.Tensor, images: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        return sample_graph(
+            run.model, features, length, k, seed, DEFAULT_BLOCK_REPEATS, False, first_image, images
+        )
 
     @tf.function(input_signature=[spec])
     def greedy(features: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -695,39 +702,49 @@ def start_self_critical(run: Run) -> None:
             run.strategy,
             run.model,
             run.scst_optimizer,
+            k,
             args.clip_norm,
             dropout=args.scst_dropout == "on",
         ),
         images_per_step=images,
         steps_per_epoch=max(1, math.ceil(run.train_info.images / images)),
     )
+    lo, hi = run.critic.step.share(images)
     print(
-        f"train: self-critical: {images} images x {k} samples per step, "
-        f"{run.critic.steps_per_epoch} steps/epoch x {args.scst_epochs} epochs, baseline "
-        f"{args.scst_baseline}, learning rate {args.scst_learning_rate}",
+        f"train: self-critical: {images} images x {k} samples per step (this worker samples "
+        f"{hi - lo}), {run.critic.steps_per_epoch} steps/epoch x {args.scst_epochs} epochs, "
+        f"baseline {args.scst_baseline}, learning rate {args.scst_learning_rate}, dropout "
+        f"{args.scst_dropout}",
         flush=True,
     )
 
 
-def scst_step(run: Run, batch: dict[str, tf.Tensor]) -> scst.Rewards:
-    """One self-critical update on a batch of images; returns its rewards."""
+def scst_step(run: Run, batch: dict[str, tf.Tensor]) -> np.ndarray:
+    """One self-critical update on a global batch of images, of which this worker samples,
+    scores and back-propagates its share. Returns the whole batch's sums (reward,
+    baseline, samples)."""
     args, critic, k = run.args, run.critic, run.args.scst_samples
-    features = batch["features"]
-    references = scst.reference_ids(batch["captions"].to_list(), run.vocab)
-    # Stateless draws seeded by the run's seed and the step: every worker, and a resumed
-    # run, draws the same captions.
+    images = int(batch["features"].shape[0])
+    lo, hi = critic.step.share(images)
+    features = batch["features"][lo:hi]
+    references = scst.reference_ids(batch["captions"][lo:hi].to_list(), run.vocab)
+    # Stateless draws seeded by the run's seed and the step, each row its own: every
+    # split of the batch between workers, and a resumed run, draws the same captions.
     seed = tf.constant([args.seed, run.var("step")], tf.int32)
-    samples = {key: v.numpy() for key, v in critic.sample(features, seed).items()}
+    samples = {key: v.numpy() for key, v in critic.sample(features, seed, lo, images).items()}
     greedy = None
     if args.scst_baseline == "greedy":
         greedy = {key: v.numpy() for key, v in critic.greedy(features).items()}
     rewards = scst.score_samples(critic.df, samples, references, k, greedy)
-    critic.step(
-        tf.repeat(features, k, axis=0),
-        tf.constant(scst.teacher_tokens(samples["token_ids"])),
-        tf.constant(rewards.advantages),
+    sums = critic.step(
+        images,
+        features.numpy(),
+        scst.teacher_tokens(samples["token_ids"]),
+        rewards.advantages,
+        rewards.rewards,
+        rewards.baselines,
     )
-    return rewards
+    return sums[2:]
 
 
 def scst_epoch(run: Run) -> np.ndarray:
@@ -742,8 +759,8 @@ def scst_epoch(run: Run) -> np.ndarray:
     )
     sums = run.state["scst_sums"].numpy()
     for batch in ds.skip(run.var("position")):
-        rewards = scst_step(run, batch)
-        sums = sums + [rewards.rewards.sum(), rewards.baselines.sum(), len(rewards.rewards)]
+        step_sums = scst_step(run, batch)
+        sums = sums + step_sums
         for name in ("step", "position"):
             run.state[name].assign_add(1)
         run.state["scst_sums"].assign(sums)
@@ -753,9 +770,10 @@ def scst_epoch(run: Run) -> np.ndarray:
             [("reward", mean[0]), ("baseline", mean[1])],
         )
         if run.chief:
+            reward, baseline = step_sums[:2] / max(step_sums[2], 1.0)
             with run.writer.as_default(step=run.var("step")):
-                tf.summary.scalar("scst/reward", float(rewards.rewards.mean()))
-                tf.summary.scalar("scst/baseline", float(rewards.baselines.mean()))
+                tf.summary.scalar("scst/reward", float(reward))
+                tf.summary.scalar("scst/baseline", float(baseline))
         if run.var("step") % args.checkpoint_every == 0:
             run.manager.save(checkpoint_number=run.var("step"))
     return sums

@@ -14,9 +14,10 @@ original, `--scst_baseline greedy`). The log-probabilities come from a teacher-f
 pass over the samples (with the model's dropout unless `--scst_dropout off`), so the step
 is the same distributed, clipped update as cross-entropy's (`model.training.steps`).
 
-Every worker draws the samples of the whole global batch with the same stateless seed
-(the run's seed and the step), so N replicas or hosts apply the update one device would
-on the same samples; the gradient pass is what is split between them.
+Each worker samples, scores and back-propagates only its replicas' share of the step's
+images (`model.training.steps.PolicyStep`); each row's draws are seeded by the run's
+seed, the step and the row's place in the global batch, so however the batch is split,
+N replicas or hosts draw the same captions and apply the update one device would.
 """
 
 from __future__ import annotations

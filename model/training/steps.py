@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
@@ -230,54 +231,123 @@ def run_steps(fn: Any, iterator: Any, steps: int) -> Totals:
     return Totals(objective, ce, tokens, pairs, int(done))
 
 
+def replica_images(images: int, replicas: int) -> list[tuple[int, int]]:
+    """The self-critical step's split of a batch of `images`: replica r takes images
+    [lo, hi) (contiguous, ceil(images / replicas) each, the last ones maybe empty), with
+    all K samples of each, so an image's mean baseline stays on one replica. Replica ids
+    run worker by worker, so a worker's share is contiguous too."""
+    per = -(-images // replicas)
+    return [(min(r * per, images), min((r + 1) * per, images)) for r in range(replicas)]
+
+
+def local_replica_ids(strategy: tf.distribute.Strategy) -> list[int]:
+    """The ids (in the sync group) of this worker's replicas."""
+    ids: list[int] = []
+
+    def record(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+        ids.append(ctx.replica_id_in_sync_group)
+        return tf.constant(0)
+
+    strategy.experimental_distribute_values_from_function(record)
+    return sorted(ids)
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    """The self-critical update (`model.training.scst`) of one global batch of images.
+
+    Each worker holds only its share of the batch (`share`): it samples, scores and
+    passes in the rows of those images; each of its replicas takes its own images'
+    rows. The loss is divided by the whole batch's token count (one all-reduce), the
+    gradients are summed with one all-reduce, clipped and applied as in cross-entropy
+    training, so N replicas on any number of hosts apply the update of one device.
+    """
+
+    strategy: tf.distribute.Strategy
+    samples: int  # K rows per image
+    replica_ids: list[int]  # this worker's
+    compiled: Callable[..., tf.Tensor]
+
+    def share(self, images: int) -> tuple[int, int]:
+        """This worker's images [lo, hi) of a batch of `images`."""
+        ranges = replica_images(images, self.strategy.num_replicas_in_sync)
+        return ranges[self.replica_ids[0]][0], ranges[self.replica_ids[-1]][1]
+
+    def __call__(
+        self,
+        images: int,
+        features: np.ndarray,
+        tokens: np.ndarray,
+        advantages: np.ndarray,
+        rewards: np.ndarray,
+        baselines: np.ndarray,
+    ) -> np.ndarray:
+        """This worker's share: features (n, L, D) of its images, then per sample row
+        (n * K): tokens (`<start>` + sampled ids), advantages, rewards and baselines.
+        Returns the sums over the whole batch: (policy loss * tokens, tokens, rewards,
+        baselines, samples)."""
+        ranges = replica_images(images, self.strategy.num_replicas_in_sync)
+        first = self.share(images)[0]
+
+        def split(array: np.ndarray, rows_per_image: int) -> Any:
+            def value(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+                lo, hi = ranges[ctx.replica_id_in_sync_group]
+                return tf.constant(
+                    array[(lo - first) * rows_per_image : (hi - first) * rows_per_image]
+                )
+
+            return self.strategy.experimental_distribute_values_from_function(value)
+
+        rows = (tokens, *(a.astype(np.float32) for a in (advantages, rewards, baselines)))
+        args = [split(features.astype(np.float32), 1)] + [split(a, self.samples) for a in rows]
+        return self.compiled(*args).numpy()
+
+
 def make_policy_step(
     strategy: tf.distribute.Strategy,
     model: ShowAttendTell,
     optimizer: keras.optimizers.Optimizer,
+    samples: int,
     clip_norm: float = 0.0,
     dropout: bool = True,
-) -> Callable[..., tf.Tensor]:
-    """The self-critical update (`model.training.scst`), as one compiled call:
-    (features (N, L, D), tokens (N, T + 1) `<start>` + sampled ids, advantages (N,)) of
-    the whole global batch -> (policy loss, tokens) summed over it.
-
-    Every replica receives the whole batch (every worker drew the same samples) and
-    takes its own contiguous rows; the loss is divided by the batch's token count, the
-    gradients are summed with one all-reduce, clipped and applied as in cross-entropy
-    training, so N replicas apply the update of one device. With `dropout`, the
-    teacher-forced pass runs with the model's dropout, as cross-entropy training does
-    (ruotianluo's model is in train mode during self-critical training too): the samples
-    come from the model without it, their gradient is regularised as cross-entropy's is.
-    Each replica then draws its own masks, so the update is one device's exactly only
-    without dropout (as for cross-entropy).
-    """
+) -> PolicyStep:
+    """The self-critical update as one compiled call (see `PolicyStep`). With `dropout`,
+    the teacher-forced pass over the samples runs with the model's dropout, as
+    cross-entropy training does (ruotianluo's model is in train mode during self-critical
+    training too): the samples come from the model without it, their gradient is
+    regularised as cross-entropy's is. Each replica then draws its own masks, so the
+    update is one device's exactly only without dropout (as for cross-entropy)."""
     variables = model.trainable_variables
 
-    def replica_step(features: tf.Tensor, tokens: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
+    def replica_step(
+        features: tf.Tensor,
+        tokens: tf.Tensor,
+        advantages: tf.Tensor,
+        rewards: tf.Tensor,
+        baselines: tf.Tensor,
+    ) -> tf.Tensor:
         ctx = tf.distribute.get_replica_context()
-        n = tf.shape(tokens)[0]
-        per = (n + ctx.num_replicas_in_sync - 1) // ctx.num_replicas_in_sync
-        start = tf.minimum(ctx.replica_id_in_sync_group * per, n)
-        end = tf.minimum(start + per, n)
-        global_tokens = tf.maximum(real_tokens(tokens), 1.0)
+        local_tokens = real_tokens(tokens)
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        global_tokens = tf.maximum(global_tokens, 1.0)
 
         def gradients() -> tuple[list[tf.Tensor], tf.Tensor]:
-            rows, weights = tokens[start:end], advantages[start:end]
             with tf.GradientTape() as tape:
-                logits, _ = model((features[start:end], rows[:, :-1]), training=dropout)
+                inputs = (tf.repeat(features, samples, axis=0), tokens[:, :-1])
+                logits, _ = model(inputs, training=dropout)
                 log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-                targets = rows[:, 1:]
-                chosen = tf.gather(log_probs, targets, batch_dims=2)  # (b, T)
+                targets = tokens[:, 1:]
+                chosen = tf.gather(log_probs, targets, batch_dims=2)  # (n, T)
                 mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
                 sequence = tf.reduce_sum(chosen * mask, axis=1)  # log p(w_i | I)
-                loss = -tf.reduce_sum(weights * sequence) / global_tokens
+                loss = -tf.reduce_sum(advantages * sequence) / global_tokens
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
-            return grads, tf.stack([loss * global_tokens, tf.reduce_sum(mask)])
+            return grads, loss
 
-        grads, sums = tf.cond(
-            end > start,
+        grads, loss = tf.cond(
+            tf.shape(tokens)[0] > 0,
             gradients,
-            lambda: ([tf.zeros_like(v) for v in variables], tf.zeros([2])),
+            lambda: ([tf.zeros_like(v) for v in variables], tf.constant(0.0)),
         )
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if clip_norm:
@@ -286,11 +356,20 @@ def make_policy_step(
             lambda strategy, g: apply_summed_gradients(strategy, optimizer, g, variables),
             args=(grads,),
         )
-        return sums
+        count = tf.cast(tf.shape(rewards)[0], tf.float32)
+        return tf.stack(
+            [
+                loss * global_tokens,
+                local_tokens,
+                tf.reduce_sum(rewards),
+                tf.reduce_sum(baselines),
+                count,
+            ]
+        )
 
-    @tf.function
-    def step(features: tf.Tensor, tokens: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
-        per_replica = strategy.run(replica_step, args=(features, tokens, advantages))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    @tf.function(reduce_retracing=True)
+    def step(*per_replica: Any) -> tf.Tensor:
+        sums = strategy.run(replica_step, args=per_replica)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
-    return step
+    return PolicyStep(strategy, samples, local_replica_ids(strategy), step)
