@@ -62,3 +62,26 @@ def test_empty_candidates_score_zero_even_when_all_are_empty():
     df = CiderD.from_references([[[5, 6, 7]], [[8, 9]]])
     np.testing.assert_array_equal(df.scores([[], []], [[[5, 6, 7]], [[8, 9]]]), [0.0, 0.0])
     assert df.scores([[], [8, 9]], [[[5, 6, 7]], [[8, 9]]])[1] > 0
+
+
+def test_per_image_cider_averages_to_the_corpus_score_and_the_paired_ratio_brackets_it():
+    from pycocoevalcap.cider.cider import Cider
+
+    from model.evaluation.metrics import cider, cider_per_image, paired_ratio
+
+    cands, refs = corpus(2, images=200)
+    text = {i: " ".join(f"w{t}" for t in c) for i, c in enumerate(cands)}
+    references = {i: [" ".join(f"w{t}" for t in r) for r in rs] for i, rs in enumerate(refs)}
+    per_image = cider_per_image(references, text)
+    corpus_score, scores = Cider().compute_score(
+        {i: references[i] for i in sorted(text)}, {i: [text[i]] for i in sorted(text)}
+    )
+    assert list(per_image) == sorted(text)
+    np.testing.assert_allclose(list(per_image.values()), scores, rtol=1e-12)
+    assert cider(references, text) == pytest.approx(corpus_score, rel=1e-12)
+    a = np.array(list(per_image.values()))
+    assert paired_ratio(a, 1.2 * a) == pytest.approx((1.2, 1.2, 1.2))
+    b = a + np.random.RandomState(0).normal(0.1, 0.5, len(a))
+    ratio, low, high = paired_ratio(a, b)
+    assert low < ratio < high and ratio == pytest.approx(b.mean() / a.mean())
+    assert paired_ratio(a, b, seed=1)[1:] != (low, high)  # drawn, not fixed

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from model.text.vocab import standardize
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -99,13 +101,39 @@ def score_captions(
 def cider(references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str]) -> float:
     """Corpus CIDEr-D (pycocoevalcap's) with the Python tokenizer: no Java, a fraction of
     a second for a few thousand images. What training selects its checkpoint by."""
+    per_image = cider_per_image(references, predictions, use_java=False)
+    return float(np.mean(list(per_image.values())))
+
+
+def cider_per_image(
+    references: Mapping[Any, Sequence[str]],
+    predictions: Mapping[Any, str],
+    use_java: bool = False,
+) -> dict[Any, float]:
+    """Each image's CIDEr-D, pycocoevalcap's (its document frequencies come from all the
+    images' references, so a score belongs to this set of images); the corpus CIDEr is
+    their mean. `use_java`: the PTB tokenizer, as `score_captions` uses when it can."""
     from pycocoevalcap.cider.cider import Cider
 
     ids = sorted(predictions)
-    gts = {i: [standardize(c) for c in references[i]] for i in ids}
-    res = {i: [standardize(predictions[i])] for i in ids}
-    score, _ = Cider().compute_score(gts, res)
-    return float(score)
+    gts = _tokenize({i: list(references[i]) for i in ids}, use_java)
+    res = _tokenize({i: [predictions[i]] for i in ids}, use_java)
+    _, scores = Cider().compute_score(gts, res)
+    return {i: float(s) for i, s in zip(gts, scores, strict=True)}  # in gts' order
+
+
+def paired_ratio(
+    base: Sequence[float], other: Sequence[float], rounds: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """mean(other) / mean(base) of two models' per-image scores on the same images, and
+    its 95% paired bootstrap interval (images drawn with replacement, both models' scores
+    of an image kept together): how far a ratio measured on a few hundred images can be
+    trusted."""
+    a, b = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(a), (rounds, len(a)))
+    ratios = b[draws].mean(axis=1) / a[draws].mean(axis=1)
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(b.mean() / a.mean()), float(low), float(high)
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
