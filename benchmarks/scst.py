@@ -80,7 +80,7 @@ def main() -> None:
     tf = import_tensorflow()
     import keras
 
-    from model.decoding.decoders import greedy_decode_graph, sample_graph
+    from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
     from model.defaults import DEFAULT_BLOCK_REPEATS, DEFAULT_MAX_LENGTH, PRESETS
     from model.network.captioner import ShowAttendTell
     from model.text.cider import CiderD
@@ -140,7 +140,15 @@ def main() -> None:
         lambda f: greedy_decode_graph(model, f, max_length, DEFAULT_BLOCK_REPEATS),
         input_signature=[spec],
     )
-    policy = make_policy_step(strategy, model, scst_optimizer, k, clip_norm=5.0)
+    policy = make_policy_step(
+        strategy,
+        model,
+        scst_optimizer,
+        k,
+        clip_norm=5.0,
+        block_repeats=DEFAULT_BLOCK_REPEATS,
+        banned=banned_tokens(allow_unk=False),
+    )
     seed = tf.constant([0, 1], tf.int32)
     drawn = {key: v.numpy() for key, v in sample(feats, seed).items()}
     greedy_out = {key: v.numpy() for key, v in greedy(feats).items()}

@@ -261,3 +261,16 @@ def test_inverse_cdf_draws_by_probability_and_never_a_token_without_any():
     # Round-off: probabilities summing below 1 and a uniform at the top of [0, 1).
     top = tf.constant([np.nextafter(np.float32(1), np.float32(0))])
     assert inverse_cdf(tf.constant([[0.3, 0.3, 0.3999, 0.0]]), top).numpy()[0] == 2
+
+
+def test_a_teacher_forced_pass_masks_each_position_as_decoding_did():
+    """After "a b c a b" the token c would repeat the trigram "a b c": banned at position
+    5 only; position 0..4 and the one after "c" ban nothing new."""
+    from model.text.ngrams import NEG_INF, teacher_block_mask
+
+    a, b, c, d = 4, 5, 6, 7
+    tokens = np.array([[a, b, c, a, b, d, c, 0]], np.int32)
+    mask = teacher_block_mask(tokens, 3, 10).numpy()
+    assert mask.shape == (1, 8, 10)
+    banned = {(t, w) for t, w in zip(*np.nonzero(mask[0] == NEG_INF), strict=True)}
+    assert banned == {(5, c)}

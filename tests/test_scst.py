@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from model.network.captioner import ShowAttendTell
 from model.text.cider import CiderD
-from model.text.vocab import END_ID, PAD_ID, START_ID
+from model.text.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from model.training.scst import mean_of_others, score_samples, teacher_tokens
 from model.training.steps import make_policy_step, replica_images
 from tests.conftest import mirrored
@@ -151,6 +151,38 @@ def test_the_policy_pass_uses_the_models_dropout_unless_told_not_to():
     reference = _reference_after_one_step(np.repeat(feats, 2, axis=0), tokens, advantages)
     np.testing.assert_allclose(weights[False][kernel], reference[kernel], rtol=1e-5, atol=1e-6)
     assert not np.allclose(weights[True][kernel], weights[False][kernel])
+
+
+def test_the_policy_pass_scores_tokens_under_the_distribution_they_were_drawn_from():
+    """All samples below their baseline push their tokens down. Masked as the sampler
+    masked them, the banned tokens (`<pad>`, `<unk>`, `<start>`) get none of the mass:
+    their output weights do not move. Unmasked (before), they took it."""
+    rng = np.random.RandomState(0)
+    feats = rng.rand(3, 64, 2048).astype(np.float32)
+    tokens = teacher_tokens(_samples(rng, 6, 6))
+    losing = -np.ones(6, np.float32)
+    banned = (PAD_ID, UNK_ID, START_ID)
+    moved = {}
+    for masked in (True, False):
+        keras.utils.set_random_seed(1)
+        model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8)
+        optimizer = keras.optimizers.SGD(1.0)
+        optimizer.build(model.trainable_variables)
+        _, bias = model.decoder.fc2.get_weights()
+        step = make_policy_step(
+            tf.distribute.get_strategy(),
+            model,
+            optimizer,
+            2,
+            dropout=False,
+            block_repeats=3,
+            banned=banned if masked else (),
+        )
+        step(3, feats, tokens, losing, losing, losing * 0)
+        moved[masked] = model.decoder.fc2.get_weights()[1] - bias
+    assert np.abs(moved[True][list(banned)]).max() < 1e-6
+    assert (moved[False][list(banned)] > 1e-3).all()
+    assert (moved[True][4:] != 0).any()
 
 
 def _reference_after_one_step(feats, tokens, advantages):

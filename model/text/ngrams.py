@@ -53,6 +53,21 @@ def repeat_block_mask(history: Any, t: Any, n: int, vocab_size: int) -> Any:
     return tf.tensor_scatter_nd_min(tf.zeros([rows, vocab_size]), indices, values)
 
 
+def teacher_block_mask(tokens: Any, n: int, vocab_size: int) -> Any:
+    """`repeat_block_mask` at every position of whole captions: tokens (N, T) int32 ->
+    float32 (N, T, V), position t's mask as decoding built it after tokens[:, :t]. What a
+    teacher-forced pass over sampled captions adds to its logits to score each token
+    under the distribution it was drawn from."""
+    import tensorflow as tf
+
+    masks = tf.map_fn(
+        lambda t: repeat_block_mask(tokens, t, n, vocab_size),
+        tf.range(tf.shape(tokens)[1]),
+        fn_output_signature=tf.float32,
+    )  # (T, N, V)
+    return tf.transpose(masks, [1, 0, 2])
+
+
 def has_repeated_ngram(tokens: Sequence[object], n: int = LOOP_NGRAM) -> bool:
     """True when some n consecutive tokens occur twice (overlaps count)."""
     seen = set()

@@ -671,7 +671,7 @@ def start_self_critical(run: Run) -> None:
     fresh = run.var("scst_epoch") == 0 and run.var("position") == 0
     if fresh and run.val_info is not None and tf.io.gfile.exists(best):
         run.model.load_weights(best)  # a checkpoint taken after this holds the weights
-    from model.decoding.decoders import greedy_decode_graph, sample_graph
+    from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
     from model.defaults import DEFAULT_BLOCK_REPEATS
 
     k, length = args.scst_samples, args.scst_max_length
@@ -705,6 +705,8 @@ def start_self_critical(run: Run) -> None:
             k,
             args.clip_norm,
             dropout=args.scst_dropout == "on",
+            block_repeats=DEFAULT_BLOCK_REPEATS,
+            banned=banned_tokens(allow_unk=False),
         ),
         images_per_step=images,
         steps_per_epoch=max(1, math.ceil(run.train_info.images / images)),

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
+from model.text.ngrams import teacher_block_mask
 from model.text.vocab import PAD_ID
 
 
@@ -310,14 +311,27 @@ def make_policy_step(
     samples: int,
     clip_norm: float = 0.0,
     dropout: bool = True,
+    block_repeats: int = 0,
+    banned: tuple[int, ...] = (),
 ) -> PolicyStep:
     """The self-critical update as one compiled call (see `PolicyStep`). With `dropout`,
     the teacher-forced pass over the samples runs with the model's dropout, as
     cross-entropy training does (ruotianluo's model is in train mode during self-critical
     training too): the samples come from the model without it, their gradient is
     regularised as cross-entropy's is. Each replica then draws its own masks, so the
-    update is one device's exactly only without dropout (as for cross-entropy)."""
+    update is one device's exactly only without dropout (as for cross-entropy).
+
+    Each token is scored under the distribution it was sampled from: the `banned` tokens
+    and, with `block_repeats`, the tokens that would repeat an n-gram are masked out of
+    the softmax, as the sampler masked them. Without the masks, a gradient that lowers
+    the sampled tokens' log-probabilities (a sample below its baseline) moves their mass
+    to tokens the sampler can never draw, so nothing ever lowers it again: with the
+    greedy baseline, whose advantages are mostly negative, the policy collapsed within
+    an epoch on Flickr8k (val CIDEr 0.49 to 0.03)."""
     variables = model.trainable_variables
+    vocab_size = model.config.vocab_size
+    never = np.zeros(vocab_size, np.float32)
+    never[list(banned)] = -1e9
 
     def replica_step(
         features: tf.Tensor,
@@ -335,8 +349,11 @@ def make_policy_step(
             with tf.GradientTape() as tape:
                 inputs = (tf.repeat(features, samples, axis=0), tokens[:, :-1])
                 logits, _ = model(inputs, training=dropout)
-                log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
                 targets = tokens[:, 1:]
+                logits = tf.cast(logits, tf.float32) + never
+                if block_repeats:
+                    logits += teacher_block_mask(targets, block_repeats, vocab_size)
+                log_probs = tf.nn.log_softmax(logits)
                 chosen = tf.gather(log_probs, targets, batch_dims=2)  # (n, T)
                 mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
                 sequence = tf.reduce_sum(chosen * mask, axis=1)  # log p(w_i | I)
