@@ -11,8 +11,9 @@ log-probability of the captions that beat a baseline:
 with b_i the mean reward of the image's other K - 1 samples (ruotianluo's "new
 self-critical", the default) or the reward of the image's greedy caption (Rennie's
 original, `--scst_baseline greedy`). The log-probabilities come from a teacher-forced
-pass over the samples (with the model's dropout unless `--scst_dropout off`), so the step
-is the same distributed, clipped update as cross-entropy's (`model.training.steps`).
+pass over the samples (with the model's dropout unless `--scst_dropout off`, and the
+sampler's masks: banned and repeat-blocked tokens), so the step is the same distributed,
+clipped update as cross-entropy's (`model.training.steps`).
 
 Each worker samples, scores and back-propagates only its replicas' share of the step's
 images (`model.training.steps.PolicyStep`); each row's draws are seeded by the run's
