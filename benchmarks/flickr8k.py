@@ -11,7 +11,8 @@ with beam 5, beside the blind baseline (the most frequent training caption). It 
 one table: BLEU-1..4, METEOR, ROUGE-L and CIDEr (x100, PTB tokenizer and METEOR when
 Java is there, as in the papers), the share of captions with a repeated trigram, the
 share at the length limit, and distinct captions per image. A run that continues
-another gets a line per decoding: its CIDEr over the other's, with a 95% paired
+another gets a line per decoding and per run it continues (directly, or through another:
+`scst-e5:scst` after `scst:defaults` is compared with both): its CIDEr over the other's, with a 95% paired
 bootstrap interval over the val images (on 491 images a ratio moves a few percent
 either way). Each step is skipped when its output is already there, so a killed
 benchmark continues where it stopped.
@@ -164,6 +165,15 @@ def ratio_lines(
     return lines
 
 
+def ancestors(name: str, bases: dict[str, str]) -> list[str]:
+    """The runs `name` continues, nearest first: its base, its base's base, ... (those
+    in `bases`, the runs of this benchmark)."""
+    chain: list[str] = []
+    while (name := bases.get(name, "")) in bases and name not in chain:
+        chain.append(name)
+    return chain
+
+
 def table(rows: dict[str, dict]) -> str:
     keys = (*METRIC_KEYS, *LOOPING_KEYS)
     short = ["B1", "B2", "B3", "B4", "METEOR", "ROUGE_L", "CIDEr", "loops%", "limit%", "distinct%"]
@@ -202,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(logs, exist_ok=True)
     runs = [r.split("=", 1) for r in args.runs]
     rows: dict[str, dict] = {}
-    pairs: list[tuple[str, str, str]] = []  # (run, the run it continues, decoding)
+    pairs: list[tuple[str, str, str]] = []  # (run, a run it continues, decoding)
     model_dirs: dict[str, str] = {}
+    bases: dict[str, str] = {}
     for w, weights in enumerate(args.weights):
         features = os.path.join(args.out, f"features-{weights}")
         extract(args.data, features, weights, logs)
@@ -214,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
             log = f"{logs}/train-{name}.log"
             train(features, model_dir, args.epochs, flags.split(), log, base_dir)
             model_dirs[name] = model_dir
-            if base in model_dirs and w == 0:  # the base run is evaluated too
-                pairs += [(name, base, d) for d in args.decodings]
+            bases[name] = base
+            if w == 0:  # against each run it continues, directly or not, that was evaluated
+                pairs += [(name, a, d) for a in ancestors(name, bases) for d in args.decodings]
             for decoding in args.decodings:
                 log = f"{logs}/evaluate-{weights}-{name}.log"
                 m = evaluate(features, model_dir, decoding, DECODINGS[decoding], log)
