@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["defaults="],
         help="NAME=FLAGS: model.train flags of each run, e.g. 'no-dropout=--dropout 0 "
         "--select_by loss' (the first run is also trained on the other --weights); "
-        "NAME:BASE=FLAGS continues a copy of run BASE, e.g. 'scst:defaults=--scst_epochs 3'",
+        "NAME:BASE=FLAGS continues a copy of run BASE, e.g. 'scst:defaults=--scst_epochs 5'",
     )
     p.add_argument("--decodings", nargs="+", default=DEFAULT_DECODINGS, choices=list(DECODINGS))
     return p.parse_args(argv)
