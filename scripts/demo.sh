@@ -7,6 +7,7 @@ PY=${PY:-.venv/bin/python}
 TRAIN=${DEMO_TRAIN:-1000}
 VAL=${DEMO_VAL:-100}
 EPOCHS=${DEMO_EPOCHS:-12}
+SCST_EPOCHS=${DEMO_SCST_EPOCHS:-2}
 rm -rf "$OUT"
 step() { printf '\n=== %s ===\n' "$*"; }
 
@@ -20,9 +21,10 @@ for split in train val; do
     --images_dir "$OUT/data/$split" --output_dir "$OUT/features" --weights none --vocab_size 100
 done
 
-step "3/6 Train Show-Attend-Tell (MirroredStrategy, step checkpoints, TensorBoard logs in $OUT/model/logs)"
+step "3/6 Train Show-Attend-Tell (MirroredStrategy, step checkpoints, TensorBoard logs in $OUT/model/logs), then self-critical epochs on CIDEr-D"
 $PY -m model.train --data_dir "$OUT/features" --model_dir "$OUT/model" --preset small \
-  --epochs "$EPOCHS" --batch_size 64 --learning_rate 3e-3 --warmup_steps 50 --patience 3 --max_length 16
+  --epochs "$EPOCHS" --batch_size 64 --learning_rate 3e-3 --warmup_steps 50 --patience 3 --max_length 16 \
+  --scst_epochs "$SCST_EPOCHS"
 
 step "4/6 Evaluate on val with the COCO caption metrics: greedy and beam 3, next to a blind baseline"
 $PY -m model.evaluate --model "$OUT/model/export" --data_dir "$OUT/features" --split val \
