@@ -29,6 +29,7 @@ epoch on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -149,6 +150,7 @@ def ratio_lines(
     refs = val_references(features)
     use_java = java_available()
 
+    @functools.cache  # a base run is compared with each run that continues it
     def scores(name: str, decoding: str) -> list[float]:
         path = os.path.join(model_dirs[name], "eval", decoding, "predictions.json")
         with open(path) as f:
