@@ -80,12 +80,12 @@ def main() -> None:
     tf = import_tensorflow()
     import keras
 
-    from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
-    from model.defaults import DEFAULT_BLOCK_REPEATS, DEFAULT_MAX_LENGTH, PRESETS
+    from model.defaults import DEFAULT_MAX_LENGTH, PRESETS
     from model.network.captioner import ShowAttendTell
     from model.text.cider import CiderD
+    from model.training.loop import self_critical_calls
     from model.training.scst import score_samples, teacher_tokens
-    from model.training.steps import make_policy_step, make_step_fns, run_steps
+    from model.training.steps import make_step_fns, run_steps
 
     rng = np.random.default_rng(0)
     k, batch = args.samples, args.batch_size
@@ -131,29 +131,16 @@ def main() -> None:
     df = CiderD.from_references(references)
     feats = tf.constant(features[:images])
     refs = references[:images]
-    spec = tf.TensorSpec([None, 64, 2048], tf.float32)
-    sample = tf.function(
-        lambda f, s: sample_graph(model, f, max_length, k, s, DEFAULT_BLOCK_REPEATS),
-        input_signature=[spec, tf.TensorSpec([2], tf.int32)],
-    )
-    greedy = tf.function(
-        lambda f: greedy_decode_graph(model, f, max_length, DEFAULT_BLOCK_REPEATS),
-        input_signature=[spec],
-    )
-    policy = make_policy_step(
-        strategy,
-        model,
-        scst_optimizer,
-        k,
-        clip_norm=5.0,
-        block_repeats=DEFAULT_BLOCK_REPEATS,
-        banned=banned_tokens(allow_unk=False),
+    sample, greedy, policy = self_critical_calls(
+        strategy, model, scst_optimizer, k, max_length, clip_norm=5.0, dropout=True
     )
     seed = tf.constant([0, 1], tf.int32)
-    drawn = {key: v.numpy() for key, v in sample(feats, seed).items()}
+    drawn = {key: v.numpy() for key, v in sample(feats, seed, 0, images).items()}
     greedy_out = {key: v.numpy() for key, v in greedy(feats).items()}
     rewards = score_samples(df, drawn, refs, k)
-    t_sample = timed(lambda: {key: v.numpy() for key, v in sample(feats, seed).items()}, args.steps)
+    t_sample = timed(
+        lambda: {key: v.numpy() for key, v in sample(feats, seed, 0, images).items()}, args.steps
+    )
     t_greedy = timed(lambda: {key: v.numpy() for key, v in greedy(feats).items()}, args.steps)
     t_reward = timed(lambda: score_samples(df, drawn, refs, k), args.steps)
     t_reward_greedy = timed(lambda: score_samples(df, drawn, refs, k, greedy_out), args.steps)

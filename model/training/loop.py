@@ -663,6 +663,57 @@ def evaluate_split(run: Run, info: SplitInfo) -> Totals:
 # ---------------------------------------------------------------- self-critical epochs
 
 
+def self_critical_calls(
+    strategy: tf.distribute.Strategy,
+    model: ShowAttendTell,
+    optimizer: keras.optimizers.Optimizer,
+    samples: int,
+    max_length: int,
+    clip_norm: float,
+    dropout: bool,
+) -> tuple[Any, Any, PolicyStep]:
+    """The compiled calls of a self-critical step, as training runs them (and
+    `benchmarks.scst` times them): the sampler ((features, seed, first image, images) ->
+    K captions per image), the greedy decoder (the greedy baseline) and the policy
+    update, all with decoding's banned tokens and repeat blocking."""
+    from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
+    from model.defaults import DEFAULT_BLOCK_REPEATS
+
+    spec = tf.TensorSpec([None, *model.config.feature_shape], tf.float32)
+    scalar = tf.TensorSpec([], tf.int32)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32), scalar, scalar])
+    def sample(
+        features: tf.Tensor, seed: tf.Tensor, first_image: tf.Tensor, images: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        return sample_graph(
+            model,
+            features,
+            max_length,
+            samples,
+            seed,
+            DEFAULT_BLOCK_REPEATS,
+            first_image=first_image,
+            images=images,
+        )
+
+    @tf.function(input_signature=[spec])
+    def greedy(features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return greedy_decode_graph(model, features, max_length, DEFAULT_BLOCK_REPEATS)
+
+    step = make_policy_step(
+        strategy,
+        model,
+        optimizer,
+        samples,
+        clip_norm,
+        dropout=dropout,
+        block_repeats=DEFAULT_BLOCK_REPEATS,
+        banned=banned_tokens(allow_unk=False),
+    )
+    return sample, greedy, step
+
+
 def start_self_critical(run: Run) -> None:
     """Before the first self-critical step: start from the best cross-entropy epoch (as
     ruotianluo's --start_from does), and build the reward and the compiled calls."""
@@ -671,26 +722,16 @@ def start_self_critical(run: Run) -> None:
     fresh = run.var("scst_epoch") == 0 and run.var("position") == 0
     if fresh and run.val_info is not None and tf.io.gfile.exists(best):
         run.model.load_weights(best)  # a checkpoint taken after this holds the weights
-    from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
-    from model.defaults import DEFAULT_BLOCK_REPEATS
-
-    k, length = args.scst_samples, args.scst_max_length
-    spec = tf.TensorSpec([None, *run.model.config.feature_shape], tf.float32)
-
-    scalar = tf.TensorSpec([], tf.int32)
-
-    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32), scalar, scalar])
-    def sample(
-        features: tf.Tensor, seed: tf.Tensor, first_image: tf.Tensor, images: tf.Tensor
-    ) -> dict[str, tf.Tensor]:
-        return sample_graph(
-            run.model, features, length, k, seed, DEFAULT_BLOCK_REPEATS, False, first_image, images
-        )
-
-    @tf.function(input_signature=[spec])
-    def greedy(features: tf.Tensor) -> dict[str, tf.Tensor]:
-        return greedy_decode_graph(run.model, features, length, DEFAULT_BLOCK_REPEATS)
-
+    k = args.scst_samples
+    sample, greedy, step = self_critical_calls(
+        run.strategy,
+        run.model,
+        run.scst_optimizer,
+        k,
+        args.scst_max_length,
+        args.clip_norm,
+        dropout=args.scst_dropout == "on",
+    )
     images = max(1, math.ceil(run.global_batch / k))
     run.critic = SelfCritic(
         df=scst.load_or_build_df(
@@ -698,16 +739,7 @@ def start_self_critical(run: Run) -> None:
         ),
         sample=sample,
         greedy=greedy,
-        step=make_policy_step(
-            run.strategy,
-            run.model,
-            run.scst_optimizer,
-            k,
-            args.clip_norm,
-            dropout=args.scst_dropout == "on",
-            block_repeats=DEFAULT_BLOCK_REPEATS,
-            banned=banned_tokens(allow_unk=False),
-        ),
+        step=step,
         images_per_step=images,
         steps_per_epoch=max(1, math.ceil(run.train_info.images / images)),
     )
