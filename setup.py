@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
     "isal>=1.6",  # ISA-L gzip for feature shards, 20x faster than zlib's default level
+    "deltalake>=1.6.6,<1.7",  # the caption table (delta-rs: commits, stats, vacuum; no JVM)
 ]
 
 # Workers (Dataflow installs install_requires through --setup_file) need neither.
@@ -36,7 +37,12 @@ EXTRAS_REQUIRE = {
         "pytest-xdist",  # make test: two workers, one test file each at a time
         "gcp-storage-emulator>=2026.7",  # tests/test_gcs.py: every stage on gs://
         "cryptography",  # tests/gcs.py: the TLS proxy's throw-away CA
-        "duckdb>=1.0",
+        # DuckDB reads the caption table with its `delta` extension, which PyPI ships per
+        # DuckDB version: the pair is pinned together (tests.tables loads it offline).
+        "duckdb==1.5.5",
+        "duckdb-extension-delta==1.5.5",
+        "pandas>=2",  # the docs' pandas reader of the caption table
+        "polars>=1.30",  # the docs' polars reader of the caption table
         "scikit-image>=0.22",  # real photos for the converted weights' batch-norm check
         "ruff>=0.6",
         "apache-beam[gcp]>=2.77,<2.78",

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from beam_jobs.flags import add_common_flags
+from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     add_decoding_flags,
     check_exists,
@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     add_decoding_flags(p)
     add_common_flags(p)
-    return p.parse_known_args(argv)
+    return parse_job_flags(p, argv)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

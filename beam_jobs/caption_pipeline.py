@@ -1,12 +1,14 @@
 """The graph of `python -m beam_jobs.caption_images` (see that module for
 the command): inputs are matched and expanded, deduplicated by uri, read and
 decoded ahead of the model, captioned in batches by RunInference, and written
-as Parquet tables with a manifest.
+as data files of the caption table, which the launcher then commits in one
+transaction (`beam_jobs.caption_run`, `beam_jobs.caption_table`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,33 +18,33 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_jobs.caption_run import (
+    PART_PREFIX,
     RunPlan,
     check_export,
     commit_run,
-    discard_run,
     disk_full_message,
     is_disk_full,
     plan_run,
-    write_staged_manifest,
+    row_settings,
+    write_run_record,
 )
 from beam_jobs.caption_steps import (
     NAMESPACE,
+    SUPERSEDED_TAG,
     CountErrorsFn,
     KeyInputsFn,
     NewInputsFn,
     ToRowFn,
     batch_errors,
     done_key,
+    error_table_row,
     matched_inputs,
     own_outputs,
     plot_one,
     to_loaded,
 )
 from beam_jobs.inference import CaptionerHandler
-from beam_jobs.lease import Lease, output_lease
-from beam_jobs.parts import (
-    WritePartsFn,
-)
+from beam_jobs.parts import WritePartsFn, part_name, part_record, read_parquet, write_part
 from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, PreprocessFn
 from beam_jobs.progress import (
@@ -64,57 +66,127 @@ from model.cli import UsageError, decoding_settings
 from model.io import formats
 
 
-def done_uris(p: beam.Pipeline, plan: RunPlan) -> beam.PCollection | None:
-    """(key, member or None) of every uri the run must not caption again: the committed
-    tables' when it adds to them (but transient failures, tried again), and every row of
-    the parts it adopted. None when there are none."""
+def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[str, Any]:
+    """CoGroupByKey groups, keyed like the inputs (`done_key`): "done", the (member or None)
+    of every row the run must not make again (the table's when it appends, but not its
+    transient failures; every row of the files it adopted), and "retried", the (file, uri)
+    of the table's transient failures, which are tried again."""
+    groups: dict[str, Any] = {}
     sources = []
-    if plan.add:
-        tables = {t: [f for f in plan.existing if f"/{t}-" in f] for t in ("captions", "errors")}
-        sources.append(
+    if plan.table_files:
+        rows = (
             p
-            | "CaptionTables" >> beam.Create(tables["captions"])
-            | "CaptionedUris" >> beam.io.ReadAllFromParquet(columns=["uri"])
+            | "TableFiles" >> beam.Create(sorted(plan.table_files))
+            | "TableRows"
+            >> beam.io.ReadAllFromParquet(columns=["uri", "error_type"], with_filename=True)
         )
         sources.append(
-            p
-            | "ErrorTables" >> beam.Create(tables["errors"])
-            | "FailedUris" >> beam.io.ReadAllFromParquet(columns=["uri", "error_type"])
-            | "NotTransient"
-            >> beam.Filter(lambda r: r["error_type"] not in formats.TRANSIENT_ERRORS)
+            rows
+            | "Final" >> beam.Filter(lambda fr: fr[1]["error_type"] not in formats.TRANSIENT_ERRORS)
+            | "FinalUris" >> beam.Map(lambda fr: fr[1]["uri"])
+        )
+        groups["retried"] = (
+            rows
+            | "Transient" >> beam.Filter(lambda fr: fr[1]["error_type"] in formats.TRANSIENT_ERRORS)
+            | "KeyTransient"
+            >> beam.Map(lambda fr: (done_key(fr[1]["uri"])[0], (fr[0], fr[1]["uri"])))
         )
     if plan.adopted:
         sources.append(
             p
-            | "AdoptedParts" >> beam.Create(plan.adopted)
-            | "AdoptedUris" >> beam.io.ReadAllFromParquet(columns=["uri"])
+            | "AdoptedFiles" >> beam.Create([f"{output_dir.rstrip('/')}/{n}" for n in plan.adopted])
+            | "AdoptedRows" >> beam.io.ReadAllFromParquet(columns=["uri"])
+            | "AdoptedUris" >> beam.Map(lambda r: r["uri"])
         )
-    if not sources:
-        return None
-    return (
-        tuple(sources)
-        | "DoneUris" >> beam.Flatten()
-        | "KeyDone" >> beam.Map(lambda r: done_key(r["uri"]))
+    if sources:
+        groups["done"] = (
+            tuple(sources) | "DoneUris" >> beam.Flatten() | "KeyDone" >> beam.Map(done_key)
+        )
+    return groups
+
+
+def write_rows(
+    rows: beam.PCollection, label: str, plan: RunPlan, args: argparse.Namespace
+) -> beam.PCollection:
+    """Writes rows as data files of the table; returns the parts (`parts.part_record`). Parts
+    are written as rows are finished (`beam_jobs.parts`); with --num_shards, the captions
+    are written as exactly that many files at the end instead."""
+    prefix = f"{PART_PREFIX}{plan.attempt}"
+    if label == "Captions" and args.num_shards:
+        shards = args.num_shards
+        return (
+            rows
+            | "ShardCaptions" >> beam.Map(lambda r: (_shard_of(r["uri"], shards), r))
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteCaptions"
+            >> beam.MapTuple(lambda _, rs: _write_rows(args.output_dir, prefix, list(rs)))
+        )
+    return rows | f"Write{label}" >> beam.ParDo(
+        WritePartsFn(
+            args.output_dir,
+            prefix,
+            formats.CAPTION_TABLE_SCHEMA,
+            formats.PARQUET_CODEC,
+            args.checkpoint_seconds,
+        )
     )
 
 
-def write_table(
-    rows: beam.PCollection, table: str, schema: Any, plan: RunPlan, args: argparse.Namespace
-) -> beam.PCollection:
-    """Writes one table into the staging folder; returns the paths of its files. Parts are
-    written as rows are finished (`beam_jobs.parts`); with --num_shards, the captions are
-    written as exactly that many files at the end instead."""
-    prefix = f"{table}-{plan.run_id}"
-    if table == "captions" and args.num_shards:
-        return rows | f"Write{table.title()}" >> beam.io.WriteToParquet(
-            f"{plan.staging}/{prefix}",
-            schema,
-            codec=formats.PARQUET_CODEC,
-            file_name_suffix=".parquet",
-            num_shards=args.num_shards,
-        )
-    return rows | f"Write{table.title()}" >> beam.ParDo(
-        WritePartsFn(plan.staging, prefix, schema, formats.PARQUET_CODEC, args.checkpoint_seconds)
+def _shard_of(uri: str, shards: int) -> int:
+    return int(hashlib.sha1(uri.encode()).hexdigest()[:8], 16) % shards
+
+
+def _write_rows(folder: str, prefix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    name = part_name(prefix, rows)
+    return write_part(folder, name, rows, formats.CAPTION_TABLE_SCHEMA, formats.PARQUET_CODEC)
+
+
+def rewrite_without(
+    element: tuple[str, Any], output_dir: str, prefix: str, sizes: dict[str, int]
+) -> dict[str, Any]:
+    """A table file some of whose (transient error) rows this run supersedes -> the file to
+    remove, and its other rows as a new part of this run (None if it keeps none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path, uris = element
+    table = read_parquet(path)
+    drop = pa.array(sorted(set(uris)), pa.string())
+    kept = table.filter(pc.invert(pc.is_in(table["uri"], drop)))
+    add = None
+    if kept.num_rows:
+        name = part_name(prefix, kept.select(["uri"]).to_pylist())
+        add = write_part(output_dir, name, kept, None, formats.PARQUET_CODEC)
+    return {
+        "remove": path,
+        "size": sizes[path],
+        "dropped": table.num_rows - kept.num_rows,
+        "add": add,
+    }
+
+
+def adopted_part(name: str, output_dir: str) -> dict[str, Any]:
+    """A part a killed run of this command finished: what the commit needs of it."""
+    path = f"{output_dir.rstrip('/')}/{name}"
+    table = read_parquet(path)
+    size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    return part_record(name, size, table)
+
+
+def looping_sums(rows: beam.PCollection) -> beam.PCollection:
+    """(captions, with a repeated trigram, at the length limit): sums a table's commits add up."""
+
+    def add(counts: Any) -> tuple[int, int, int]:
+        totals = [0, 0, 0]
+        for c in counts:
+            totals = [a + b for a, b in zip(totals, c, strict=True)]
+        return (totals[0], totals[1], totals[2])
+
+    return (
+        rows
+        | "LoopingFigures"
+        >> beam.Map(lambda r: (1, int(r["repeated_trigram"]), int(r["hit_max_length"])))
+        | "SumLooping" >> beam.CombineGlobally(add)
     )
 
 
@@ -131,24 +203,26 @@ def build_pipeline(
     plan: RunPlan,
     progress_dir: str | None = None,
 ) -> None:
-    """The job, writing its tables and manifest into the plan's staging folder."""
-    model_id = manifest["model_id"]
-    precision = args.precision or manifest["features"].get("precision", "float32")
+    """The job: data files of the table, then the run record its commit reads."""
+    settings = {**row_settings(args, manifest), "run_id": plan.run_id}
     groups: dict[str, Any] = {
         "input": p
         | "Inputs" >> beam.Create(args.input)
         | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
-        | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir))
+        | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir)),
+        **done_and_retried(p, plan, args.output_dir),
     }
-    if (done := done_uris(p, plan)) is not None:
-        groups["done"] = done
     # Grouping by uri dedupes overlapping inputs and skips finished ones; files and
     # archives are read after it, so their bytes stream rather than being grouped.
-    new_inputs = (
+    grouped = (
         groups
         | "GroupByUri" >> beam.CoGroupByKey()
-        | "NewInputs" >> beam.ParDo(NewInputsFn(progress_dir, args.max_bytes))
+        | "NewInputs"
+        >> beam.ParDo(NewInputsFn(progress_dir, args.max_bytes)).with_outputs(
+            SUPERSEDED_TAG, main="inputs"
+        )
     )
+    new_inputs = grouped.inputs
     if spreads_work(p):  # the members of a few big archives, over all workers
         new_inputs = new_inputs | "SpreadMembers" >> beam.Reshuffle()
     fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
@@ -157,7 +231,7 @@ def build_pipeline(
     ).with_outputs(ERRORS_TAG, main="pixels")
     handler = CaptionerHandler(
         args.model,
-        precision,
+        settings["precision"],
         args.batch_size,
         args.model_copies,
         args.large_model,
@@ -167,7 +241,7 @@ def build_pipeline(
         decoded.pixels
         | "Caption" >> RunInference(KeyedModelHandler(handler)).with_exception_handling()
     )
-    rows = captioned | "ToRows" >> beam.ParDo(ToRowFn(model_id, progress_dir))
+    rows = captioned | "ToRows" >> beam.ParDo(ToRowFn(settings, progress_dir))
     input_errors = (
         (
             fresh[ERRORS_TAG],
@@ -176,20 +250,34 @@ def build_pipeline(
         | "InputAndBatchErrors" >> beam.Flatten()
         | "CountInputErrors" >> beam.ParDo(CountErrorsFn(progress_dir))
     )  # PreprocessFn counts its own
+    failed = Metrics.counter(NAMESPACE, "errors_written")
+
+    def error_row(element: tuple[str, dict[str, str]]) -> dict[str, Any]:
+        failed.inc()
+        return error_table_row(element[1], settings)
+
     errors = (
         (input_errors, decoded[ERRORS_TAG])
         | "AllErrors" >> beam.Flatten()
-        | "ErrorRows" >> beam.Map(lambda kv: kv[1])
+        | ("ErrorRows" >> beam.Map(error_row))
     )
-    failed = Metrics.counter(NAMESPACE, "errors_written")
-
-    def count_failed(row: dict[str, str]) -> dict[str, str]:
-        failed.inc()
-        return row
-
-    errors = errors | "CountFailed" >> beam.Map(count_failed)
-    written_rows = write_table(rows, "captions", formats.CAPTIONS_SCHEMA, plan, args)
-    written_errors = write_table(errors, "errors", formats.ERRORS_SCHEMA, plan, args)
+    parts = (
+        write_rows(rows, "Captions", plan, args),
+        write_rows(errors, "Errors", plan, args),
+    ) | "Parts" >> beam.Flatten()
+    rewritten = (
+        grouped[SUPERSEDED_TAG]
+        | "GroupSuperseded" >> beam.GroupByKey()
+        | "RewriteSuperseded"
+        >> beam.Map(
+            rewrite_without, args.output_dir, f"{PART_PREFIX}{plan.attempt}", plan.table_files
+        )
+    )
+    adopted = (
+        p
+        | "Adopted" >> beam.Create(plan.adopted)
+        | "AdoptedPartRecords" >> beam.Map(adopted_part, args.output_dir)
+    )
     if args.attention_dir:
         _ = (
             captioned
@@ -198,52 +286,43 @@ def build_pipeline(
             | "EachPlot" >> beam.FlatMap(lambda xs: xs)
             | "PlotAttention" >> beam.Map(plot_one, args.attention_dir)
         )
-    body = {
-        "model": args.model,
-        "model_id": model_id,
-        "inputs": list(args.input),
-        "precision": precision,
-        "decoding": {"max_length": manifest["decoding"]["max_length"], **decoding_settings(args)},
-        "skip_existing": plan.add,
-        "run_id": plan.run_id,
-    }
     _ = (
         p
-        | "ManifestTrigger" >> beam.Create([None])
-        | "WriteManifest"
+        | "RecordTrigger" >> beam.Create([None])
+        | "WriteRunRecord"
         >> beam.Map(
-            write_staged_manifest,
-            plan.staging,
-            body,
-            captioned=beam.pvalue.AsSingleton(
-                rows | "CountRows" >> beam.combiners.Count.Globally()
-            ),
-            failed=beam.pvalue.AsSingleton(
-                errors | "CountErrors" >> beam.combiners.Count.Globally()
-            ),
-            files=beam.pvalue.AsList((written_rows, written_errors) | "Written" >> beam.Flatten()),
+            write_run_record,
+            args.output_dir,
+            plan.attempt,
+            parts=beam.pvalue.AsList(parts),
+            rewritten=beam.pvalue.AsList(rewritten),
+            adopted=beam.pvalue.AsList(adopted),
             inputs=beam.pvalue.AsSingleton(
                 new_inputs | "CountInputs" >> beam.combiners.Count.Globally()
             ),
-            adopted=plan,
+            looping=beam.pvalue.AsSingleton(looping_sums(rows)),
+            distinct=beam.pvalue.AsSingleton(
+                rows
+                | "Captions" >> beam.Map(lambda r: r["caption"])
+                | "DistinctCaptions" >> beam.Distinct()
+                | "CountDistinct" >> beam.combiners.Count.Globally()
+            ),
         )
     )
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
-    """Checks the export and inputs, runs the pipeline, returns a summary dict. Holds the
-    lease on --output_dir (`beam_jobs.lease`) from start to commit: a second run on it
-    refuses in one line."""
+    """Checks the export and inputs, runs the pipeline, commits its files to the table
+    in one transaction; returns a summary dict."""
     try:
-        with output_lease(args.output_dir, "caption_images") as lease:
-            return _run_job(args, beam_args, lease)
+        return _run_job(args, beam_args)
     except Exception as e:
         if not is_disk_full(e):
             raise
         raise UsageError(disk_full_message(args.output_dir)) from None
 
 
-def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -> dict[str, Any]:
+def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     manifest = check_export(args.model)
     for spec in args.input:
         where = absolute(spec)
@@ -257,13 +336,14 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -
             raise UsageError(f"--input matches nothing: {spec}")
     if args.attention_dir and not FileSystems.exists(args.attention_dir):
         FileSystems.mkdirs(args.attention_dir)  # a no-op on object stores
+    options = pipeline_options(beam_args)
     plan = plan_run(args, manifest)
     print(
         f"caption_images: {len(args.input)} input(s) -> {args.output_dir} "
-        f"(model {manifest['model_id']}, batch {args.batch_size})",
+        f"(model {manifest['model_id']}, batch {args.batch_size}, "
+        f"{'replacing the table' if plan.replace else 'adding to the table'})",
         flush=True,
     )
-    options = pipeline_options(beam_args)
     reporter = ProgressReporter(
         "caption_images",
         NAMESPACE,
@@ -278,10 +358,15 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -
         bool(args.verbose),
     )
     if (dry := dry_run_result(result, options, "caption_images")) is not None:
-        discard_run(plan)
         return dry
-    lease.confirm()  # still this run's output: no other run has taken it over
-    commit_run(args.output_dir, plan)  # only now are the previous tables replaced or added to
+    body = {
+        "model": args.model,
+        "inputs": list(args.input),
+        "decoding": {"max_length": manifest["decoding"]["max_length"], **decoding_settings(args)},
+        **row_settings(args, manifest),
+        "run_id": plan.run_id,
+    }
+    committed = commit_run(args.output_dir, plan, body)  # the table changes only now
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {
@@ -292,12 +377,15 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str], lease: Lease) -
         "bytes_read": c.get("bytes_read", 0),
         "seconds": round(seconds, 2),
         "images_per_second": round(done / seconds, 2) if seconds else 0.0,
+        "version": committed["version"],
+        "counts": committed["counts"],
     }
     print(
         f"caption_images: done: {summary['captioned']} captioned, {summary['failed']} failed"
         f"{describe_errors(summary['errors'])} ({summary['matched']} matched, "
         f"{summary['bytes_read'] / 1e6:.1f} MB) in "
-        f"{summary['seconds']}s ({summary['images_per_second']} images/s)",
+        f"{summary['seconds']}s ({summary['images_per_second']} images/s); "
+        f"table version {summary['version']}",
         flush=True,
     )
     return summary

@@ -1,58 +1,40 @@
-"""One caption run's life on its --output_dir: plan, staging, resume, manifest, commit.
+"""One caption run's life on its table: plan (start or resume), record, commit.
 
-The pipeline (`beam_jobs.caption_pipeline`) only builds the graph; this module owns
-everything the run leaves on disk, through four calls:
+    plan = plan_run(args, export_manifest)   # what the table holds; resume or start
+    ... the pipeline writes data files, then its run record (`write_run_record`) ...
+    commit_run(args.output_dir, plan, body)  # one Delta commit (`beam_jobs.caption_table`)
 
-    plan = plan_run(args, export_manifest)    # resume a killed run, or start one
-    ... the graph writes parts into plan.staging, then `write_staged_manifest` ...
-    commit_run(args.output_dir, plan)          # move in, manifest, delete old
-    # or discard_run(plan) when nothing ran (--dry_run)
-
-- A run stages in OUTPUT_DIR/.staging-RUN_ID/ (parts, then the manifest); its
-  `run.json` records what makes two runs the same run (`run_identity`).
-- `plan_run` first finishes any commit a kill interrupted (`beam_jobs.commit`), then
-  resumes the staging folder of this very command when `--skip_existing` asks, adopting
-  its finished parts (`beam_jobs.parts`), and removes every other run's staging. The
-  caller holds the lease on OUTPUT_DIR (`beam_jobs.lease`), so those runs are dead.
-- Adding to a table (`--skip_existing`) is refused, in one line, for another model's
-  or another decoding's rows (`check_one_model`, `check_one_decoding`).
-- The staged manifest is written only when every input is in one table or the other;
-  otherwise the run fails loudly rather than describing a silent loss.
+A run's data files are `part-ATTEMPT-DIGEST.parquet` in the table's folder, with
+ATTEMPT = `IDENTITY-vVERSION-MODE_NONCE`: IDENTITY hashes what makes two runs the same
+run (model, inputs, precision, decoding, limits), VERSION is the table version the run
+read ("new" when there was no table), MODE is `a` (append) or `r` (replace). Files of
+an attempt at the table's current version were never committed (a commit would have
+moved the version on), so a rerun of the same command with --skip_existing adopts
+them: their rows are not captioned again and join its commit. Nothing is deleted
+before a run commits; files no commit names are removed by `vacuum`.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import os
+import hashlib
+import json
 import posixpath
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.commit import (
-    commit,
-    finish_commit,
-    read_commit_plan,
-    resumable,
-    staging_dir,
-    stale_staging,
-    supersede_retried_errors,
-    write_run_record,
-)
-from beam_jobs.parts import (
-    finished_parts,
-    read_parquet,
-    remove_inflight,
-    row_count,
-    without_overlaps,
-)
+from beam_jobs import caption_table
+from beam_jobs.parts import read_parquet, without_overlaps
 from beam_jobs.paths import absolute
 from model.cli import UsageError, decoding_settings
 from model.io import formats
+
+RUNS_DIR = "_caption_runs"  # run records: a finished pipeline's files, before the commit
+PART_PREFIX = "part-"
 
 
 def check_export(export_dir: str) -> dict[str, Any]:
@@ -66,186 +48,198 @@ def check_export(export_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def check_one_model(
-    existing: list[str], model_id: str, output_dir: str, allow_mixed: bool = False
+def row_settings(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings columns every row of this run carries (`formats.CAPTION_SETTINGS_COLUMNS`)."""
+    decoding = decoding_settings(args)
+    return {
+        "model_id": manifest["model_id"],
+        "precision": args.precision or manifest["features"].get("precision", "float32"),
+        "beam_size": decoding["beam_size"],
+        "length_penalty": float(decoding["length_penalty"]),
+        "block_repeats": decoding["block_repeats"],
+        "allow_unk": bool(decoding["allow_unk"]),
+    }
+
+
+def check_same_settings(
+    held: dict[str, list[Any]], settings: dict[str, Any], output_dir: str
 ) -> None:
-    """--skip_existing adds rows to a table: refuse, in one line, to add another model's."""
-    ids: set[str] = set()
-    for path in existing:
-        if posixpath.basename(path).startswith("captions-"):
-            ids.update(read_parquet(path, ["model_id"]).column(0).unique().to_pylist())
-    others = sorted(ids - {model_id})
-    if others and not allow_mixed:
-        raise UsageError(
-            f"{output_dir} holds captions of model {', '.join(others)} and this export is "
-            f"{model_id}: --skip_existing would mix models in one table "
-            "(use another --output_dir, or --allow_mixed_models)"
-        )
-
-
-def check_one_decoding(output_dir: str, decoding: dict[str, Any], allow_mixed: bool) -> None:
-    """--skip_existing adds rows to a table: refuse, in one line, rows decoded otherwise
-    (beam rows in a greedy table would make the manifest's decoding untrue)."""
-    path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
-    if allow_mixed or not FileSystems.exists(path):
+    """--skip_existing adds rows to a table: refuse, in one line, rows of another model or
+    decoding (a table of one model and one decoding is what its readers assume)."""
+    diff = {
+        column: [v for v in values if v != _comparable(settings[column], v)]
+        for column, values in held.items()
+    }
+    diff = {c: v for c, v in diff.items() if v}
+    if not diff:
         return
-    before = formats.read_manifest(path, formats.KIND_CAPTIONS).get("decoding") or {}
-    diff = {k: (before.get(k), v) for k, v in decoding.items() if k in before and before[k] != v}
-    if diff:
-        raise UsageError(
-            f"{output_dir} holds captions decoded with "
-            + ", ".join(f"{k} {a}" for k, (a, _) in diff.items())
-            + "; this run has "
-            + ", ".join(f"{k} {b}" for k, (_, b) in diff.items())
-            + ": --skip_existing would mix decodings in one table "
-            "(use the same flags, another --output_dir, or --allow_mixed_models)"
-        )
+    what = ", ".join(f"{c} {'/'.join(map(str, v))}" for c, v in diff.items())
+    mine = ", ".join(f"{c} {settings[c]}" for c in diff)
+    raise UsageError(
+        f"{output_dir} holds captions with {what}; this run has {mine}: --skip_existing would "
+        "mix them in one table (use the same flags, another --output_dir, or --allow_mixed_models)"
+    )
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    found = []
-    for table in ("captions", "errors"):
-        pattern = f"{output_dir.rstrip('/')}/{table}-*.parquet"
-        found += [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-    return sorted(found)
+def _comparable(mine: Any, held: Any) -> Any:
+    return round(float(mine), 5) if isinstance(held, float) else mine
+
+
+def identity_hash(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
+    """What makes two runs the same run: a killed one is resumed only by its own command."""
+    identity = {
+        **row_settings(args, manifest),
+        "inputs": sorted(absolute(s) for s in args.input),
+        "max_bytes": args.max_bytes,
+        "max_pixels": args.max_pixels,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Where a run writes, and what it builds on."""
+    """What a run reads and writes."""
 
-    run_id: str
-    staging: str  # CAPTIONS_DIR/.staging-RUN_ID: parts, then the manifest
-    add: bool  # adds to the committed tables (--skip_existing) instead of replacing them
-    existing: list[str] = field(default_factory=list)  # the committed table files
-    adopted: list[str] = field(default_factory=list)  # parts of the killed run resumed
-    adopted_counts: dict[str, int] = field(default_factory=dict)  # their captioned, failed
+    attempt: str  # names the run's data files and its run record; also its run_id
+    base_version: int | None  # the table version the run read; None: no table yet
+    replace: bool  # the run's rows become the whole table (else: appended to it)
+    table_files: dict[str, int] = field(default_factory=dict)  # uri -> size, when appending
+    adopted: list[str] = field(default_factory=list)  # a killed attempt's parts (names)
 
-
-def write_staged_manifest(
-    _: None,
-    output_dir: str,
-    body: dict[str, Any],
-    captioned: int,
-    failed: int,
-    files: list[str],
-    inputs: int | None = None,
-    adopted: RunPlan | None = None,
-) -> str:
-    """Writes CAPTIONS_DIR/manifest.json once every table file is final. `inputs` counts
-    the distinct uris to caption, after grouping: if they are not all in one table or
-    the other, the job fails here, loudly, instead of describing a silent loss. The
-    parts `adopted` from a killed run count as well."""
-    inputs = captioned + failed if inputs is None else inputs
-    if captioned + failed != inputs:
-        raise RuntimeError(
-            f"{inputs} inputs but {captioned} captions and {failed} error rows: "
-            f"{inputs - captioned - failed} input(s) are in neither table"
-        )
-    before = adopted.adopted_counts if adopted else {}
-    captioned += before.get("captioned", 0)
-    failed += before.get("failed", 0)
-    path = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
-    formats.write_manifest(
-        path,
-        formats.KIND_CAPTIONS,
-        {
-            **body,
-            "counts": {"captioned": captioned, "failed": failed, "inputs": captioned + failed},
-            "files": sorted(
-                {os.path.basename(f) for f in [*files, *(adopted.adopted if adopted else [])]}
-            ),
-        },
-    )
-    return path
+    @property
+    def run_id(self) -> str:
+        return self.attempt
 
 
-def run_identity(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: a killed one is resumed only by its own command."""
-    return {
-        "model_id": manifest["model_id"],
-        "inputs": sorted(absolute(s) for s in args.input),
-        "precision": args.precision or manifest["features"].get("precision", "float32"),
-        "decoding": decoding_settings(args),
-        "max_bytes": args.max_bytes,
-        "max_pixels": args.max_pixels,
-    }
+def attempt_family(identity: str, version: int | None) -> str:
+    return f"{identity}-v{'new' if version is None else version}"
 
 
-def adopt_parts(staging: str, run_id: str) -> tuple[list[str], dict[str, int]]:
-    """A killed run's finished parts (half-written ones deleted, and any whose uris an
-    earlier part holds), and how many captions and error rows they hold."""
-    remove_inflight(staging)
-    tables = ("captions", "errors")
-    parts = without_overlaps([p for t in tables for p in finished_parts(staging, f"{t}-{run_id}")])
-    counts = {
-        key: sum(row_count(p) for p in parts if posixpath.basename(p).startswith(f"{t}-"))
-        for key, t in (("captioned", "captions"), ("failed", "errors"))
-    }
-    return parts, counts
+def adoptable_parts(output_dir: str, family: str) -> tuple[list[str], bool]:
+    """Complete part files of killed attempts of this family (same command, same table
+    version), without any two holding one uri; and whether one of them was replacing."""
+    pattern = f"{output_dir.rstrip('/')}/{PART_PREFIX}{family}-*.parquet"
+    paths = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    readable = []
+    for path in paths:
+        try:
+            read_parquet(path, ["uri"])
+        except Exception:  # noqa: BLE001 - cut short by a kill: not adopted
+            continue
+        readable.append(path)
+    kept = without_overlaps(readable)
+    modes = {posixpath.basename(p)[len(PART_PREFIX) + len(family) + 1] for p in kept}
+    return [posixpath.basename(p) for p in kept], "r" in modes
 
 
 def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
-    """Resumes the killed run this command started (with --skip_existing), or starts a new
-    one; removes every other unfinished run's staging folder."""
-    identity = run_identity(args, manifest)
-    for folder in stale_staging(args.output_dir):
-        if read_commit_plan(folder) is not None:  # killed while committing: finish it
-            finish_commit(folder)
-            print(f"caption_images: finished the commit of {folder}, killed while committing")
-    stale = stale_staging(args.output_dir)
-    found = resumable(stale, identity) if args.skip_existing else None
-    for folder in stale:
-        if not found or folder != found[0]:
-            FileSystems.delete([folder])
-            print(f"caption_images: removed {folder}, left by a run that did not finish")
-    existing = existing_outputs(args.output_dir)
-    if found:
-        staging, record = found
-        adopted, counts = adopt_parts(staging, record["run_id"])
-        plan = RunPlan(
-            record["run_id"],
-            staging,
-            bool(record["add"]),
-            existing,
-            adopted,
-            counts,
+    """Reads the table (if any), checks that this run may add to it, and resumes the
+    killed attempt of this very command when --skip_existing asks."""
+    table = caption_table.open_table(args.output_dir)
+    version = None if table is None else table.version()
+    if table is not None and args.skip_existing and not args.allow_mixed_models:
+        check_same_settings(
+            caption_table.table_settings(table), row_settings(args, manifest), args.output_dir
         )
+    family = attempt_family(identity_hash(args, manifest), version)
+    adopted, was_replacing = (
+        adoptable_parts(args.output_dir, family) if args.skip_existing else ([], False)
+    )
+    replace = table is None or not args.skip_existing or was_replacing
+    attempt = f"{family}-{'r' if replace else 'a'}{uuid.uuid4().hex[:6]}"
+    if adopted:
+        rows = sum(read_parquet(_under(args.output_dir, n), ["uri"]).num_rows for n in adopted)
         print(
-            f"caption_images: resuming run {plan.run_id}, killed after "
-            f"{counts['captioned']} captions and {counts['failed']} error rows"
+            f"caption_images: resuming a killed run of this command: {len(adopted)} finished "
+            f"file(s), {rows} rows kept"
         )
-    else:
-        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        plan = RunPlan(
-            run_id,
-            staging_dir(args.output_dir, run_id),
-            bool(args.skip_existing and existing),
-            existing,
+    return RunPlan(
+        attempt,
+        version,
+        replace,
+        {} if replace else caption_table.data_files(table),
+        adopted,
+    )
+
+
+def _under(output_dir: str, name: str) -> str:
+    return f"{output_dir.rstrip('/')}/{name}"
+
+
+def record_path(output_dir: str, attempt: str) -> str:
+    return f"{output_dir.rstrip('/')}/{RUNS_DIR}/{attempt}.json"
+
+
+def write_run_record(
+    _: None,
+    output_dir: str,
+    attempt: str,
+    parts: list[dict[str, Any]],
+    rewritten: list[dict[str, Any]],
+    adopted: list[dict[str, Any]],
+    inputs: int,
+    looping: tuple[int, int, int],
+    distinct: int,
+) -> str:
+    """The pipeline's last step: the files the run commits, in `RUNS_DIR/ATTEMPT.json`.
+    Written only when every input the run took is in a row (captioned or failed):
+    otherwise the job fails here, loudly, instead of committing a silent loss."""
+    captioned = sum(p["captioned"] for p in parts)
+    failed = sum(p["failed"] for p in parts)
+    if captioned + failed != inputs:
+        raise RuntimeError(
+            f"{inputs} inputs but {captioned} captions and {failed} error rows: "
+            f"{inputs - captioned - failed} input(s) have no row"
         )
-        write_run_record(plan.staging, {"run_id": run_id, "add": plan.add, "identity": identity})
-    if plan.add:
-        check_one_model(existing, manifest["model_id"], args.output_dir, args.allow_mixed_models)
-        check_one_decoding(args.output_dir, decoding_settings(args), args.allow_mixed_models)
-    return plan
+    images, repeated, at_limit = looping
+    record = {
+        "parts": [*parts, *[r["add"] for r in rewritten if r["add"]], *adopted],
+        "removes": [[r["remove"], r["size"]] for r in rewritten],
+        "counts": {
+            "captioned": captioned + sum(p["captioned"] for p in adopted),
+            "failed": failed + sum(p["failed"] for p in adopted),
+            "resumed": sum(p["rows"] for p in adopted),
+            "superseded": sum(r["dropped"] for r in rewritten),
+        },
+        "looping": {
+            "images": images,
+            "repeated_trigram": repeated,
+            "at_length_limit": at_limit,
+            "distinct_captions": distinct,
+        },
+    }
+    path = record_path(output_dir, attempt)
+    with FileSystems.create(path, mime_type="application/json") as f:
+        f.write(json.dumps(record, sort_keys=True).encode())
+    return path
 
 
-def commit_run(output_dir: str, plan: RunPlan) -> None:
-    """The pipeline finished: the staged tables replace the committed ones (or, with
-    --skip_existing, join them; error rows of inputs tried again are superseded)."""
-    if plan.existing and not plan.add:
-        print(f"caption_images: replacing {len(plan.existing)} files of the previous run")
-    retried = supersede_retried_errors(plan.staging, plan.existing) if plan.add else 0
-    if retried:
-        print(f"caption_images: {retried} input(s) that failed before were tried again")
-    commit(output_dir, plan.staging, plan.existing, add=plan.add, retried=retried)
+def read_run_record(output_dir: str, attempt: str) -> dict[str, Any]:
+    with FileSystems.open(record_path(output_dir, attempt), compression_type="uncompressed") as f:
+        return json.loads(f.read())
 
 
-def discard_run(plan: RunPlan) -> None:
-    """Nothing ran (--dry_run): remove the staging folder, unless it holds a killed run's
-    parts that a later resume needs."""
-    if not plan.adopted:
-        FileSystems.delete([plan.staging])
+def commit_run(output_dir: str, plan: RunPlan, body: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline finished: its files become one commit of the table; returns the
+    summary the commit carries (its counts, model, decoding, looping figures)."""
+    record = read_run_record(output_dir, plan.attempt)
+    summary = {
+        **body,
+        "counts": record["counts"],
+        "looping": record["looping"],
+        "mode": "replace" if plan.replace else "append",
+    }
+    removes = [(_relative(output_dir, uri), size) for uri, size in record["removes"]]
+    version = caption_table.commit(
+        output_dir, plan.base_version, record["parts"], removes, plan.replace, summary
+    )
+    FileSystems.delete([record_path(output_dir, plan.attempt)])
+    return {**summary, "version": version}
+
+
+def _relative(output_dir: str, uri: str) -> str:
+    root = caption_table.table_uri(output_dir).rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -264,17 +258,10 @@ def is_disk_full(error: BaseException) -> bool:
 
 def disk_full_message(output_dir: str) -> str:
     """What a run that filled the disk says, in one line: what it kept, and how to go on."""
-    staged = stale_staging(output_dir)
-    sizes = {
-        folder: sum(m.size_in_bytes for m in FileSystems.match([f"{folder}/*"])[0].metadata_list)
-        for folder in staged
-    }
-    kept = (
-        "its finished parts are kept in "
-        + ", ".join(f"{f} ({sizes[f] / 1e6:.1f} MB)" for f in staged)
-        + "; free space, then run the same command with --skip_existing to resume (or delete "
-        "that folder to discard them)"
-        if staged
-        else "nothing was staged; free space and run the command again"
+    pattern = f"{output_dir.rstrip('/')}/{PART_PREFIX}*.parquet"
+    kept = sum(m.size_in_bytes for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    return (
+        f"no space left on the device of {output_dir}: the run stopped before its commit; "
+        f"the table is as it was, and finished files ({kept / 1e6:.2f} MB with earlier runs') "
+        "stay: free space, then run the same command with --skip_existing to resume"
     )
-    return f"no space left on the device of {output_dir}: the run stopped before its commit; {kept}"

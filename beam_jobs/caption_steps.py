@@ -63,20 +63,29 @@ def done_key(uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
+SUPERSEDED_TAG = "superseded"
+
+
 class NewInputsFn(TallyFn):
     """After grouping by uri (archives by path): each input not already in the output,
     once. A plain file comes out unread; an archive is read here, and each member not in
-    the output and not seen before in it comes out with its bytes, or as its error row."""
+    the output and not seen before in it comes out with its bytes, or as its error row.
+
+    The "retried" group holds (table file, uri) of the input's transient error rows
+    (`formats.TRANSIENT_ERRORS`): the input is tried again, so each of those rows goes out
+    on SUPERSEDED_TAG, to be dropped from its file in this run's commit."""
 
     def __init__(self, progress_dir: str | None = None, max_bytes: int = MAX_BYTES):
         super().__init__(NAMESPACE, progress_dir)
         self.max_bytes = max_bytes
 
-    def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Item]:
+    def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Any]:
         key, groups = element
         items, done = groups["input"], groups.get("done", [])
         if not items or None in done:  # not an input, or it (or its archive) has its row
             return
+        for file_and_uri in groups.get("retried", []):
+            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, file_and_uri)
         if items[0].error_type is not None or not is_archive_name(key):
             yield items[0]  # the same file matched twice (overlapping --input) is read once
             return
@@ -164,25 +173,43 @@ class CountErrorsFn(TallyFn):
 
 
 class ToRowFn(TallyFn):
-    def __init__(self, model_id: str, progress_dir: str | None = None):
-        self.model_id = model_id
+    """A caption -> its table row (`formats.CAPTION_TABLE_SCHEMA`), with the run's settings."""
+
+    def __init__(self, settings: dict[str, Any], progress_dir: str | None = None):
+        self.settings = settings
         super().__init__(NAMESPACE, progress_dir)
 
     def process(self, element: tuple[Meta, CaptionResult]) -> Iterator[dict[str, Any]]:
+        from model.text.ngrams import LOOP_NGRAM, has_repeated_ngram
+
         meta, result = element
         self.tally.inc("images_captioned")
-        yield {
-            "uri": meta.key,
-            "caption": result.caption,
-            "token_ids": result.token_ids,
-            "log_prob": result.log_prob,
-            "length": len(result.token_ids),
-            "hit_max_length": result.hit_max_length,
-            "width": meta.width,
-            "height": meta.height,
-            "sha256": meta.sha256,
-            "model_id": self.model_id,
-        }
+        yield table_row(
+            meta.key,
+            self.settings,
+            caption=result.caption,
+            token_ids=result.token_ids,
+            log_prob=result.log_prob,
+            length=len(result.token_ids),
+            hit_max_length=result.hit_max_length,
+            repeated_trigram=has_repeated_ngram(result.caption.split(), LOOP_NGRAM),
+            width=meta.width,
+            height=meta.height,
+            sha256=meta.sha256,
+        )
+
+
+def table_row(uri: str, settings: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """A row of the caption table: `uri` (also its key), the run's settings, `values`;
+    every other column null."""
+    return {"uri": uri, "key": uri, **settings, **values}
+
+
+def error_table_row(error: dict[str, str], settings: dict[str, Any]) -> dict[str, Any]:
+    """An error row (`preprocessing.error_row`) as a row of the caption table."""
+    return table_row(
+        error["uri"], settings, error_type=error["error_type"], message=error["message"]
+    )
 
 
 def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from beam_jobs.flags import add_common_flags
+from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     UsageError,
     check_exists,
@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     p.add_argument("--large_model", action="store_true", help="one model shared per machine (GPU)")
     add_common_flags(p)
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = parse_job_flags(p, argv)
     if args.captions_json and not args.split:
         raise UsageError("--split is required with --captions_json")
     return args, beam_args

@@ -7,8 +7,9 @@ renamed into place, so a part file is either complete or absent: a killed run
 leaves only whole parts behind, which a rerun with --skip_existing adopts.
 
 A part is named after the uris it holds, so a bundle that a runner retries
-writes the same names again instead of new copies; the paths the transform
-outputs (exactly once, like any Beam output) are the parts the run commits.
+writes the same names again instead of new copies; the parts the transform
+outputs (exactly once, like any Beam output: name, size and Delta statistics)
+are the ones the run commits (`beam_jobs.caption_table`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-INFLIGHT = ".inflight-"
+# Not hidden: `vacuum` removes what a kill left of one (it passes over hidden names).
+INFLIGHT = "inflight-"
 # A part holds at most this many rows (about 2 MB of captions as zstd Parquet).
 ROWS_PER_PART = 10_000
 
@@ -34,34 +36,41 @@ def part_name(prefix: str, rows: list[dict[str, Any]]) -> str:
     return f"{prefix}-{digest[:16]}.parquet"
 
 
-def write_part(folder: str, name: str, rows: list[dict[str, Any]], schema: Any, codec: str) -> str:
-    """Writes `rows` as `folder/name`, complete or not at all; returns the path."""
+def write_part(
+    folder: str, name: str, rows: list[dict[str, Any]] | Any, schema: Any, codec: str
+) -> dict[str, Any]:
+    """Writes `rows` (dicts, or a pyarrow Table) as `folder/name`, complete or not at all;
+    returns the part: its name, size, row count and Delta statistics."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression=codec)
+    pq.write_table(table, sink, compression=codec)
+    data = sink.getvalue().to_pybytes()
     path = f"{folder.rstrip('/')}/{name}"
     temporary = f"{folder.rstrip('/')}/{INFLIGHT}{uuid.uuid4().hex}-{name}"
     with FileSystems.create(temporary, compression_type="uncompressed") as f:
-        f.write(sink.getvalue().to_pybytes())
+        f.write(data)
     FileSystems.rename([temporary], [path])  # replaces what a retried bundle wrote before
-    return path
+    return part_record(name, len(data), table)
 
 
-def remove_inflight(folder: str) -> list[str]:
-    """Deletes the half-written temporaries a killed run left in `folder`; returns them."""
-    pattern = f"{folder.rstrip('/')}/{INFLIGHT}*"
-    found = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-    if found:
-        FileSystems.delete(found)
-    return found
+def part_record(name: str, size: int, table: Any) -> dict[str, Any]:
+    """What a commit needs of a data file: name (relative to the table), size, rows, stats."""
+    from beam_jobs.caption_table import file_stats
 
-
-def finished_parts(folder: str, prefix: str) -> list[str]:
-    """The complete part files `prefix-*.parquet` in `folder`."""
-    pattern = f"{folder.rstrip('/')}/{prefix}-*.parquet"
-    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    failed = 0
+    if "error_type" in table.column_names:
+        failed = table.num_rows - table["error_type"].null_count
+    return {
+        "name": name,
+        "size": size,
+        "rows": table.num_rows,
+        "captioned": table.num_rows - failed,
+        "failed": failed,
+        "stats": file_stats(table),
+    }
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> Any:
@@ -79,9 +88,9 @@ def read_uris(path: str) -> list[str]:
 
 
 def without_overlaps(paths: list[str]) -> list[str]:
-    """The parts, in order, whose uris no earlier part holds; the others are deleted, so
-    their rows are captioned again. Two parts share a uri only if a runner retried a
-    bundle that had already saved parts, and grouped its rows differently the second time."""
+    """The parts, in order, whose uris no earlier part holds; the others are left out (their
+    rows are captioned again; `vacuum` removes the files). Two parts share a uri only if a
+    runner retried a bundle that had already saved parts, and grouped its rows otherwise."""
     seen: set[str] = set()
     kept = []
     for path in paths:
@@ -89,21 +98,11 @@ def without_overlaps(paths: list[str]) -> list[str]:
         if seen.isdisjoint(uris):
             kept.append(path)
             seen.update(uris)
-        else:
-            FileSystems.delete([path])
     return kept
 
 
-def row_count(path: str) -> int:
-    """Rows in a Parquet file, from its footer."""
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 class WritePartsFn(beam.DoFn):
-    """Rows -> part files `folder/PREFIX-DIGEST.parquet`; outputs each part's path."""
+    """Rows -> part files `folder/PREFIX-DIGEST.parquet`; outputs each part (`write_part`)."""
 
     def __init__(
         self,
@@ -125,7 +124,7 @@ class WritePartsFn(beam.DoFn):
         self.rows: list[dict[str, Any]] = []
         self.first = 0.0
 
-    def process(self, row: dict[str, Any]) -> Iterator[str]:
+    def process(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if not self.rows:
             self.first = time.monotonic()
         self.rows.append(row)
@@ -137,7 +136,7 @@ class WritePartsFn(beam.DoFn):
         if self.rows:
             yield GlobalWindows.windowed_value(self._flush())
 
-    def _flush(self) -> str:
+    def _flush(self) -> dict[str, Any]:
         rows, self.rows = self.rows, []
         name = part_name(self.prefix, rows)
         return write_part(self.folder, name, rows, self.schema, self.codec)

@@ -27,6 +27,13 @@ def _not_beam_resource_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Resource module is not available")
 
 
+def _not_disk_full_traceback(record: logging.LogRecord) -> bool:
+    # A worker that fills the disk fails the job, which the launcher then reports in one
+    # line that says how to resume (caption_run.disk_full_message); Beam's own log of the
+    # worker's traceback would come first.
+    return "No space left on device" not in record.getMessage()
+
+
 # Runners that run the pipeline in this machine's memory: a shuffle there holds its data.
 LOCAL_RUNNERS = (
     "DirectRunner",
@@ -50,6 +57,9 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     root = logging.getLogger()
     if _not_beam_resource_notice not in root.filters:
         root.addFilter(_not_beam_resource_notice)
+    worker_errors = logging.getLogger("apache_beam.runners.common")  # where Beam logs them
+    if _not_disk_full_traceback not in worker_errors.filters:
+        worker_errors.addFilter(_not_disk_full_traceback)
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "FnApiRunner"

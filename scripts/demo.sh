@@ -38,11 +38,11 @@ step "5/6 Bulk-caption the val folder and a tar.gz of it into Parquet"
 (cd "$OUT/data" && tar -czf ../val_images.tar.gz val/*.jpg)  # files only, no directory entries
 $PY -m beam_jobs.caption_images --model "$OUT/model/export" \
   --input "$OUT/data/val" --input "$OUT/val_images.tar.gz" \
-  --output_dir "$OUT/captions" --attention_dir "$OUT/captions/attention" --attention_plots 4
+  --output_dir "$OUT/captions" --attention_dir "$OUT/attention" --attention_plots 4
 
 step "6/6 A few captions next to their references"
 $PY -m scripts.show_captions --captions_dir "$OUT/captions" \
   --captions_json "$OUT/data/annotations/captions_val.json" --count 8
 echo
 echo "Attention plots:"
-ls "$OUT"/model/eval/val/*.png "$OUT"/captions/attention/*.png
+ls "$OUT"/model/eval/val/*.png "$OUT"/attention/*.png

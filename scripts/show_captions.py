@@ -6,11 +6,10 @@ python -m scripts.show_captions --captions_dir CAPTIONS_DIR --captions_json ANN.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
-import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,14 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     refs: dict[str, list[str]] = {}
     for ann in coco["annotations"]:
         refs.setdefault(names[ann["image_id"]], []).append(ann["caption"])
-    table = pq.read_table(sorted(glob.glob(os.path.join(a.captions_dir, "captions-*.parquet"))))
-    rows = sorted(table.select(["uri", "caption"]).to_pylist(), key=lambda r: r["uri"])
-    shown = [r for r in rows if "!/" not in r["uri"]][: a.count]
+    table = DeltaTable(a.captions_dir).to_pyarrow_table(columns=["uri", "caption", "error_type"])
+    rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    captioned = [r for r in rows if r["error_type"] is None]
+    shown = [r for r in captioned if "!/" not in r["uri"]][: a.count]
     for r in shown:
         name = os.path.basename(r["uri"])
         print(f"{name}\n  model:     {r['caption']}\n  reference: {refs.get(name, ['?'])[0]}")
-    errors = pq.read_table(sorted(glob.glob(os.path.join(a.captions_dir, "errors-*.parquet"))))
-    print(f"\n{table.num_rows} captions and {errors.num_rows} error rows in {a.captions_dir}")
+    failed = len(rows) - len(captioned)
+    print(f"\n{len(captioned)} captions and {failed} error rows in {a.captions_dir}")
 
 
 if __name__ == "__main__":

@@ -4,17 +4,17 @@ import os
 import tarfile
 import zipfile
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs.caption_images import run
 from model.cli import UsageError
 from model.io.formats import FormatError
-from model.text.ngrams import looping_figures
+from model.text.ngrams import has_repeated_ngram
 from model.text.vocab import Vocabulary
 from tests.fixtures import write_tiny_export
 from tests.helpers import bad_images, encode, good_images, noise, solid
+from tests.tables import caption_rows, duckdb_delta, last_run, table_uris
 
 RUNNER = ["--runner", "FnApiRunner"]
 
@@ -104,9 +104,7 @@ def caption(inputs, out, *extra):
 
 
 def tables(out):
-    caps = pq.read_table(sorted(str(p) for p in out.glob("captions-*.parquet"))).to_pylist()
-    errs = pq.read_table(sorted(str(p) for p in out.glob("errors-*.parquet"))).to_pylist()
-    return caps, errs
+    return caption_rows(out)
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +126,22 @@ def test_every_input_appears_exactly_once(captioned, inputs):
         u: k for u, k in expected.items() if k != "ok"
     }
     assert all(r["message"] for r in errs)
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["counts"] == {
+    run = last_run(out)
+    assert run["counts"] == {
         "captioned": len(caps),
         "failed": len(errs),
-        "inputs": len(expected),
+        "resumed": 0,
+        "superseded": 0,
     }
     assert summary["captioned"] == len(caps) and summary["failed"] == len(errs)
-    assert manifest["decoding"]["block_repeats"] == 3
-    assert manifest["looping"] == looping_figures(
-        [r["caption"] for r in caps], [r["hit_max_length"] for r in caps]
-    )
+    assert run["decoding"]["block_repeats"] == 3 and run["mode"] == "replace"
+    assert run["looping"] == {
+        "images": len(caps),
+        "repeated_trigram": sum(has_repeated_ngram(r["caption"].split()) for r in caps),
+        "at_length_limit": sum(r["hit_max_length"] for r in caps),
+        "distinct_captions": len({r["caption"] for r in caps}),
+    }
+    assert {r["run_id"] for r in caps + errs} == {run["run_id"]}
 
 
 def test_caption_rows_follow_the_schema(captioned, inputs):
@@ -148,7 +151,9 @@ def test_caption_rows_follow_the_schema(captioned, inputs):
     model_id = json.load(open(os.path.join(export, "manifest.json")))["model_id"]
     vocab = Vocabulary.load(os.path.join(export, "vocab.txt"))
     for r in caps:
-        assert r["model_id"] == model_id and len(r["sha256"]) == 64
+        assert r["model_id"] == model_id and len(r["sha256"]) == 64 and r["key"] == r["uri"]
+        assert (r["beam_size"], r["block_repeats"], r["precision"]) == (1, 3, "float32")
+        assert r["repeated_trigram"] == has_repeated_ngram(r["caption"].split())
         assert r["length"] == len(r["token_ids"]) <= 6
         assert r["hit_max_length"] == (r["length"] == 6)
         assert r["log_prob"] <= 0 and r["width"] > 0 and r["height"] > 0
@@ -157,23 +162,34 @@ def test_caption_rows_follow_the_schema(captioned, inputs):
     rotated = next(r for r in caps if r["uri"].endswith("exif_rotated.jpg"))
     assert (rotated["width"], rotated["height"]) == (20, 40)
     assert (
-        pq.ParquetFile(next(out.glob("captions-*.parquet")))
-        .metadata.row_group(0)
-        .column(0)
-        .compression
+        pq.ParquetFile(next(out.glob("part-*.parquet"))).metadata.row_group(0).column(0).compression
         == "ZSTD"
     )
 
 
-def test_duckdb_reads_the_tables(captioned):
+def test_duckdb_pandas_and_polars_read_the_table(captioned):
+    """The table as its users read it: DuckDB's delta extension (loaded offline from its
+    PyPI package), pandas through deltalake, polars; all see the same rows."""
+    import polars as pl
+    from deltalake import DeltaTable
+
     out, _ = captioned
-    [(n,)] = duckdb.sql(f"select count(*) from read_parquet('{out}/captions-*.parquet')").fetchall()
+    con = duckdb_delta()
+    [(n, failed)] = con.sql(
+        f"select count(*), count(error_type) from delta_scan('{out}')"
+    ).fetchall()
     kinds = dict(
-        duckdb.sql(
-            f"select error_type, count(*) from read_parquet('{out}/errors-*.parquet') group by 1"
+        con.sql(
+            f"select error_type, count(*) from delta_scan('{out}') where error_type is not null "
+            "group by 1"
         ).fetchall()
     )
-    assert n > 10 and kinds["unsafe_path"] == 6
+    caps, errs = tables(out)
+    assert (n, failed) == (len(caps) + len(errs), len(errs)) and kinds["unsafe_path"] == 6
+    frame = DeltaTable(str(out)).to_pandas()
+    assert sorted(frame["uri"]) == sorted(r["uri"] for r in caps + errs)
+    polars = pl.read_delta(str(out)).filter(pl.col("error_type").is_null())
+    assert sorted(polars["uri"].to_list()) == sorted(r["uri"] for r in caps)
 
 
 def test_nothing_escapes_the_output_dir(captioned, inputs):
@@ -184,10 +200,14 @@ def test_nothing_escapes_the_output_dir(captioned, inputs):
 
 def test_rerun_gives_the_same_rows(captioned, inputs):
     out, _ = captioned
-    before = sorted(tables(out)[0], key=lambda r: r["uri"])
+
+    def rows():
+        caps = sorted(tables(out)[0], key=lambda r: r["uri"])
+        return [{k: v for k, v in r.items() if k != "run_id"} for r in caps]
+
+    before = rows()
     caption(inputs, out)
-    after = sorted(tables(out)[0], key=lambda r: r["uri"])
-    assert before == after
+    assert rows() == before
 
 
 def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
@@ -214,12 +234,18 @@ def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
     assert summary["captioned"] == 2
     caps, errs = tables(out)
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
-    manifest = json.load(open(out / "manifest.json"))  # the whole table's, not the last run's
-    assert manifest["looping"]["images"] == 3
+    assert last_run(out)["looping"]["images"] == 2  # this run's rows; the table sums them
+    again = run(
+        ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+        + ["--skip_existing", *RUNNER]
+    )
+    assert (again["captioned"], again["failed"]) == (0, 0)  # a finished table: nothing new
     (folder / "four.jpg").write_bytes(encode(noise(23), "JPEG"))
     beam = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
-    with pytest.raises(UsageError, match="decoded with beam_size 1; this run has beam_size 3"):
+    version = last_run(out)["version"]
+    with pytest.raises(UsageError, match="holds captions with beam_size 1; this run has beam_s"):
         run([*beam, "--skip_existing", "--beam_size", "3", *RUNNER])
+    assert last_run(out)["version"] == version and len(table_uris(out)) == 3
 
 
 def test_multi_processing_mode_with_one_shared_model(inputs, captioned, tmp_path):
@@ -296,7 +322,7 @@ def test_pipeline_translates_for_dataflow(inputs, tmp_path):
         "--skip_existing",
     )
     assert summary == {"dry_run": True}
-    assert not list((tmp_path / "out").glob("captions-*.parquet"))
+    assert not (tmp_path / "out").exists()
 
 
 def _zip_with_bad_crc(path, members, bad):
@@ -396,17 +422,18 @@ def test_one_folder_spelled_three_ways_with_the_outputs_inside_it(inputs, tmp_pa
         caps, errs = tables(folder / "captions")
         assert sorted(r["uri"] for r in caps) == [str(folder / f"{i}.jpg") for i in range(3)]
         assert errs == [] and summary["captioned"] == 3
-        manifest = json.load(open(folder / "captions" / "manifest.json"))
-        assert manifest["counts"] == {"captioned": 3, "failed": 0, "inputs": 3}
+        counts = last_run(folder / "captions")["counts"]
+        assert (counts["captioned"], counts["failed"]) == (3, 0)
     assert len(list((folder / "plots").glob("*.png"))) == 3
 
 
-def test_the_manifest_refuses_to_describe_a_loss(tmp_path):
-    from beam_jobs.caption_run import write_staged_manifest as write_manifest
+def test_a_run_that_lost_an_input_is_never_recorded(tmp_path):
+    from beam_jobs.caption_run import write_run_record
 
-    with pytest.raises(RuntimeError, match="1 input\\(s\\) are in neither table"):
-        write_manifest(None, str(tmp_path), {}, captioned=3, failed=1, files=[], inputs=5)
-    assert not (tmp_path / "manifest.json").exists()
+    parts = [{"captioned": 3, "failed": 1, "rows": 4}]
+    with pytest.raises(RuntimeError, match="1 input\\(s\\) have no row"):
+        write_run_record(None, str(tmp_path), "a", parts, [], [], 5, (3, 0, 0), 3)
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_path, monkeypatch):
@@ -449,56 +476,55 @@ def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_p
     assert (again["captioned"], again["errors"]) == (1, {"not_an_image": 1})
     caps, errs = tables(tmp_path / "out")
     assert len(caps) == 4 and [os.path.basename(e["uri"]) for e in errs] == ["text.jpg"]
-    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
-    assert manifest["counts"] == {"captioned": 4, "failed": 1, "inputs": 5}
+    counts = last_run(tmp_path / "out")["counts"]
+    assert (counts["captioned"], counts["failed"], counts["superseded"]) == (1, 1, 1)
     third = run(skip)  # nothing transient left: nothing is read again
     assert (third["captioned"], third["failed"]) == (0, 0)
 
 
 def _table_uris(out):
-    caps, errs = tables(out)
-    return [r["uri"] for r in caps] + [r["uri"] for r in errs]
+    return table_uris(out)
 
 
-def _kill_when_parts(cmd, out, parts, timeout=300):
-    """Starts `cmd`, SIGKILLs it once `parts` caption parts are finished in its own staging
-    folder (not one an earlier killed run left); returns that folder."""
+def _version(out):
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(out)).version() if (out / "_delta_log").exists() else None
+
+
+def _kill_when(cmd, ready, timeout=300):
+    """Starts `cmd` and SIGKILLs it once `ready()` is true."""
     import signal
     import subprocess
     import time
 
     from tests.test_cli import ENV, ROOT
 
-    earlier = set(out.glob(".staging-*"))
     proc = subprocess.Popen(
         cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + timeout
-
-    def own():
-        return [f for f in out.glob(".staging-*") if f not in earlier]
-
-    while sum(len(list(f.glob("captions-*.parquet"))) for f in own()) < parts:
+    while not ready():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no parts written"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    [staging] = own()
-    return staging
 
 
-def _part_rows(staging):
-    parts = [*staging.glob("captions-*.parquet"), *staging.glob("errors-*.parquet")]
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+def _parts(out):
+    return set(out.glob("part-*.parquet"))
 
 
-def test_killed_runs_leave_the_tables_whole_and_resume_from_their_parts(inputs, tmp_path, capsys):
-    """SIGKILL a first run once it has finished parts: the same command with
+def _rows_in(paths):
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(inputs, tmp_path, capsys):
+    """SIGKILL a first run once it has finished files: the same command with
     --skip_existing adopts them and captions only the rest. Then SIGKILL reruns that
-    replace the tables 2 and 7 s in (loading, reading) and once parts exist: the tables
-    stay whole each time, and the resumed rerun replaces them."""
-    import signal
+    replace the table 2 and 7 s in (loading, reading) and once files exist: the table
+    stays whole each time, and the resumed rerun replaces it."""
     import subprocess
     import sys
     import time
@@ -517,134 +543,77 @@ def test_killed_runs_leave_the_tables_whole_and_resume_from_their_parts(inputs, 
     cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv]
     expected = sorted([str(p) for p in folder.iterdir()])
 
-    staging = _kill_when_parts(cmd, out, parts=4)
-    assert not list(out.glob("*.parquet")) and not (out / "manifest.json").exists()
-    # A part being written at the kill: a temporary that must not be read.
-    (staging / ".inflight-0123-captions-x.parquet").write_bytes(b"half a file")
-    kept = _part_rows(staging)
+    _kill_when(cmd, lambda: len(_parts(out)) >= 4)
+    assert _version(out) is None  # no commit: no table
+    # A file being written at the kill: a temporary that must not be read.
+    (out / "inflight-0123-part-x.parquet").write_bytes(b"half a file")
+    killed = _parts(out)
+    kept = _rows_in(killed)
     assert kept >= 4
     resumed = run([*argv, "--skip_existing"])
-    assert f"resuming run {staging.name.split('-', 1)[1]}" in capsys.readouterr().out
+    assert f"{len(killed)} finished file(s), {kept} rows kept" in capsys.readouterr().out
     assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
     assert sorted(_table_uris(out)) == expected
-    manifest = (out / "manifest.json").read_text()
-    assert json.loads(manifest)["counts"] == {"captioned": 30, "failed": 1, "inputs": 31}
-    assert not list(out.glob(".staging-*"))
+    assert last_run(out)["counts"]["resumed"] == kept
 
-    first_files = sorted(p.name for p in out.glob("*.parquet"))
+    version = _version(out)
     for delay in (2, 7):
         proc = subprocess.Popen(
             cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         time.sleep(delay)
         finished = proc.poll() is not None
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()
         proc.wait()
         assert sorted(_table_uris(out)) == expected, f"killed after {delay}s"
         if not finished:
-            assert (out / "manifest.json").read_text() == manifest
-            assert sorted(p.name for p in out.glob("*.parquet")) == first_files
-    staging = _kill_when_parts(cmd, out, parts=4)
+            assert _version(out) == version
+    before = _parts(out)
+    _kill_when(cmd, lambda: len(_parts(out) - before) >= 4)
     assert sorted(_table_uris(out)) == expected
-    assert len(list(out.glob(".staging-*"))) == 1  # the earlier killed runs' are gone
-    kept = _part_rows(staging)
+    killed = _parts(out) - before
     resumed = run([*argv, "--skip_existing"])
-    assert resumed["captioned"] + resumed["failed"] == len(expected) - kept
+    assert resumed["captioned"] + resumed["failed"] == len(expected) - _rows_in(killed)
     assert sorted(_table_uris(out)) == expected
-    run_id = staging.name.split("-", 1)[1]
-    assert all(run_id in p.name for p in out.glob("*.parquet"))  # replaced, not added to
-    assert json.load(open(out / "manifest.json"))["counts"]["inputs"] == 31
-    assert not list(out.glob(".staging-*"))
+    assert last_run(out)["mode"] == "replace"  # resumed as the replacing run it was
 
 
-def _check_table(out, expected):
-    """Every expected uri in exactly one row, the manifest naming exactly the files there."""
-    caps, errs = tables(out)
-    uris = [r["uri"] for r in caps] + [r["uri"] for r in errs]
-    assert sorted(uris) == sorted(expected)
-    manifest = json.load(open(out / "manifest.json"))
-    assert sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
-    assert manifest["counts"]["inputs"] == len(expected)
-    assert not list(out.glob(".staging-*"))
-
-
-@pytest.mark.parametrize("step", ["planned", "moved", "manifest", "deleted"])
-def test_a_commit_killed_at_any_step_is_finished_by_the_next_command(
-    inputs, tmp_path, monkeypatch, step
-):
-    from beam_jobs.commit import FAULT_ENV, CommitFault
-
-    _, _, export = inputs
-    folder, other, out = tmp_path / "in", tmp_path / "other", tmp_path / "out"
-    for d, seed in ((folder, 80), (other, 90)):
-        d.mkdir()
-        for i in range(3):
-            (d / f"{i}.jpg").write_bytes(encode(noise(seed + i), "JPEG"))
-    base = ["--model", export, "--output_dir", str(out), "--batch_size", "4", *RUNNER]
-    run([*base, "--input", str(folder)])
-    expected = [str(folder / f"{i}.jpg") for i in range(3)]
-
-    # A replacing rerun, stopped right after `step` of its commit.
-    monkeypatch.setenv(FAULT_ENV, step)
-    with pytest.raises(CommitFault):
-        run([*base, "--input", str(folder)])
-    monkeypatch.delenv(FAULT_ENV)
-    # The README's resume command, then an unrelated command, each finds the table whole.
-    again = run([*base, "--input", str(folder), "--skip_existing"])
-    assert again["captioned"] == 0
-    _check_table(out, expected)
-    run([*base, "--input", str(other), "--skip_existing"])
-    _check_table(out, expected + [str(other / f"{i}.jpg") for i in range(3)])
-
-    # An adding run stopped at the same step: an unrelated command finishes it first.
-    (folder / "3.jpg").write_bytes(encode(noise(99), "JPEG"))
-    monkeypatch.setenv(FAULT_ENV, step)
-    with pytest.raises(CommitFault):
-        run([*base, "--input", str(folder), "--skip_existing"])
-    monkeypatch.delenv(FAULT_ENV)
-    run([*base, "--input", str(other), "--skip_existing"])
-    _check_table(
-        out, expected + [str(folder / "3.jpg")] + [str(other / f"{i}.jpg") for i in range(3)]
-    )
-
-
-@pytest.mark.parametrize("step", ["moved", "manifest"])
-def test_a_commit_sigkilled_mid_way_is_finished_by_the_next_command(inputs, tmp_path, step):
-    """A real SIGKILL (no Python unwinding, no finally) inside the commit's window: the
-    next unrelated command finds the old rows and the new ones, none twice."""
-    import subprocess
+@pytest.mark.parametrize("moment", ["record", "commit"])
+def test_a_run_killed_after_its_pipeline_is_committed_by_its_resume(inputs, tmp_path, moment):
+    """--num_shards 2, SIGKILLed once its pipeline has finished (its run record is
+    written), or once its commit is in the log: the same command with --skip_existing
+    ends with every input once, the killed run's files adopted rather than replaced."""
     import sys
 
-    from beam_jobs.commit import FAULT_ENV
-    from tests.test_cli import ENV, ROOT
-
     _, _, export = inputs
-    folder, other, out = tmp_path / "in", tmp_path / "other", tmp_path / "out"
-    for d, seed in ((folder, 180), (other, 190)):
-        d.mkdir()
-        for i in range(3):
-            (d / f"{i}.jpg").write_bytes(encode(noise(seed + i), "JPEG"))
-    base = ["--model", export, "--output_dir", str(out), "--batch_size", "4", *RUNNER]
-    run([*base, "--input", str(folder)])
-    (folder / "3.jpg").write_bytes(encode(noise(199), "JPEG"))
-    killed = subprocess.run(
-        [sys.executable, "-m", "beam_jobs.caption_images", *base, "--input", str(folder)],
-        env={**ENV, FAULT_ENV: f"kill:{step}"},
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(500 + i), "JPEG"))
+    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv += ["--batch_size", "4", "--num_shards", "2", *RUNNER]
+    run(argv[:-4] + [*RUNNER])  # a table to add to
+    (folder / "new.jpg").write_bytes(encode(noise(520), "JPEG"))
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv, "--skip_existing"]
+    version = _version(out)
+    if moment == "record":
+        ready = lambda: any((out / "_caption_runs").glob("*.json"))  # noqa: E731
+    else:
+        ready = lambda: _version(out) != version  # noqa: E731
+    _kill_when(cmd, ready)
+    assert sorted(_table_uris(out)) in (
+        sorted(str(p) for p in folder.iterdir() if p.name != "new.jpg"),
+        sorted(str(p) for p in folder.iterdir()),
     )
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    run([*base, "--input", str(other), "--skip_existing"])
-    want = [str(folder / f"{i}.jpg") for i in range(4)] + [
-        str(other / f"{i}.jpg") for i in range(3)
-    ]
-    _check_table(out, want)
+    again = run([*argv, "--skip_existing"])
+    assert again["captioned"] == 0
+    assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
 
 
-def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp_path):
-    """Two replacing runs on one output folder, the second started while the first
-    runs: it refuses in one line naming the holder, and the first commits every row."""
+def test_two_runs_on_one_table_at_once_each_input_once(inputs, tmp_path):
+    """A second run started while the first runs, both adding overlapping inputs to one
+    table: one commits, the other fails in one line and commits nothing; the table holds
+    every input once, and the loser's command, run again, adds what is left."""
     import subprocess
     import sys
     import time
@@ -656,8 +625,9 @@ def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp
     folder.mkdir()
     for i in range(16):
         (folder / f"{i:02d}.jpg").write_bytes(encode(noise(300 + i), "JPEG"))
-    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
-    argv += ["--batch_size", "2", *RUNNER]
+    base = ["--model", export, "--output_dir", str(out), "--batch_size", "2", *RUNNER]
+    run([*base, "--input", str(folder / "00.jpg")])
+    argv = [*base, "--input", str(folder), "--skip_existing"]
     first = subprocess.Popen(
         [sys.executable, "-m", "beam_jobs.caption_images", *argv],
         env=ENV,
@@ -665,16 +635,74 @@ def test_a_second_run_on_a_busy_output_dir_refuses_and_takes_nothing(inputs, tmp
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 60
-    while not list(out.glob(".staging-*")) and time.time() < deadline:
-        time.sleep(0.2)  # the first run has its lease and its staging folder
-    assert first.poll() is None, first.stderr.read().decode()
-    with pytest.raises(UsageError, match=rf"{out} is in use by caption_images \(pid {first.pid}"):
+    deadline = time.time() + 120
+    while not _parts(out) - set(out.glob("part-*-r*")) and time.time() < deadline:
+        time.sleep(0.05)  # the first run is captioning
+    try:
         run(argv)
-    assert first.wait(timeout=120) == 0, first.stderr.read().decode()
-    _check_table(out, [str(p) for p in folder.iterdir()])
-    run(argv)  # the lease went with the first run's process
-    _check_table(out, [str(p) for p in folder.iterdir()])
+        second = "committed"
+    except UsageError as e:
+        second = str(e)
+    code = first.wait(timeout=300)
+    stderr = first.stderr.read().decode()
+    assert (code == 0) != (second == "committed"), (code, second, stderr[-2000:])
+    loser = stderr.strip().splitlines()[-1] if code else second
+    assert "another run committed to this table while this one ran" in loser
+    uris = _table_uris(out)
+    assert len(uris) == len(set(uris)) == 16
+    again = run(argv)
+    assert again["captioned"] == 0 and len(_table_uris(out)) == 16
+
+
+def test_a_flag_typo_is_refused_and_the_table_kept(inputs, tmp_path, capsys):
+    _, _, export = inputs
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(noise(600), "JPEG"))
+    base = ["--model", export, "--input", str(folder), "--output_dir", str(out), *RUNNER]
+    run(base)
+    version = _version(out)
+    for typo, near in (("--skip-existing", "--skip_existing"), ("--beam-size", "--beam_size")):
+        with pytest.raises(UsageError, match=f"unknown flag {typo}: did you mean {near}"):
+            run([*base, typo] + (["3"] if "size" in typo else []))
+    assert _version(out) == version
+    with pytest.raises(UsageError, match="unknown flag --runer: did you mean --runner"):
+        run([*base, "--runer", "DirectRunner"])
+
+
+def test_a_refused_command_keeps_a_killed_runs_files(inputs, tmp_path):
+    """A killed --skip_existing run's files survive a command that is then refused
+    (another decoding), and the resume adopts them."""
+    import sys
+
+    _, _, export = inputs
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(700 + i), "JPEG"))
+    base = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    base += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
+    run([*base[:2], "--input", str(folder / "00.jpg"), *base[4:]])
+    before = _parts(out)
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *base, "--skip_existing"]
+    _kill_when(cmd, lambda: len(_parts(out) - before) >= 3)
+    killed = _parts(out) - before
+    with pytest.raises(UsageError, match="beam_size 1; this run has beam_size 3"):
+        run([*base, "--skip_existing", "--beam_size", "3"])
+    assert killed <= _parts(out)
+    resumed = run([*base, "--skip_existing"])
+    assert resumed["captioned"] == 19 - _rows_in(killed)
+    assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_an_old_layout_folder_is_refused_in_one_line(inputs, tmp_path):
+    _, _, export = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"kind": "captions", "format_version": 1}')
+    (tmp_path / "a.jpg").write_bytes(encode(noise(800), "JPEG"))
+    with pytest.raises(UsageError, match="old layout.*python -m beam_jobs.caption_table convert"):
+        run(["--model", export, "--input", str(tmp_path / "a.jpg"), "--output_dir", str(out)])
 
 
 def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
@@ -767,7 +795,7 @@ def test_a_full_disk_is_one_line_that_says_how_to_resume(inputs, tmp_path, small
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no space left on the device of {out}"), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert "--skip_existing" in last or "run the command again" in last
+    assert "--skip_existing" in last
     filler.unlink()
     resumed = run([*argv, "--skip_existing"])
     assert resumed["captioned"] + resumed["failed"] <= 12

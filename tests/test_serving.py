@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
@@ -13,6 +12,7 @@ from beam_jobs.caption_images import run as caption_run
 from model.serving import run as serving_run
 from tests.fixtures import write_tiny_export
 from tests.helpers import encode, good_images, noise
+from tests.tables import caption_rows
 from tests.test_cli import ENV, ROOT
 
 # TensorFlow cannot read EXIF orientation: the served model sees this photo as stored.
@@ -36,8 +36,8 @@ def served(tmp_path_factory):
         ["--model", export, "--input", str(images), "--output_dir", str(root / "captions")]
         + ["--runner", "FnApiRunner", "--progress_seconds", "0"]
     )
-    rows = pq.read_table(sorted(str(p) for p in (root / "captions").glob("captions-*.parquet")))
-    bulk = {r["uri"].rsplit("/", 1)[-1]: r for r in rows.to_pylist()}
+    rows, _ = caption_rows(root / "captions")
+    bulk = {r["uri"].rsplit("/", 1)[-1]: r for r in rows}
     fn = tf.saved_model.load(path).signatures["serving_default"]
     names = sorted(files)
     out = fn(images=tf.constant([files[n] for n in names]))

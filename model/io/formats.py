@@ -214,21 +214,39 @@ def export_paths(export_dir: str) -> dict[str, str]:
 
 
 # --- Captions (stage 3 output) -----------------------------------------------
-CAPTIONS_SCHEMA = pa.schema(
+# CAPTIONS_DIR is a Delta Lake table of these rows, one per input: captioned (error_type
+# null) or failed (caption null, error_type and message set). Each row names its run and
+# how it was decoded, so a table that mixes runs still describes every row truly.
+CAPTION_TABLE_SCHEMA = pa.schema(
     [
-        ("uri", pa.string()),
+        ("uri", pa.string()),  # path or URL; archive members as ARCHIVE_URI!/member
+        ("key", pa.string()),  # the input's identity (the uri unless a table names one)
         ("caption", pa.string()),
         ("token_ids", pa.list_(pa.int32())),
         ("log_prob", pa.float32()),
         ("length", pa.int32()),
         ("hit_max_length", pa.bool_()),
+        ("repeated_trigram", pa.bool_()),  # the caption repeats a word trigram (looping)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
         ("model_id", pa.string()),
+        ("precision", pa.string()),
+        ("beam_size", pa.int32()),
+        ("length_penalty", pa.float32()),
+        ("block_repeats", pa.int32()),
+        ("allow_unk", pa.bool_()),
+        ("run_id", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
     ]
 )
+# The columns that say how a row was made: --skip_existing refuses to add rows that
+# differ in any of them from the table's (unless --allow_mixed_models).
+CAPTION_SETTINGS_COLUMNS = ("model_id", "precision", "beam_size", "length_penalty",
+                            "block_repeats", "allow_unk")
 
+# The errors of a features run (FEATURES_DIR/errors-{split}-*.parquet).
 ERRORS_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),

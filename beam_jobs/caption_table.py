@@ -1,0 +1,241 @@
+"""The caption table: a Delta Lake table at --output_dir, one commit per caption run.
+
+Workers write Parquet data files with unique names into the table's folder as rows are
+finished (`beam_jobs.parts`); a file is part of the table only once a commit names it in
+`_delta_log/`, so readers (DuckDB, pandas, polars, Spark, BigQuery) see a run's rows all
+at once or not at all. This module holds what the launcher does with the table, each a
+small function over `deltalake`:
+
+- `open_table` / `table_settings`: the table as this run finds it (its version, and the
+  model and decoding of its rows, from the log's per-file statistics: no data is read);
+- `file_stats` / `add_action`: a data file as a Delta `add` action with its statistics;
+- `commit`: a run's files (and the error files it rewrote) in one transaction, `append`
+  for --skip_existing and `overwrite` otherwise, with the run's summary as the commit's
+  metadata. Every caption commit carries the application transaction `APP_ID`, so two
+  runs that overlap in time cannot both commit: Delta's conflict check fails the second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.paths import is_local
+from model.cli import UsageError
+from model.io import formats
+
+APP_ID = "show-attend-tell/caption_images"
+LOG_DIR = "_delta_log"
+# Delta keeps files a commit removed (a replaced run's, a compaction's inputs) this long,
+# so readers of older versions still find them; `vacuum` deletes them after it.
+RETENTION_HOURS = 168
+
+
+def storage_options(path: str) -> dict[str, str] | None:
+    """What delta-rs needs beyond the defaults: on gs://, Google's STORAGE_EMULATOR_HOST
+    (which Beam's GcsIO and Google's clients honour) points it at an emulator too."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not path.startswith("gs://") or not host:
+        return None
+    host = host if "://" in host else f"http://{host}"
+    key = {"gcs_base_url": host, "disable_oauth": True, "client_email": "", "private_key": ""}
+    return {
+        "google_service_account_key": json.dumps(key),
+        "allow_http": "true",
+    }
+
+
+def table_uri(output_dir: str) -> str:
+    return os.path.abspath(output_dir) if is_local(output_dir) else output_dir.rstrip("/")
+
+
+def open_table(output_dir: str, version: int | None = None) -> Any:
+    """The Delta table at `output_dir` (at `version`, else the latest), or None if there is
+    none yet. A folder of the old layout (captions-*.parquet + manifest.json) is refused."""
+    from deltalake import DeltaTable
+
+    uri = table_uri(output_dir)
+    options = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=options):
+        refuse_old_layout(output_dir)
+        return None
+    return DeltaTable(uri, version=version, storage_options=options)
+
+
+def refuse_old_layout(output_dir: str) -> None:
+    manifest = f"{output_dir.rstrip('/')}/{formats.MANIFEST_FILE}"
+    if FileSystems.exists(manifest):
+        raise UsageError(
+            f"{output_dir} holds captions in the old layout (captions-*.parquet, manifest.json); "
+            f"convert it to a Delta table with: python -m beam_jobs.caption_table convert "
+            f"{output_dir}"
+        )
+
+
+def data_files(table: Any) -> dict[str, int]:
+    """The table's live data files: full uri -> size in bytes (from the log)."""
+    actions = _pylist(table.get_add_actions(flatten=True), ["path", "size_bytes"])
+    root = table.table_uri.rstrip("/")
+    if root.startswith("file://"):
+        root = root[len("file://") :]
+    return {f"{root}/{a['path']}": int(a["size_bytes"]) for a in actions}
+
+
+def table_settings(table: Any) -> dict[str, list[Any]]:
+    """Each settings column (`formats.CAPTION_SETTINGS_COLUMNS`) -> the distinct values its
+    rows hold, from the per-file min and max statistics in the log (no data file is read).
+    A column whose files all hold one value answers [that value]."""
+    columns = [c for c in formats.CAPTION_SETTINGS_COLUMNS]
+    wanted = [f"{side}.{c}" for c in columns for side in ("min", "max")]
+    actions = table.get_add_actions(flatten=True)
+    present = set(actions.schema.names)
+    rows = _pylist(actions, [w for w in wanted if w in present])
+    found: dict[str, set[Any]] = {c: set() for c in columns}
+    for row in rows:
+        for c in columns:
+            found[c].update(v for v in (row.get(f"min.{c}"), row.get(f"max.{c}")) if v is not None)
+    return {c: sorted(v, key=str) for c, v in found.items()}
+
+
+def _pylist(arrow_like: Any, columns: list[str]) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    table = pa.table(arrow_like)
+    return table.select(columns).to_pylist() if columns else [{}] * table.num_rows
+
+
+def file_stats(table: Any) -> str:
+    """Delta statistics of a data file's rows (a pyarrow Table): numRecords, nullCount of
+    every column, and min/max of the scalar columns whose values are finite. Readers
+    skip files by these, so they are computed from the rows themselves."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    minimum: dict[str, Any] = {}
+    maximum: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for name in table.column_names:
+        column = table[name]
+        nulls[name] = column.null_count
+        kind = column.type
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)
+            or pa.types.is_boolean(kind)
+        ):
+            continue
+        if column.null_count == len(column):
+            continue
+        bounds = pc.min_max(column).as_py()
+        lo, hi = bounds["min"], bounds["max"]
+        if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        minimum[name], maximum[name] = lo, hi
+    return json.dumps(
+        {
+            "numRecords": table.num_rows,
+            "minValues": minimum,
+            "maxValues": maximum,
+            "nullCount": nulls,
+        },
+        allow_nan=False,
+    )
+
+
+def add_action(part: Mapping[str, Any]) -> Any:
+    """A written data file ({"name", "size", "stats"}) as a Delta `add` action."""
+    from deltalake.transaction import AddAction
+
+    return AddAction(
+        part["name"], int(part["size"]), {}, int(time.time() * 1000), True, part["stats"]
+    )
+
+
+def remove_action(name: str, size: int) -> Any:
+    from deltalake.transaction import RemoveAction
+
+    return RemoveAction(name, True, int(time.time() * 1000), size, {})
+
+
+def commit(
+    output_dir: str,
+    base_version: int | None,
+    adds: Sequence[Mapping[str, Any]],
+    removes: Sequence[tuple[str, int]],
+    replace: bool,
+    summary: Mapping[str, Any],
+) -> int:
+    """Commits a run's data files as one Delta transaction on top of `base_version` (the
+    version the run read; None: there was no table); returns the new version.
+
+    `replace` makes it an overwrite (the run's rows become the whole table); otherwise an
+    append that also removes `removes` (files whose rows this run superseded, rewritten
+    among `adds`). A commit that another caption run's commit beat to the table fails
+    with one line: nothing of this run is committed, and a rerun with --skip_existing
+    adds what it still lacks."""
+    from deltalake import CommitProperties, Schema, Transaction
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.transaction import create_table_with_add_actions
+
+    uri = table_uri(output_dir)
+    actions = [add_action(a) for a in adds]
+    metadata = {"caption_run": json.dumps(summary, sort_keys=True)}
+    try:
+        if base_version is None:
+            create_table_with_add_actions(
+                uri,
+                Schema.from_arrow(formats.CAPTION_TABLE_SCHEMA),
+                actions,
+                mode="error",
+                storage_options=storage_options(uri),
+                commit_properties=CommitProperties(
+                    custom_metadata=metadata, app_transactions=[_Transaction(Transaction, 1)]
+                ),
+            )
+            return 0
+        table = open_table(output_dir, version=base_version)
+        previous = table.transaction_version(APP_ID) or 0
+        if not replace:
+            actions += [remove_action(name, size) for name, size in removes]
+        table.create_write_transaction(
+            actions,
+            "overwrite" if replace else "append",
+            formats.CAPTION_TABLE_SCHEMA,
+            commit_properties=CommitProperties(
+                custom_metadata=metadata,
+                app_transactions=[_Transaction(Transaction, previous + 1)],
+            ),
+        )
+    except (CommitFailedError, DeltaError) as e:
+        if base_version is None and "exists" not in str(e).lower():
+            raise
+        raise UsageError(
+            f"{output_dir}: another run committed to this table while this one ran "
+            f"({str(e).splitlines()[0]}); nothing of this run was committed: run the same "
+            "command again with --skip_existing to add what the table still lacks"
+        ) from None
+    return open_table(output_dir).version()
+
+
+def _Transaction(cls: Any, version: int) -> Any:  # noqa: N802 - builds a deltalake Transaction
+    return cls(APP_ID, version, int(time.time() * 1000))
+
+
+def run_summaries(output_dir: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The summaries caption runs left in the log, newest first (with the table version
+    each made): the counts, model, decoding and looping figures of each commit."""
+    table = open_table(output_dir)
+    if table is None:
+        return []
+    out = []
+    for entry in table.history(limit):
+        if "caption_run" in entry:
+            out.append({"version": entry.get("version"), **json.loads(entry["caption_run"])})
+    return out
