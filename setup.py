@@ -41,6 +41,7 @@ EXTRAS_REQUIRE = {
         # DuckDB version: the pair is pinned together (tests.tables loads it offline).
         "duckdb==1.5.5",
         "duckdb-extension-delta==1.5.5",
+        "duckdb-extension-httpfs==1.5.5",  # gs:// for DuckDB (tests/test_gcs.py)
         "pandas>=2",  # the docs' pandas reader of the caption table
         "polars>=1.30",  # the docs' polars reader of the caption table
         "scikit-image>=0.22",  # real photos for the converted weights' batch-norm check

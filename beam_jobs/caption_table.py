@@ -44,7 +44,8 @@ def storage_options(path: str) -> dict[str, str] | None:
     if not path.startswith("gs://") or not host:
         return None
     host = host if "://" in host else f"http://{host}"
-    key = {"gcs_base_url": host, "disable_oauth": True, "client_email": "", "private_key": ""}
+    key = {"gcs_base_url": host, "disable_oauth": True, "client_email": "", "private_key": "",
+           "private_key_id": ""}
     return {
         "google_service_account_key": json.dumps(key),
         "allow_http": "true",

@@ -1,6 +1,9 @@
-"""Test setup: quiet TensorFlow, two logical CPU devices for the distribution tests."""
+"""Test setup: quiet TensorFlow, two logical CPU devices for the distribution tests, and
+the GCS emulator for the modules that ask for it."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -42,3 +45,16 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within each file is kept
+
+
+GCS_BUCKET = "captioning"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator (JSON and XML APIs) for this module's tests, and the environment that
+    points every client at it (set in this process while the module runs)."""
+    from tests.gcs import environment, gcs_emulator
+
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), GCS_BUCKET) as env, environment(env):
+        yield env

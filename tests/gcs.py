@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests import gcs_xml
+
 GOOGLE_HOSTS = ["www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com"]
 
 
@@ -299,7 +301,8 @@ def serve(port: int, bucket: str) -> None:
       emulator reads as None;
     - `ifGenerationMatch` on uploads and deletes is honoured as GCS does (412 when the
       object's generation differs; 0: the object must not exist), atomically: the
-      output lease of the Beam jobs (`beam_jobs.lease`) rests on it."""
+      output lease of extract_features (`beam_jobs.lease`) rests on it;
+    and the XML API that delta-rs sends for the caption table (`tests.gcs_xml`)."""
     from http import HTTPStatus
 
     from gcp_storage_emulator import server
@@ -314,7 +317,7 @@ def serve(port: int, bucket: str) -> None:
         return media_upload(request, response, storage)
 
     objects._media_upload = empty_body_is_empty  # looked up by name in objects.insert
-    lock = threading.Lock()
+    lock = gcs_xml.LOCK  # one lock for every conditional write, JSON or XML
 
     def object_name(request) -> str:  # noqa: ANN001
         if "object_id" in request.params:
@@ -347,6 +350,7 @@ def serve(port: int, bucket: str) -> None:
         for method, handler in list(handlers.items()):
             if handler in (objects.insert, objects.delete):
                 handlers[method] = with_preconditions(handler)
+    gcs_xml.install(server)  # delta-rs (object_store) speaks the XML API
     emulator = server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     emulator.run()
 

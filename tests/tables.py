@@ -35,13 +35,52 @@ def last_run(out: Any) -> dict[str, Any]:
     raise AssertionError(f"{out}: no caption commit")
 
 
-def duckdb_delta() -> Any:
-    """A DuckDB connection with the `delta` extension loaded from its PyPI package (offline)."""
-    import duckdb
-    import duckdb_extension_delta
+def duckdb_delta(*extensions: str) -> Any:
+    """A DuckDB connection with the `delta` extension (and `extensions`, such as httpfs)
+    loaded from their PyPI packages, offline."""
+    import importlib
 
-    folder = os.path.dirname(duckdb_extension_delta.__file__)
-    [extension] = glob.glob(f"{folder}/extensions/v{duckdb.__version__}/delta.duckdb_extension")
+    import duckdb
+
     con = duckdb.connect()
-    con.execute(f"LOAD '{extension}'")
+    for name in ("delta", *extensions):
+        package = importlib.import_module(f"duckdb_extension_{name}")
+        folder = os.path.dirname(package.__file__)
+        [path] = glob.glob(f"{folder}/extensions/v{duckdb.__version__}/{name}.duckdb_extension")
+        con.execute(f"LOAD '{path}'")
     return con
+
+
+class Where:
+    """A caption table's folder, local or gs:// (the emulator), seen as a user would."""
+
+    def __init__(self, out: str, env: dict[str, str] | None = None):
+        self.out = out
+        self.env = env or {}
+
+    def __str__(self) -> str:
+        return self.out
+
+    def parts(self) -> set[str]:
+        """Names of every data file written into the folder (committed or not)."""
+        return self._names("part-*.parquet")
+
+    def records(self) -> set[str]:
+        return self._names("_caption_runs/*.json")
+
+    def _names(self, pattern: str) -> set[str]:
+        from apache_beam.io.filesystems import FileSystems
+
+        found = FileSystems.match([f"{self.out.rstrip('/')}/{pattern}"])[0].metadata_list
+        return {m.path.rsplit("/", 1)[1] for m in found}
+
+    def version(self) -> int | None:
+        from beam_jobs.caption_table import open_table
+
+        table = open_table(self.out)
+        return None if table is None else table.version()
+
+    def rows_in(self, names: set[str]) -> int:
+        from beam_jobs.parts import read_parquet
+
+        return sum(read_parquet(f"{self.out}/{n}", ["uri"]).num_rows for n in names)

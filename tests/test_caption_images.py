@@ -12,9 +12,10 @@ from model.cli import UsageError
 from model.io.formats import FormatError
 from model.text.ngrams import has_repeated_ngram
 from model.text.vocab import Vocabulary
+from tests.conftest import GCS_BUCKET
 from tests.fixtures import write_tiny_export
 from tests.helpers import bad_images, encode, good_images, noise, solid
-from tests.tables import caption_rows, duckdb_delta, last_run, table_uris
+from tests.tables import Where, caption_rows, duckdb_delta, last_run, table_uris
 
 RUNNER = ["--runner", "FnApiRunner"]
 
@@ -105,6 +106,15 @@ def caption(inputs, out, *extra):
 
 def tables(out):
     return caption_rows(out)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def where(request, tmp_path):
+    """Where a test's caption table lives: a local folder, or gs:// on the emulator."""
+    if request.param == "local":
+        return Where(str(tmp_path / "table"))
+    env = request.getfixturevalue("gcs")
+    return Where(f"gs://{GCS_BUCKET}/{tmp_path.name}/table", env)
 
 
 @pytest.fixture(scope="module")
@@ -210,42 +220,30 @@ def test_rerun_gives_the_same_rows(captioned, inputs):
     assert rows() == before
 
 
-def test_skip_existing_captions_only_new_inputs(inputs, tmp_path):
-    root, expected, export = inputs
-    out = tmp_path / "out"
+def test_skip_existing_captions_only_new_inputs(inputs, tmp_path, where):
+    _, _, export = inputs
+    out = str(where)
     folder = tmp_path / "more"
     folder.mkdir()
     (folder / "one.jpg").write_bytes(encode(noise(20), "JPEG"))
-    run(["--model", export, "--input", str(folder), "--output_dir", str(out), *RUNNER])
+    base = ["--model", export, "--input", str(folder), "--output_dir", out, *RUNNER]
+    run(base)
     (folder / "two.jpg").write_bytes(encode(noise(21), "JPEG"))
     (folder / "three.png").write_bytes(encode(noise(22), "PNG"))
-    summary = run(
-        [
-            "--model",
-            export,
-            "--input",
-            str(folder),
-            "--output_dir",
-            str(out),
-            "--skip_existing",
-            *RUNNER,
-        ]
-    )
+    summary = run([*base, "--skip_existing"])
     assert summary["captioned"] == 2
     caps, errs = tables(out)
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["one.jpg", "three.png", "two.jpg"]
     assert last_run(out)["looping"]["images"] == 2  # this run's rows; the table sums them
-    again = run(
-        ["--model", export, "--input", str(folder), "--output_dir", str(out)]
-        + ["--skip_existing", *RUNNER]
-    )
-    assert (again["captioned"], again["failed"]) == (0, 0)  # a finished table: nothing new
+    for _ in range(2):  # a finished table: nothing new, however often
+        again = run([*base, "--skip_existing"])
+        assert (again["captioned"], again["failed"]) == (0, 0)
+    assert len(table_uris(out)) == 3 and not where.records()
     (folder / "four.jpg").write_bytes(encode(noise(23), "JPEG"))
-    beam = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
-    version = last_run(out)["version"]
+    version = where.version()
     with pytest.raises(UsageError, match="holds captions with beam_size 1; this run has beam_s"):
-        run([*beam, "--skip_existing", "--beam_size", "3", *RUNNER])
-    assert last_run(out)["version"] == version and len(table_uris(out)) == 3
+        run([*base, "--skip_existing", "--beam_size", "3"])
+    assert where.version() == version and len(table_uris(out)) == 3
 
 
 def test_multi_processing_mode_with_one_shared_model(inputs, captioned, tmp_path):
@@ -436,11 +434,14 @@ def test_a_run_that_lost_an_input_is_never_recorded(tmp_path):
     assert not list(tmp_path.rglob("*.json"))
 
 
-def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_path, monkeypatch):
+def test_a_model_batch_that_raises_becomes_one_error_row_per_image(
+    inputs, tmp_path, monkeypatch, where
+):
     """Fault injection: the model raises on any batch holding an all-white image."""
     from beam_jobs import inference
 
     _, _, export = inputs
+    out = str(where)
     original = inference.CaptionerHandler.run_inference
 
     def flaky(self, batch, model, inference_args=None):
@@ -455,10 +456,10 @@ def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_p
         (folder / f"{i}.jpg").write_bytes(encode(noise(70 + i), "JPEG"))
     (folder / "white.png").write_bytes(encode(solid((255, 255, 255)), "PNG"))
     summary = run(
-        ["--model", export, "--input", str(folder), "--output_dir", str(tmp_path / "out")]
+        ["--model", export, "--input", str(folder), "--output_dir", out]
         + ["--batch_size", "1", *RUNNER]
     )
-    caps, errs = tables(tmp_path / "out")
+    caps, errs = tables(out)
     assert sorted(os.path.basename(r["uri"]) for r in caps) == ["0.jpg", "1.jpg", "2.jpg"]
     assert [(os.path.basename(e["uri"]), e["error_type"]) for e in errs] == [
         ("white.png", "inference_error")
@@ -470,13 +471,13 @@ def test_a_model_batch_that_raises_becomes_one_error_row_per_image(inputs, tmp_p
     # error row goes; a file that is not an image is not read again.
     monkeypatch.undo()
     (folder / "text.jpg").write_bytes(b"not an image")
-    skip = ["--model", export, "--input", str(folder), "--output_dir", str(tmp_path / "out")]
+    skip = ["--model", export, "--input", str(folder), "--output_dir", out]
     skip += ["--skip_existing", *RUNNER]
     again = run(skip)
     assert (again["captioned"], again["errors"]) == (1, {"not_an_image": 1})
-    caps, errs = tables(tmp_path / "out")
+    caps, errs = tables(out)
     assert len(caps) == 4 and [os.path.basename(e["uri"]) for e in errs] == ["text.jpg"]
-    counts = last_run(tmp_path / "out")["counts"]
+    counts = last_run(out)["counts"]
     assert (counts["captioned"], counts["failed"], counts["superseded"]) == (1, 1, 1)
     third = run(skip)  # nothing transient left: nothing is read again
     assert (third["captioned"], third["failed"]) == (0, 0)
@@ -486,41 +487,35 @@ def _table_uris(out):
     return table_uris(out)
 
 
-def _version(out):
-    from deltalake import DeltaTable
-
-    return DeltaTable(str(out)).version() if (out / "_delta_log").exists() else None
-
-
-def _kill_when(cmd, ready, timeout=300):
+def _kill_when(cmd, ready, env=None, timeout=300):
     """Starts `cmd` and SIGKILLs it once `ready()` is true."""
-    import signal
     import subprocess
     import time
 
     from tests.test_cli import ENV, ROOT
 
     proc = subprocess.Popen(
-        cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, env={**ENV, **(env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "never ready"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
 
 
-def _parts(out):
-    return set(out.glob("part-*.parquet"))
+def _images(folder, count, seed):
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(seed + i), "JPEG"))
+    return sorted(str(p) for p in folder.iterdir())
 
 
-def _rows_in(paths):
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-
-
-def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(inputs, tmp_path, capsys):
+def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(
+    inputs, tmp_path, capsys, where
+):
     """SIGKILL a first run once it has finished files: the same command with
     --skip_existing adopts them and captions only the rest. Then SIGKILL reruns that
     replace the table 2 and 7 s in (loading, reading) and once files exist: the table
@@ -532,23 +527,19 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(inputs, t
     from tests.test_cli import ENV, ROOT
 
     _, _, export = inputs
+    out = str(where)
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(30):
-        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(200 + i), "JPEG"))
+    _images(folder, 30, 200)
     (folder / "broken.jpg").write_bytes(b"not an image")
-    out = tmp_path / "out"
-    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv = ["--model", export, "--input", str(folder), "--output_dir", out]
     argv += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
     cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv]
     expected = sorted([str(p) for p in folder.iterdir()])
 
-    _kill_when(cmd, lambda: len(_parts(out)) >= 4)
-    assert _version(out) is None  # no commit: no table
-    # A file being written at the kill: a temporary that must not be read.
-    (out / "inflight-0123-part-x.parquet").write_bytes(b"half a file")
-    killed = _parts(out)
-    kept = _rows_in(killed)
+    _kill_when(cmd, lambda: len(where.parts()) >= 4, where.env)
+    assert where.version() is None  # no commit: no table
+    killed = where.parts()
+    kept = where.rows_in(killed)
     assert kept >= 4
     resumed = run([*argv, "--skip_existing"])
     assert f"{len(killed)} finished file(s), {kept} rows kept" in capsys.readouterr().out
@@ -556,10 +547,14 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(inputs, t
     assert sorted(_table_uris(out)) == expected
     assert last_run(out)["counts"]["resumed"] == kept
 
-    version = _version(out)
+    version = where.version()
     for delay in (2, 7):
         proc = subprocess.Popen(
-            cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            env={**ENV, **where.env},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(delay)
         finished = proc.poll() is not None
@@ -567,40 +562,38 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(inputs, t
         proc.wait()
         assert sorted(_table_uris(out)) == expected, f"killed after {delay}s"
         if not finished:
-            assert _version(out) == version
-    before = _parts(out)
-    _kill_when(cmd, lambda: len(_parts(out) - before) >= 4)
+            assert where.version() == version
+    before = where.parts()
+    _kill_when(cmd, lambda: len(where.parts() - before) >= 4, where.env)
     assert sorted(_table_uris(out)) == expected
-    killed = _parts(out) - before
+    killed = where.parts() - before
     resumed = run([*argv, "--skip_existing"])
-    assert resumed["captioned"] + resumed["failed"] == len(expected) - _rows_in(killed)
+    assert resumed["captioned"] + resumed["failed"] == len(expected) - where.rows_in(killed)
     assert sorted(_table_uris(out)) == expected
     assert last_run(out)["mode"] == "replace"  # resumed as the replacing run it was
 
 
 @pytest.mark.parametrize("moment", ["record", "commit"])
-def test_a_run_killed_after_its_pipeline_is_committed_by_its_resume(inputs, tmp_path, moment):
+def test_a_run_killed_after_its_pipeline_is_committed_by_its_resume(
+    inputs, tmp_path, moment, where
+):
     """--num_shards 2, SIGKILLed once its pipeline has finished (its run record is
     written), or once its commit is in the log: the same command with --skip_existing
     ends with every input once, the killed run's files adopted rather than replaced."""
     import sys
 
     _, _, export = inputs
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    for i in range(12):
-        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(500 + i), "JPEG"))
-    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    out = str(where)
+    folder = tmp_path / "in"
+    _images(folder, 12, 500)
+    argv = ["--model", export, "--input", str(folder), "--output_dir", out]
     argv += ["--batch_size", "4", "--num_shards", "2", *RUNNER]
-    run(argv[:-4] + [*RUNNER])  # a table to add to
+    run(argv)  # a table to add to
     (folder / "new.jpg").write_bytes(encode(noise(520), "JPEG"))
     cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv, "--skip_existing"]
-    version = _version(out)
-    if moment == "record":
-        ready = lambda: any((out / "_caption_runs").glob("*.json"))  # noqa: E731
-    else:
-        ready = lambda: _version(out) != version  # noqa: E731
-    _kill_when(cmd, ready)
+    version = where.version()
+    ready = where.records if moment == "record" else lambda: where.version() != version
+    _kill_when(cmd, ready, where.env)
     assert sorted(_table_uris(out)) in (
         sorted(str(p) for p in folder.iterdir() if p.name != "new.jpg"),
         sorted(str(p) for p in folder.iterdir()),
@@ -610,7 +603,7 @@ def test_a_run_killed_after_its_pipeline_is_committed_by_its_resume(inputs, tmp_
     assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
 
 
-def test_two_runs_on_one_table_at_once_each_input_once(inputs, tmp_path):
+def test_two_runs_on_one_table_at_once_each_input_once(inputs, tmp_path, where):
     """A second run started while the first runs, both adding overlapping inputs to one
     table: one commits, the other fails in one line and commits nothing; the table holds
     every input once, and the loser's command, run again, adds what is left."""
@@ -621,22 +614,22 @@ def test_two_runs_on_one_table_at_once_each_input_once(inputs, tmp_path):
     from tests.test_cli import ENV, ROOT
 
     _, _, export = inputs
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    for i in range(16):
-        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(300 + i), "JPEG"))
-    base = ["--model", export, "--output_dir", str(out), "--batch_size", "2", *RUNNER]
+    out = str(where)
+    folder = tmp_path / "in"
+    _images(folder, 16, 300)
+    base = ["--model", export, "--output_dir", out, "--batch_size", "2", *RUNNER]
     run([*base, "--input", str(folder / "00.jpg")])
     argv = [*base, "--input", str(folder), "--skip_existing"]
     first = subprocess.Popen(
         [sys.executable, "-m", "beam_jobs.caption_images", *argv],
-        env=ENV,
+        env={**ENV, **where.env},
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    committed = where.parts()
     deadline = time.time() + 120
-    while not _parts(out) - set(out.glob("part-*-r*")) and time.time() < deadline:
+    while not where.parts() - committed and time.time() < deadline:
         time.sleep(0.05)  # the first run is captioning
     try:
         run(argv)
@@ -654,6 +647,30 @@ def test_two_runs_on_one_table_at_once_each_input_once(inputs, tmp_path):
     assert again["captioned"] == 0 and len(_table_uris(out)) == 16
 
 
+def test_a_refused_command_keeps_a_killed_runs_files(inputs, tmp_path, where):
+    """A killed --skip_existing run's files survive a command that is then refused
+    (another decoding), and the resume adopts them."""
+    import sys
+
+    _, _, export = inputs
+    out = str(where)
+    folder = tmp_path / "in"
+    _images(folder, 20, 700)
+    base = ["--model", export, "--input", str(folder), "--output_dir", out]
+    base += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
+    run([*base[:2], "--input", str(folder / "00.jpg"), *base[4:]])
+    before = where.parts()
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *base, "--skip_existing"]
+    _kill_when(cmd, lambda: len(where.parts() - before) >= 3, where.env)
+    killed = where.parts() - before
+    with pytest.raises(UsageError, match="beam_size 1; this run has beam_size 3"):
+        run([*base, "--skip_existing", "--beam_size", "3"])
+    assert killed <= where.parts()
+    resumed = run([*base, "--skip_existing"])
+    assert resumed["captioned"] == 19 - where.rows_in(killed)
+    assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
+
+
 def test_a_flag_typo_is_refused_and_the_table_kept(inputs, tmp_path, capsys):
     _, _, export = inputs
     folder, out = tmp_path / "in", tmp_path / "out"
@@ -661,38 +678,13 @@ def test_a_flag_typo_is_refused_and_the_table_kept(inputs, tmp_path, capsys):
     (folder / "a.jpg").write_bytes(encode(noise(600), "JPEG"))
     base = ["--model", export, "--input", str(folder), "--output_dir", str(out), *RUNNER]
     run(base)
-    version = _version(out)
+    version = Where(str(out)).version()
     for typo, near in (("--skip-existing", "--skip_existing"), ("--beam-size", "--beam_size")):
         with pytest.raises(UsageError, match=f"unknown flag {typo}: did you mean {near}"):
             run([*base, typo] + (["3"] if "size" in typo else []))
-    assert _version(out) == version
+    assert Where(str(out)).version() == version
     with pytest.raises(UsageError, match="unknown flag --runer: did you mean --runner"):
         run([*base, "--runer", "DirectRunner"])
-
-
-def test_a_refused_command_keeps_a_killed_runs_files(inputs, tmp_path):
-    """A killed --skip_existing run's files survive a command that is then refused
-    (another decoding), and the resume adopts them."""
-    import sys
-
-    _, _, export = inputs
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    for i in range(20):
-        (folder / f"{i:02d}.jpg").write_bytes(encode(noise(700 + i), "JPEG"))
-    base = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
-    base += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
-    run([*base[:2], "--input", str(folder / "00.jpg"), *base[4:]])
-    before = _parts(out)
-    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *base, "--skip_existing"]
-    _kill_when(cmd, lambda: len(_parts(out) - before) >= 3)
-    killed = _parts(out) - before
-    with pytest.raises(UsageError, match="beam_size 1; this run has beam_size 3"):
-        run([*base, "--skip_existing", "--beam_size", "3"])
-    assert killed <= _parts(out)
-    resumed = run([*base, "--skip_existing"])
-    assert resumed["captioned"] == 19 - _rows_in(killed)
-    assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
 
 
 def test_an_old_layout_folder_is_refused_in_one_line(inputs, tmp_path):

@@ -15,27 +15,20 @@ import subprocess
 import sys
 import zipfile
 
-import pyarrow.fs
-import pyarrow.parquet as pq
 import pytest
 
 from demo.make_shapes import make_split
 from model.evaluation.metrics import METRIC_KEYS
-from tests.gcs import environment, gcs_emulator
+from tests.conftest import GCS_BUCKET
+from tests.tables import caption_rows, duckdb_delta, last_run
 from tests.test_cli import ENV, ROOT
 
 pytestmark = pytest.mark.slow
-BUCKET = "captioning"
+BUCKET = GCS_BUCKET
 # The I/O happens in worker processes, as on Dataflow (one for extraction, to save a
 # TensorFlow start-up; two for captioning, to split the inputs between them).
 ONE_WORKER = ["--direct_running_mode=multi_processing", "--direct_num_workers=1"]
 WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    with gcs_emulator(tmp_path_factory.mktemp("gcs"), BUCKET) as env, environment(env):
-        yield env
 
 
 def command(env, module, *args):
@@ -75,18 +68,16 @@ def read_json(path):
         return json.load(f)
 
 
-def parquet_rows(env, folder, prefix):
-    """Read back as a user would, with pyarrow's own GCS client."""
+def duckdb_delta_gcs(env):
+    """DuckDB reading gs:// Delta tables from the emulator, as a user's DuckDB reads GCS:
+    through an S3-style secret whose endpoint is the emulator (its XML API)."""
+    con = duckdb_delta("httpfs")
     host = env["STORAGE_EMULATOR_HOST"].split("://")[1]
-    fs = pyarrow.fs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=host)
-    files = [
-        info.path
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-        if info.base_name.startswith(prefix) and info.base_name.endswith(".parquet")
-    ]
-    if not files:
-        return []
-    return pq.read_table(files, filesystem=fs).to_pylist()
+    con.execute(
+        f"CREATE SECRET gcs (TYPE gcs, KEY_ID 'k', SECRET 's', ENDPOINT '{host}', "
+        "URL_STYLE 'path', USE_SSL false)"
+    )
+    return con
 
 
 def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
@@ -168,19 +159,21 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         "beam_jobs.caption_images",
         *("--model", export, "--input", f"{gs}/data/val"),
         *("--input", f"{gs}/archives/val.zip", "--output_dir", caps),
-        *("--attention_dir", f"{caps}/attention", "--attention_plots", "3", "--batch_size", "4"),
+        *("--attention_dir", f"{gs}/attention", "--attention_plots", "3", "--batch_size", "4"),
         *WORKERS,
     )
     stderr.append(captioned.stderr)
-    rows = parquet_rows(gcs, f"{BUCKET}/captions", "captions-")
-    errors = parquet_rows(gcs, f"{BUCKET}/captions", "errors-")
+    rows, errors = caption_rows(caps)
     assert len(rows) == 10 + 4 and len(errors) == 1
     assert {r["uri"].split("!/")[0] for r in rows} == {f"{gs}/archives/val.zip"} | {
         f"{gs}/data/val/{n}" for n in val_names
     }
     assert errors[0]["uri"] == f"{gs}/archives/val.zip!/broken.jpg"
-    assert len(names(f"{caps}/attention/*.png")) == 3
-    assert read_json(f"{caps}/manifest.json")["counts"]["inputs"] == 15
+    assert len(names(f"{gs}/attention/*.png")) == 3
+    counts = last_run(caps)["counts"]
+    assert (counts["captioned"], counts["failed"]) == (14, 1)
+    [(n,)] = duckdb_delta_gcs(gcs).sql(f"select count(*) from delta_scan('{caps}')").fetchall()
+    assert n == 15
     bulk = {r["uri"].rsplit("/", 1)[1]: r["caption"] for r in rows if "!/" not in r["uri"]}
     from_features = predictions(f"{model}/eval/val/predictions.json")
     # Stage 3 computes features from raw images; evaluation decodes stage 1's float16 shards.
@@ -212,13 +205,11 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         *("--model", export, "--input", f"{gs}/data/val", "--output_dir", f"{gs}/beam"),
         *("--input", f"{gs}/big", "--max_bytes", "200000", "--batch_size", "10", *beam),
     )
-    assert read_json(f"{gs}/beam/manifest.json")["decoding"]["beam_size"] == 3
-    [too_large] = parquet_rows(gcs, f"{BUCKET}/beam", "errors-")
+    assert last_run(f"{gs}/beam")["decoding"]["beam_size"] == 3
+    beam_rows, [too_large] = caption_rows(f"{gs}/beam")
     assert (too_large["uri"], too_large["error_type"]) == (f"{gs}/big/huge.jpg", "too_large")
-    beam_bulk = {
-        r["uri"].rsplit("/", 1)[1]: r["caption"]
-        for r in parquet_rows(gcs, f"{BUCKET}/beam", "captions-")
-    }
+    assert {r["beam_size"] for r in beam_rows} == {3}
+    beam_bulk = {r["uri"].rsplit("/", 1)[1]: r["caption"] for r in beam_rows}
     beam_features = predictions(f"{gs}/eval_beam/predictions.json")
     assert {name: beam_bulk[name] for name in beam_features} == beam_features
 
@@ -300,75 +291,3 @@ def test_readme_dataflow_commands_translate(gcs, tmp_path, monkeypatch):
         args = [a.replace("gs://B/", f"{root}/") for a in argv[3:]]
         args[args.index("--project") + 1] = "demo-project"
         assert jobs[argv[2]].run([*args, "--dry_run", "True"]) == {"dry_run": True}, argv
-
-
-def _caption_runs(env, argvs, extra_env=None):
-    """Starts the caption commands at once; returns their CompletedProcess-like results."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "beam_jobs.caption_images", *argv],
-            env={**ENV, **env, **(extra_env or {})},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for argv in argvs
-    ]
-    return [(p, *p.communicate(timeout=600)) for p in procs]
-
-
-def test_one_writer_per_gcs_output_and_a_stale_lease_is_taken_over(gcs, tmp_path):
-    """Two replacing runs started together on one gs:// output, then two adding runs:
-    each run either commits or refuses in one line naming the holder, and afterwards
-    every input is in exactly one row. A lease whose heartbeat stopped is taken over."""
-    import tensorflow as tf
-
-    from tests.fixtures import write_tiny_export
-    from tests.helpers import encode, noise
-
-    export = write_tiny_export(str(tmp_path / "export"))
-    gs = f"gs://{BUCKET}/lease"
-    for folder, first in (("a", 0), ("b", 100)):
-        for i in range(6):
-            with tf.io.gfile.GFile(f"{gs}/{folder}/{first + i}.png", "wb") as f:
-                f.write(encode(noise(first + i), "PNG"))
-    out = f"{gs}/out"
-
-    def argv(*extra):
-        return ["--model", export, "--output_dir", out, "--batch_size", "4", *extra]
-
-    def uris():
-        rows = parquet_rows(gcs, f"{BUCKET}/lease/out", "captions-")
-        rows += parquet_rows(gcs, f"{BUCKET}/lease/out", "errors-")
-        return sorted(r["uri"] for r in rows)
-
-    want_a = sorted(f"{gs}/a/{i}.png" for i in range(6))
-    want_b = sorted(f"{gs}/b/{100 + i}.png" for i in range(6))
-    for runs, want in (
-        ([argv("--input", f"{gs}/a")] * 2, want_a),
-        ([argv("--input", f"{gs}/b", "--skip_existing")] * 2, sorted(want_a + want_b)),
-    ):
-        results = _caption_runs(gcs, runs)
-        for proc, _, stderr in results:
-            last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-            assert proc.returncode == 0 or (
-                f"error: {out} is in use by caption_images (pid" in last
-            ), stderr[-3000:]
-        assert any(proc.returncode == 0 for proc, _, _ in results)
-        assert uris() == want
-        assert not tf.io.gfile.exists(f"{out}/.lease")  # released at the end
-
-    # A run killed without releasing: its lease stays, with a heartbeat that stops.
-    with tf.io.gfile.GFile(f"{out}/.lease", "w") as f:
-        f.write(json.dumps({"holder": "caption_images (pid 1 on gone)", "heartbeat": 0}))
-    refused = _caption_runs(gcs, [argv("--input", f"{gs}/a")])[0]
-    assert refused[0].returncode != 0
-    assert "in use by caption_images (pid 1 on gone)" in refused[2].strip().splitlines()[-1]
-    import time
-
-    time.sleep(2.5)
-    taken = _caption_runs(gcs, [argv("--input", f"{gs}/a")], {"SAT_LEASE_TTL": "2"})[0]
-    assert taken[0].returncode == 0, taken[2][-3000:]
-    assert "took over" in taken[1] and "pid 1 on gone" in taken[1]
-    assert uris() == want_a  # a replacing run: only a's rows
