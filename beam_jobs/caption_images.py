@@ -26,7 +26,7 @@ from model.cli import (
     positive_int,
     run_cli,
 )
-from model.defaults import CHECKPOINT_SECONDS, PRECISIONS
+from model.defaults import CHECKPOINT_SECONDS, COMPACT_ABOVE, PRECISIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -62,6 +62,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         default=0,
         help="exactly this many captions files, written at the end; 0 (default) writes "
         "them as rows are finished (see --checkpoint_seconds)",
+    )
+    p.add_argument(
+        "--compact_above",
+        type=non_negative_int,
+        default=COMPACT_ABOVE,
+        help="after its commit, compact the table when it holds more small files than "
+        "this (0: never; python -m beam_jobs.caption_table compact does it by hand)",
     )
     p.add_argument(
         "--model_copies", type=positive_int, help="share N model copies across worker processes"

@@ -311,6 +311,20 @@ def build_pipeline(
     )
 
 
+def compact_if_needed(output_dir: str, above: int) -> None:
+    """Past `above` small files (a part per bundle and per --checkpoint_seconds adds up
+    over daily runs), the table is compacted in a commit of its own."""
+    from beam_jobs import caption_table
+
+    table = caption_table.open_table(output_dir)
+    if above and table is not None and caption_table.small_files(table) > above:
+        metrics = caption_table.compact(output_dir)
+        print(
+            f"caption_images: compacted {metrics.get('numFilesRemoved', 0)} small files into "
+            f"{metrics.get('numFilesAdded', 0)}"
+        )
+
+
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     """Checks the export and inputs, runs the pipeline, commits its files to the table
     in one transaction; returns a summary dict."""
@@ -367,6 +381,7 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
         "run_id": plan.run_id,
     }
     committed = commit_run(args.output_dir, plan, body)  # the table changes only now
+    compact_if_needed(args.output_dir, args.compact_above)
     c = counter_values(result, NAMESPACE)
     done = c.get("images_captioned", 0) + c.get("errors_written", 0)
     summary = {

@@ -44,8 +44,13 @@ def storage_options(path: str) -> dict[str, str] | None:
     if not path.startswith("gs://") or not host:
         return None
     host = host if "://" in host else f"http://{host}"
-    key = {"gcs_base_url": host, "disable_oauth": True, "client_email": "", "private_key": "",
-           "private_key_id": ""}
+    key = {
+        "gcs_base_url": host,
+        "disable_oauth": True,
+        "client_email": "",
+        "private_key": "",
+        "private_key_id": "",
+    }
     return {
         "google_service_account_key": json.dumps(key),
         "allow_http": "true",
@@ -56,15 +61,17 @@ def table_uri(output_dir: str) -> str:
     return os.path.abspath(output_dir) if is_local(output_dir) else output_dir.rstrip("/")
 
 
-def open_table(output_dir: str, version: int | None = None) -> Any:
+def open_table(output_dir: str, version: int | None = None, old_layout_ok: bool = False) -> Any:
     """The Delta table at `output_dir` (at `version`, else the latest), or None if there is
-    none yet. A folder of the old layout (captions-*.parquet + manifest.json) is refused."""
+    none yet. A folder of the old layout (captions-*.parquet + manifest.json) is refused
+    unless `old_layout_ok`."""
     from deltalake import DeltaTable
 
     uri = table_uri(output_dir)
     options = storage_options(uri)
     if not DeltaTable.is_deltatable(uri, storage_options=options):
-        refuse_old_layout(output_dir)
+        if not old_layout_ok:
+            refuse_old_layout(output_dir)
         return None
     return DeltaTable(uri, version=version, storage_options=options)
 
@@ -240,3 +247,137 @@ def run_summaries(output_dir: str, limit: int | None = None) -> list[dict[str, A
         if "caption_run" in entry:
             out.append({"version": entry.get("version"), **json.loads(entry["caption_run"])})
     return out
+
+
+# --- Maintenance: python -m beam_jobs.caption_table COMMAND CAPTIONS_DIR ---------------
+# Files under this size count as small: past --compact_above of them, a caption run
+# compacts the table after its commit (model.defaults.COMPACT_ABOVE).
+SMALL_FILE_BYTES = 32 * 1024 * 1024
+
+
+def small_files(table: Any) -> int:
+    sizes = _pylist(table.get_add_actions(flatten=True), ["size_bytes"])
+    return sum(1 for s in sizes if int(s["size_bytes"]) < SMALL_FILE_BYTES)
+
+
+def compact(output_dir: str) -> dict[str, Any]:
+    """Rewrites the table's small files into few large ones (Delta `optimize`), in one
+    commit that changes no row; the replaced files stay for readers of older versions
+    until `vacuum`. Returns delta-rs's metrics (files added and removed, ...)."""
+    table = open_table(output_dir)
+    if table is None:
+        raise UsageError(f"{output_dir}: no caption table here")
+    return table.optimize.compact(target_size=4 * SMALL_FILE_BYTES)
+
+
+def vacuum(output_dir: str, retention_hours: float, dry_run: bool) -> list[str]:
+    """Deletes files no version newer than `retention_hours` reads: those that commits
+    removed (replaced runs, compacted files) and those no commit ever named (files of
+    killed runs that no resume adopted). Returns them."""
+    table = open_table(output_dir)
+    if table is None:
+        raise UsageError(f"{output_dir}: no caption table here")
+    return table.vacuum(
+        retention_hours=int(retention_hours),
+        dry_run=dry_run,
+        enforce_retention_duration=False,
+        full=True,
+    )
+
+
+def convert(output_dir: str) -> int:
+    """A folder of the old layout (captions-*.parquet, errors-*.parquet, manifest.json)
+    becomes a Delta table in place: the files the manifest lists are rewritten as rows of
+    the table in one commit, then the old files and the manifest go. Returns the rows."""
+    import pyarrow as pa
+
+    from beam_jobs.parts import read_parquet, write_part
+    from model.text.ngrams import has_repeated_ngram
+
+    if open_table(output_dir, old_layout_ok=True) is not None:
+        raise UsageError(f"{output_dir} is a Delta table already")
+    out = output_dir.rstrip("/")
+    manifest = formats.read_manifest(f"{out}/{formats.MANIFEST_FILE}", formats.KIND_CAPTIONS)
+    decoding = manifest.get("decoding") or {}
+    settings = {
+        "precision": manifest.get("precision", "float32"),
+        "beam_size": decoding.get("beam_size", 1),
+        "length_penalty": float(decoding.get("length_penalty", 0.0)),
+        "block_repeats": decoding.get("block_repeats", 0),
+        "allow_unk": bool(decoding.get("allow_unk", False)),
+        "run_id": manifest.get("run_id") or "converted",
+    }
+    parts, old = [], []
+    for name in sorted(manifest.get("files", [])):
+        path = f"{out}/{name}"
+        rows = read_parquet(path).to_pylist()
+        for row in rows:
+            row.setdefault("model_id", manifest.get("model_id"))
+            row.update(settings, key=row["uri"])
+            if row.get("caption") is not None:
+                row["repeated_trigram"] = has_repeated_ngram(row["caption"].split())
+        table = pa.Table.from_pylist(rows, schema=formats.CAPTION_TABLE_SCHEMA)
+        parts.append(write_part(out, f"part-converted-{name}", table, None, formats.PARQUET_CODEC))
+        old.append(path)
+    rows = sum(p["rows"] for p in parts)
+    summary = {"converted_from": manifest.get("run_id"), "counts": manifest.get("counts")}
+    commit(output_dir, None, parts, [], True, summary)
+    FileSystems.delete([*old, f"{out}/{formats.MANIFEST_FILE}"])
+    return rows
+
+
+def history(output_dir: str, limit: int) -> list[str]:
+    """One line per caption commit, newest first: version, mode, counts, model, decoding."""
+    lines = []
+    for run in run_summaries(output_dir, limit):
+        counts = run.get("counts") or {}
+        lines.append(
+            f"v{run['version']} {run.get('mode', '?'):7} "
+            + " ".join(f"{k} {v}" for k, v in counts.items())
+            + f" | model {run.get('model_id')} beam {run.get('beam_size')} run {run.get('run_id')}"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m beam_jobs.caption_table {history,compact,vacuum,convert} CAPTIONS_DIR"""
+    import argparse
+
+    from model.cli import run_cli
+
+    def run(argv: Sequence[str] | None) -> None:
+        p = argparse.ArgumentParser(
+            description="Looks after a caption table (a Delta Lake table written by "
+            "beam_jobs.caption_images).",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        p.add_argument("command", choices=["history", "compact", "vacuum", "convert"])
+        p.add_argument("captions_dir", help="CAPTIONS_DIR, local or gs://")
+        p.add_argument("--limit", type=int, default=20, help="history: how many commits")
+        p.add_argument(
+            "--retention_hours",
+            type=float,
+            default=RETENTION_HOURS,
+            help="vacuum: keep what versions this recent read",
+        )
+        p.add_argument("--dry_run", action="store_true", help="vacuum: only list the files")
+        a = p.parse_args(argv)
+        if a.command == "history":
+            print("\n".join(history(a.captions_dir, a.limit)) or "no caption commits")
+        elif a.command == "compact":
+            metrics = compact(a.captions_dir)
+            print(
+                f"compacted {metrics.get('numFilesRemoved', 0)} files into "
+                f"{metrics.get('numFilesAdded', 0)}"
+            )
+        elif a.command == "vacuum":
+            gone = vacuum(a.captions_dir, a.retention_hours, a.dry_run)
+            print(f"{'would delete' if a.dry_run else 'deleted'} {len(gone)} files")
+        else:
+            print(f"converted {convert(a.captions_dir)} rows into a Delta table")
+
+    run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,9 @@ PENDING_BYTES = 256 << 20
 # caption_images saves finished rows at least this often (seconds): a killed run
 # resumed with --skip_existing redoes at most this much work.
 CHECKPOINT_SECONDS = 60.0
+# A caption run compacts its table after committing when it holds more small data files
+# than this (beam_jobs.caption_table; --compact_above).
+COMPACT_ABOVE = 1000
 # `--weights NAME` for real ImageNet weights that `make weights` (python -m
 # model.images.pretrained) converts offline into the cache: name -> (backbone variant, file).
 NAMED_WEIGHTS: dict[str, tuple[str, str]] = {

@@ -792,3 +792,95 @@ def test_a_full_disk_is_one_line_that_says_how_to_resume(inputs, tmp_path, small
     resumed = run([*argv, "--skip_existing"])
     assert resumed["captioned"] + resumed["failed"] <= 12
     assert sorted(_table_uris(out)) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_maintenance_convert_compact_vacuum_history(inputs, tmp_path, where, capsys):
+    """An old-layout folder converted in place; compaction changes no row and joins the
+    small files; vacuum deletes what no recent version reads (replaced and compacted
+    files, a killed run's orphans) and nothing a version reads."""
+    import pyarrow as pa
+
+    from beam_jobs import caption_table
+    from beam_jobs.caption_table import main as table_command
+
+    _, _, export = inputs
+    old = tmp_path / "old"
+    old.mkdir()
+    captions = pa.table(
+        {
+            "uri": ["/x/a.jpg"],
+            "caption": ["a red circle"],
+            "token_ids": [[4, 5, 6]],
+            "log_prob": [-1.5],
+            "length": [3],
+            "hit_max_length": [False],
+            "width": [4],
+            "height": [4],
+            "sha256": ["0" * 64],
+            "model_id": ["m1"],
+        }
+    )
+    errors = pa.table({"uri": ["/x/b.jpg"], "error_type": ["corrupt"], "message": ["bad"]})
+    pq.write_table(captions, old / "captions-r1-0.parquet")
+    pq.write_table(errors, old / "errors-r1-0.parquet")
+    (old / "stale-captions-r0.parquet").write_bytes(b"not listed")
+    (old / "manifest.json").write_text(
+        json.dumps(
+            {
+                "kind": "captions",
+                "format_version": 1,
+                "run_id": "r1",
+                "model_id": "m1",
+                "files": ["captions-r1-0.parquet", "errors-r1-0.parquet"],
+                "decoding": {
+                    "beam_size": 3,
+                    "length_penalty": 0.0,
+                    "block_repeats": 3,
+                    "allow_unk": False,
+                },
+            }
+        )
+    )
+    table_command(["convert", str(old)])
+    assert "converted 2 rows" in capsys.readouterr().out
+    caps, errs = tables(old)
+    assert [(r["uri"], r["caption"], r["beam_size"], r["key"]) for r in caps] == [
+        ("/x/a.jpg", "a red circle", 3, "/x/a.jpg")
+    ]
+    assert [(r["uri"], r["error_type"], r["model_id"]) for r in errs] == [
+        ("/x/b.jpg", "corrupt", "m1")
+    ]
+    assert not (old / "manifest.json").exists() and not (old / "captions-r1-0.parquet").exists()
+
+    out = str(where)
+    folder = tmp_path / "in"
+    _images(folder, 6, 900)
+    base = ["--model", export, "--output_dir", out, "--batch_size", "2", *RUNNER]
+    for i in range(3):  # three appends of two images: at least three small files
+        args = [*base, "--input", str(folder / f"{2 * i:02d}.jpg")]
+        run([*args, "--input", str(folder / f"{2 * i + 1:02d}.jpg"), "--skip_existing"])
+    orphan = f"{out}/part-0123456789ab-v9-a000000-0.parquet"  # as a killed run leaves one
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(orphan) as f:
+        f.write(b"PAR1")
+    rows = sorted(table_uris(out))
+    files = len(caption_table.data_files(caption_table.open_table(out)))
+    assert files >= 3
+    table_command(["compact", out])
+    assert len(caption_table.data_files(caption_table.open_table(out))) == 1
+    assert sorted(table_uris(out)) == rows
+    table_command(["vacuum", out, "--retention_hours", "0", "--dry_run"])
+    assert where.parts() >= {orphan.rsplit("/", 1)[1]}
+    table_command(["vacuum", out, "--retention_hours", "0"])
+    live = {p.rsplit("/", 1)[1] for p in caption_table.data_files(caption_table.open_table(out))}
+    assert where.parts() == live and sorted(table_uris(out)) == rows
+    table_command(["history", out])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("v2 append") and "captioned 2" in line for line in lines)
+    # A run compacts by itself past --compact_above small files.
+    (folder / "new.jpg").write_bytes(encode(noise(950), "JPEG"))
+    summary = run([*base, "--input", str(folder), "--skip_existing", "--compact_above", "1"])
+    assert summary["captioned"] == 1 and "compacted 2 small files into 1" in capsys.readouterr().out
+    assert len(caption_table.data_files(caption_table.open_table(out))) == 1
+    assert sorted(table_uris(out)) == sorted([*rows, str(folder / "new.jpg")])
