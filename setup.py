@@ -25,7 +25,13 @@ TRAIN_REQUIRES = [
     "pycocoevalcap>=1.2,<2",  # model.evaluate: BLEU, METEOR, ROUGE-L, CIDEr
 ]
 
+# `python -m beam_jobs.caption_table sql`: DuckDB reads the caption table with its `delta`
+# extension, which PyPI ships per DuckDB version, so the pair is pinned together and
+# loaded from the package (nothing downloaded at run time).
+QUERY_REQUIRES = ["duckdb==1.5.5", "duckdb-extension-delta==1.5.5"]
+
 EXTRAS_REQUIRE = {
+    "query": QUERY_REQUIRES,
     "train": TRAIN_REQUIRES,
     # gs:// in the Beam jobs (GcsIO) and the Dataflow runner; TensorFlow reads gs:// itself.
     "gcp": ["apache-beam[gcp]>=2.77,<2.78"],
@@ -37,10 +43,7 @@ EXTRAS_REQUIRE = {
         "pytest-xdist",  # make test: two workers, one test file each at a time
         "gcp-storage-emulator>=2026.7",  # tests/test_gcs.py: every stage on gs://
         "cryptography",  # tests/gcs.py: the TLS proxy's throw-away CA
-        # DuckDB reads the caption table with its `delta` extension, which PyPI ships per
-        # DuckDB version: the pair is pinned together (tests.tables loads it offline).
-        "duckdb==1.5.5",
-        "duckdb-extension-delta==1.5.5",
+        *QUERY_REQUIRES,
         "duckdb-extension-httpfs==1.5.5",  # gs:// for DuckDB (tests/test_gcs.py)
         "pandas>=2",  # the docs' pandas reader of the caption table
         "polars>=1.30",  # the docs' polars reader of the caption table

@@ -339,8 +339,41 @@ def history(output_dir: str, limit: int) -> list[str]:
     return lines
 
 
+def duckdb_connection(*extensions: str) -> Any:
+    """A DuckDB connection with the `delta` extension (and `extensions`, e.g. httpfs for
+    gs://) loaded from their PyPI packages (`duckdb-extension-NAME`, pinned to DuckDB's
+    version by the [query] extra), so nothing is downloaded; where a package is missing,
+    DuckDB's own `LOAD NAME` (which downloads it once)."""
+    import glob
+    import importlib
+
+    import duckdb
+
+    con = duckdb.connect()
+    for name in ("delta", *extensions):
+        try:
+            folder = os.path.dirname(importlib.import_module(f"duckdb_extension_{name}").__file__)
+        except ImportError:
+            con.execute(f"LOAD {name}")
+            continue
+        [path] = glob.glob(f"{folder}/extensions/v{duckdb.__version__}/{name}.duckdb_extension")
+        con.execute(f"LOAD '{path}'")
+    return con
+
+
+def query(output_dir: str, sql: str) -> Any:
+    """Runs `sql` with the table as the view `captions` (DuckDB's delta_scan)."""
+    from model.cli import require
+
+    require("duckdb", "pip install -e '.[query]'")
+    con = duckdb_connection()
+    uri = table_uri(output_dir).replace("'", "''")
+    con.execute(f"CREATE VIEW captions AS SELECT * FROM delta_scan('{uri}')")
+    return con.sql(sql)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """python -m beam_jobs.caption_table {history,compact,vacuum,convert} CAPTIONS_DIR"""
+    """python -m beam_jobs.caption_table {history,sql,compact,vacuum,convert} CAPTIONS_DIR"""
     import argparse
 
     from model.cli import run_cli
@@ -351,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "beam_jobs.caption_images).",
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        p.add_argument("command", choices=["history", "compact", "vacuum", "convert"])
+        p.add_argument("command", choices=["history", "sql", "compact", "vacuum", "convert"])
         p.add_argument("captions_dir", help="CAPTIONS_DIR, local or gs://")
+        p.add_argument("sql", nargs="?", help="sql: a query of the view `captions`")
         p.add_argument("--limit", type=int, default=20, help="history: how many commits")
         p.add_argument(
             "--retention_hours",
@@ -364,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         a = p.parse_args(argv)
         if a.command == "history":
             print("\n".join(history(a.captions_dir, a.limit)) or "no caption commits")
+        elif a.command == "sql":
+            query(a.captions_dir, a.sql or "SELECT * FROM captions LIMIT 10").show()
         elif a.command == "compact":
             metrics = compact(a.captions_dir)
             print(

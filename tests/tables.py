@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Any
 
+from beam_jobs.caption_table import duckdb_connection as duckdb_delta  # noqa: F401
 from beam_jobs.caption_table import storage_options, table_uri
 
 
@@ -33,22 +32,6 @@ def last_run(out: Any) -> dict[str, Any]:
         if "caption_run" in entry:
             return {"version": entry["version"], **json.loads(entry["caption_run"])}
     raise AssertionError(f"{out}: no caption commit")
-
-
-def duckdb_delta(*extensions: str) -> Any:
-    """A DuckDB connection with the `delta` extension (and `extensions`, such as httpfs)
-    loaded from their PyPI packages, offline."""
-    import importlib
-
-    import duckdb
-
-    con = duckdb.connect()
-    for name in ("delta", *extensions):
-        package = importlib.import_module(f"duckdb_extension_{name}")
-        folder = os.path.dirname(package.__file__)
-        [path] = glob.glob(f"{folder}/extensions/v{duckdb.__version__}/{name}.duckdb_extension")
-        con.execute(f"LOAD '{path}'")
-    return con
 
 
 class Where:

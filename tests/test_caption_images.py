@@ -198,6 +198,10 @@ def test_duckdb_pandas_and_polars_read_the_table(captioned):
     assert (n, failed) == (len(caps) + len(errs), len(errs)) and kinds["unsafe_path"] == 6
     frame = DeltaTable(str(out)).to_pandas()
     assert sorted(frame["uri"]) == sorted(r["uri"] for r in caps + errs)
+    from beam_jobs.caption_table import query
+
+    [(m,)] = query(str(out), "select count(*) from captions where error_type is null").fetchall()
+    assert m == len(caps)  # the README's command
     polars = pl.read_delta(str(out)).filter(pl.col("error_type").is_null())
     assert sorted(polars["uri"].to_list()) == sorted(r["uri"] for r in caps)
 
