@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from beam_jobs.features_output import (
     commit_features_manifest,
     features_manifest_body,
     prepare_vocab,
+    remove_beam_temp,
     write_vocab,
 )
 from beam_jobs.inference import FeatureExtractorHandler
@@ -164,14 +167,19 @@ def embed_images(
 
 
 def build_vocab(records: beam.PCollection, args: argparse.Namespace) -> Any:
-    """Counts the train captions' words and writes vocab.txt; its size, as a side input."""
+    """Counts the train captions' words and writes the run's vocabulary; its size, as a
+    side input."""
     size = (
         records
         | "TrainOnly" >> beam.Filter(lambda r: r.split == "train")
         | "TrainCaptions" >> beam.FlatMap(lambda r: r.captions)
         | "CountWords" >> beam.CombineGlobally(WordCountFn())
         | "WriteVocab"
-        >> beam.Map(write_vocab, f"{args.output_dir}/{formats.VOCAB_FILE}", args.vocab_size)
+        >> beam.Map(
+            write_vocab,
+            f"{args.output_dir.rstrip('/')}/{formats.vocab_file(args.run_id)}",
+            args.vocab_size,
+        )
     )
     return beam.pvalue.AsSingleton(size)
 
@@ -186,7 +194,7 @@ def write_split(
         | f"Serialized[{split}]" >> beam.Map(lambda e: e[1])
         | f"WriteShards[{split}]"
         >> WriteGzipTFRecords(
-            formats.shard_prefix(args.output_dir, split),
+            formats.shard_prefix(args.output_dir, f"{split}-{args.run_id}"),
             file_name_suffix=formats.SHARD_SUFFIX,
             num_shards=args.num_shards,
             max_records_per_shard=None if args.num_shards else IMAGES_PER_SHARD,
@@ -198,7 +206,7 @@ def write_split(
         | f"ErrorRows[{split}]" >> beam.Map(lambda e: e[1])
         | f"WriteErrors[{split}]"
         >> beam.io.WriteToParquet(
-            f"{args.output_dir.rstrip('/')}/errors-{split}",
+            f"{args.output_dir.rstrip('/')}/errors-{split}-{args.run_id}",
             formats.ERRORS_SCHEMA,
             codec=formats.PARQUET_CODEC,
             file_name_suffix=".parquet",
@@ -284,10 +292,13 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
     splits = sorted(per_split) if args.karpathy_json else [args.split]
     if not parsed.records:
         raise UsageError(f"{source}: no images listed")
-    check_existing_manifest(args.output_dir, features_manifest_body(args))
+    existing = check_existing_manifest(args.output_dir, features_manifest_body(args))
     if not FileSystems.exists(args.output_dir):
         FileSystems.mkdirs(args.output_dir)
-    vocab_info = prepare_vocab(args, splits)
+    # Every file this run writes carries its id: nothing a manifest names is overwritten.
+    args.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    remove_beam_temp(args.output_dir)  # a killed run's (the lease says none is running)
+    vocab_info = prepare_vocab(args, splits, existing)
     orphans = {splits[0]: parsed.orphan_annotations} if parsed.orphan_annotations else {}
     if parsed.orphan_annotations:
         LOG.warning("%s: %d captions name unknown image ids", source, parsed.orphan_annotations)

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import posixpath
+import shutil
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.paths import is_local
 from model.cli import UsageError
 from model.images.extractor import (
     features_identity,
@@ -57,18 +61,20 @@ def commit_features_manifest(
     body: dict[str, Any],
     split_stats: dict[str, tuple[int, int]],
     error_stats: dict[str, int],
-    shards: list[str],
+    written: list[str],
     vocab: dict[str, Any],
     splits: Sequence[str],
     orphans: dict[str, int],
     images_dir: str = "",
     dropped: dict[str, int] | None = None,
 ) -> str:
-    """Merges this run's splits into FEATURES_DIR/manifest.json, after every shard is final."""
+    """Merges this run's splits into FEATURES_DIR/manifest.json, after every file is
+    final, then deletes what it no longer names."""
     path = formats.features_manifest_path(output_dir)
     existing = (
         formats.read_manifest(path, formats.KIND_FEATURES) if FileSystems.exists(path) else {}
     )
+    names = sorted(posixpath.basename(f) for f in written)
     all_splits = dict(existing.get("splits", {}))
     for split in splits:
         images, captions = split_stats.get(split, (0, 0))
@@ -79,40 +85,76 @@ def commit_features_manifest(
             "orphan_annotations": orphans.get(split, 0),
             "dropped_captions": (dropped or {}).get(split, 0),
             "images_dir": images_dir,
-            "shards": sorted(
-                posixpath.basename(s)
-                for s in shards
-                if posixpath.basename(s).startswith(f"{split}-")
-            ),
+            "shards": [n for n in names if n.startswith(f"{split}-")],
+            "errors_files": [n for n in names if n.startswith(f"errors-{split}-")],
         }
-    formats.write_manifest(
+    replace_manifest(
         path,
-        formats.KIND_FEATURES,
         {**body, "splits": all_splits, "vocab": vocab, "created_by": "beam_jobs.extract_features"},
     )
-    remove_unlisted_shards(output_dir, {s: all_splits[s]["shards"] for s in splits})
+    remove_unlisted(output_dir, all_splits, splits, vocab["file"])
+    remove_beam_temp(output_dir)
     return path
 
 
-def remove_unlisted_shards(output_dir: str, listed: dict[str, list[str]]) -> list[str]:
-    """After the manifest names a split's new shards, an earlier extraction's shards of
-    that split (another shard count) are deleted: readers only ever see complete sets."""
-    stale = [
-        m.path
-        for split, names in listed.items()
-        for m in FileSystems.match([formats.shard_pattern(output_dir, split)])[0].metadata_list
-        if posixpath.basename(m.path) not in names
-    ]
+def replace_manifest(path: str, body: dict[str, Any]) -> None:
+    """Writes the manifest aside and renames it over the old one: a reader finds the old
+    manifest or the new one, whole (a rename on a local disk; on an object store, an
+    object appears whole)."""
+    aside = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    formats.write_manifest(aside, formats.KIND_FEATURES, body)
+    if FileSystems.exists(path) and not is_local(path):
+        FileSystems.delete([path])  # GCS renames by copy, which will not replace an object
+    FileSystems.rename([aside], [path])
+
+
+def remove_unlisted(
+    output_dir: str, listed: dict[str, Any], splits: Sequence[str], vocab: str
+) -> list[str]:
+    """After the manifest names this run's files, an earlier extraction's shards and
+    errors files of the same splits, and every vocabulary but the one named, are deleted
+    (with what killed runs left of them)."""
+    out = output_dir.rstrip("/")
+    stale = []
+    for split in splits:
+        keep = set(listed[split]["shards"]) | set(listed[split].get("errors_files", []))
+        for pattern in (formats.shard_pattern(out, split), f"{out}/errors-{split}-*.parquet"):
+            stale += [
+                m.path
+                for m in FileSystems.match([pattern])[0].metadata_list
+                if posixpath.basename(m.path) not in keep
+            ]
+    for pattern in (f"{out}/vocab-*.txt", f"{out}/{formats.VOCAB_FILE}"):
+        stale += [
+            m.path
+            for m in FileSystems.match([pattern])[0].metadata_list
+            if posixpath.basename(m.path) != vocab
+        ]
     if stale:
         FileSystems.delete(stale)
     return stale
 
 
-def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, Any]:
-    """Describes the vocabulary; non-train runs must find one at start."""
-    target = f"{args.output_dir.rstrip('/')}/{formats.VOCAB_FILE}"
+def remove_beam_temp(output_dir: str) -> None:
+    """Beam's temporary folders (`beam-temp-*`, its file sinks' staging) that a killed run
+    left; a finished run's are gone already. Called with the lease held."""
+    found = FileSystems.match([f"{output_dir.rstrip('/')}/beam-temp-*/**"])[0].metadata_list
+    files = [m.path for m in found]
+    if files:
+        FileSystems.delete(files)
+    if is_local(output_dir) and os.path.isdir(output_dir):
+        for entry in os.listdir(output_dir):
+            if entry.startswith("beam-temp-"):
+                shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+
+
+def prepare_vocab(
+    args: argparse.Namespace, splits: Sequence[str], existing: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Describes the vocabulary: this run's own file when it builds one (train) or takes
+    --vocab; otherwise the one FEATURES_DIR's manifest names, which must exist at start."""
     info = {
-        "file": formats.VOCAB_FILE,
+        "file": formats.vocab_file(args.run_id),
         "built_from": "train",
         "requested_size": args.vocab_size,
         "reserved": list(RESERVED),
@@ -121,13 +163,16 @@ def prepare_vocab(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, 
     }
     if "train" in splits:
         return info
-    source = args.vocab or target
+    out = args.output_dir.rstrip("/")
+    source = args.vocab or formats.features_vocab_path(out, existing or {})
     if not FileSystems.exists(source):
         raise UsageError(
             f"no vocabulary for split {','.join(splits)}: {source} does not exist "
             "(run the train split first or pass --vocab PATH)"
         )
     vocab = Vocabulary.load(source)
-    if source != target:
-        vocab.save(target)
+    if args.vocab:
+        vocab.save(f"{out}/{info['file']}")
+    else:
+        info["file"] = posixpath.basename(source)
     return {**info, "size": len(vocab)}

@@ -98,6 +98,11 @@ def test_shards_hold_one_float16_example_per_image(extracted, coco):
     assert summary["embedded"] == 12
 
 
+def vocab_path(out):
+    """FEATURES_DIR's vocabulary, as its manifest names it."""
+    return formats.features_vocab_path(str(out), json.load(open(out / "manifest.json")))
+
+
 def test_manifest_counts_every_image(extracted, coco):
     out, _ = extracted
     _, expected_errors = coco
@@ -114,7 +119,8 @@ def test_manifest_counts_every_image(extracted, coco):
 def test_every_bad_file_is_an_error_row_with_its_reason(extracted, coco):
     out, _ = extracted
     _, expected = coco
-    errors = pq.read_table(out / "errors-train-00000-of-00001.parquet").to_pylist()
+    [name] = json.load(open(out / "manifest.json"))["splits"]["train"]["errors_files"]
+    errors = pq.read_table(out / name).to_pylist()
     got = {os.path.basename(r["uri"]): r["error_type"] for r in errors}
     assert got == expected
     assert all(r["message"] for r in errors)
@@ -123,7 +129,7 @@ def test_every_bad_file_is_an_error_row_with_its_reason(extracted, coco):
 def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
     out, _ = extracted
     root, _ = coco
-    vocab = Vocabulary.load(str(out / "vocab.txt"))
+    vocab = Vocabulary.load(vocab_path(out))
     assert vocab.tokens[:4] == RESERVED
     data = json.load(open(root / "annotations" / "captions_train.json"))
     expected = Vocabulary.build(
@@ -140,11 +146,11 @@ def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
 def test_val_run_reuses_vocab_and_merges_manifest(extracted, coco):
     out, _ = extracted
     root, _ = coco
-    before = (out / "vocab.txt").read_text()
+    before = open(vocab_path(out)).read()
     extract(root, out, "val")
     m = json.load(open(out / "manifest.json"))
     assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["images"] == 3
-    assert (out / "vocab.txt").read_text() == before
+    assert open(vocab_path(out)).read() == before
 
 
 def test_val_without_vocabulary_fails_at_start(coco, tmp_path):
@@ -227,7 +233,7 @@ def test_karpathy_split_file(coco, tmp_path):
     )
     m = json.load(open(tmp_path / "k" / "manifest.json"))
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
-    assert Vocabulary.load(str(tmp_path / "k" / "vocab.txt")).tokens[4:] == ("a", "red", "thing")
+    assert Vocabulary.load(vocab_path(tmp_path / "k")).tokens[4:] == ("a", "red", "thing")
 
 
 def test_pipeline_translates_for_dataflow(coco, tmp_path):
@@ -294,3 +300,63 @@ def test_a_shard_the_manifest_lists_but_is_gone_fails_in_one_line(tmp_path_facto
     os.remove(out / shard)
     with pytest.raises(formats.FormatError, match=f"{shard}.*missing"):
         read_split(out, "train")
+
+
+def test_a_killed_reextraction_leaves_a_manifest_that_tells_the_truth(tmp_path_factory, tmp_path):
+    """12 images extracted, then the same FEATURES_DIR re-extracted from 4 other images
+    with another vocabulary, SIGKILLed once its first shard is written (before its
+    manifest): the manifest still names exactly what is there (its shards hold the
+    counts it says, its vocabulary is the one it was built with), and the rerun replaces
+    it all, leaving no file of the earlier runs and no beam-temp folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import ENV, ROOT
+
+    root = tmp_path_factory.mktemp("killed")
+    make_split(str(root / "a"), "train", 12, seed=3)
+    make_split(str(root / "b"), "train", 4, seed=5)
+    data = json.load(open(root / "b" / "annotations" / "captions_train.json"))
+    for i, a in enumerate(data["annotations"]):
+        a["caption"] = f"zebra number {i} grazes"  # another vocabulary
+    json.dump(data, open(root / "b" / "annotations" / "captions_train.json", "w"))
+    out = tmp_path / "features"
+    extract(root / "a", out, "train", "--num_shards", "2")
+    before = json.load(open(out / "manifest.json"))
+    vocab_before = open(vocab_path(out)).read()
+
+    def consistent():
+        manifest, vocab = check_data_dir(str(out))
+        info = split_info(str(out), manifest, "train")
+        count = sum(1 for _ in tf.data.TFRecordDataset(info.files, compression_type="GZIP"))
+        assert count == info.images
+        return manifest, vocab
+
+    cmd = [sys.executable, "-m", "beam_jobs.extract_features", "--split", "train"]
+    cmd += ["--captions_json", str(root / "b" / "annotations" / "captions_train.json")]
+    cmd += ["--images_dir", str(root / "b" / "train"), "--output_dir", str(out)]
+    cmd += ["--weights", "none", "--num_shards", "1", *RUNNER]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not [p for p in os.listdir(out) if p.startswith("train-") and "-of-00001" in p]:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest, _ = consistent()
+    if manifest == before:  # killed before its commit, as nearly always
+        assert manifest["splits"]["train"]["images"] == 12
+        assert open(vocab_path(out)).read() == vocab_before
+    extract(root / "b", out, "train", "--num_shards", "1")
+    manifest, vocab = consistent()
+    assert manifest["splits"]["train"]["images"] == 4 and "zebra" in vocab.tokens
+    named = {
+        *manifest["splits"]["train"]["shards"],
+        *manifest["splits"]["train"]["errors_files"],
+        manifest["vocab"]["file"],
+        "manifest.json",
+    }
+    assert set(os.listdir(out)) - {".lock"} == named

@@ -115,7 +115,7 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
         )
     manifest = read_json(f"{feats}/manifest.json")
     assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 40, "val": 10}
-    assert "vocab.txt" in names(f"{feats}/*")
+    assert manifest["vocab"]["file"] in names(f"{feats}/*")
 
     command(
         gcs,

@@ -41,10 +41,13 @@ def check_data_dir(data_dir: str) -> tuple[dict[str, Any], Vocabulary]:
         formats.features_manifest_path(data_dir), formats.KIND_FEATURES
     )
     formats.check_backbone(manifest, data_dir)
-    vocab = Vocabulary.load(f"{data_dir.rstrip('/')}/{formats.VOCAB_FILE}")
+    path = formats.features_vocab_path(data_dir, manifest)
+    if not tf.io.gfile.exists(path):
+        raise formats.FormatError(f"{path}: named by the manifest but missing")
+    vocab = Vocabulary.load(path)
     if manifest.get("vocab", {}).get("size") not in (None, len(vocab)):
         raise formats.FormatError(
-            f"{data_dir}: vocab.txt has {len(vocab)} tokens, "
+            f"{path}: has {len(vocab)} tokens, "
             f"manifest says {manifest['vocab']['size']}"
         )
     return manifest, vocab

@@ -47,7 +47,18 @@ def shard_prefix(output_dir: str, split: str) -> str:
 
 
 def shard_pattern(data_dir: str, split: str) -> str:
+    """Every shard of a split, of any extraction: `{split}-[RUN_ID-]SSSSS-of-NNNNN`."""
     return f"{data_dir.rstrip('/')}/{split}-*-of-*{SHARD_SUFFIX}"
+
+
+def vocab_file(run_id: str) -> str:
+    """The vocabulary an extraction writes, named by its run: never overwritten in place."""
+    return f"vocab-{run_id}.txt"
+
+
+def features_vocab_path(data_dir: str, manifest: Mapping[str, Any]) -> str:
+    """FEATURES_DIR's vocabulary, as its manifest names it (`vocab.txt` before 2026-12)."""
+    return f"{data_dir.rstrip('/')}/{(manifest.get('vocab') or {}).get('file', VOCAB_FILE)}"
 
 
 def feature_spec() -> dict[str, Any]:
