@@ -526,3 +526,16 @@ def test_more_epochs_on_resume_keep_the_learning_rate_continuous(tmp_path):
     before = rate_after_restore("2")
     assert before == pytest.approx(1e-3 * 0.1, rel=1e-3)  # the end of the cosine decay
     assert rate_after_restore("4") == pytest.approx(before, rel=1e-6)
+
+
+def test_shards_that_disagree_with_the_manifest_fail_in_one_line(tmp_path):
+    """A manifest that promises more caption pairs than its shards hold (a FEATURES_DIR
+    mended by hand, or written by an older extractor killed mid-way) stops training at
+    the end of the first epoch with one line, instead of training on part of the data."""
+    write_features_dir(str(tmp_path / "f"), {"train": 8})
+    path = tmp_path / "f" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["splits"]["train"]["captions"] += 40
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="hold 12 caption pairs, the manifest says 52"):
+        _train(tmp_path, "m", "--epochs", "1")

@@ -566,8 +566,21 @@ def train_epoch(run: Run) -> Totals:
     return totals
 
 
+def check_epoch_pairs(run: Run, totals: Totals) -> None:
+    """A whole epoch reads every caption pair of the split once (less a dropped last
+    batch): other counts mean the shards are not what the manifest says they are."""
+    expected = run.train_info.captions
+    if not expected - run.global_batch < totals.pairs <= expected:
+        raise formats.FormatError(
+            f"{run.args.data_dir}: the shards of split {run.args.train_split!r} hold "
+            f"{int(totals.pairs)} caption pairs, the manifest says {expected}: they do not "
+            "belong together; re-extract the split"
+        )
+
+
 def end_epoch(run: Run, totals: Totals) -> None:
     """Validation, early-stopping bookkeeping, the epoch's record and a checkpoint."""
+    check_epoch_pairs(run, totals)
     args, e = run.args, run.var("epoch")
     record: dict[str, Any] = {
         "epoch": e + 1,
