@@ -19,6 +19,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_jobs.caption_run import (
     PART_PREFIX,
+    REWRITE_PREFIX,
     RunPlan,
     check_export,
     commit_run,
@@ -270,7 +271,7 @@ def build_pipeline(
         | "GroupSuperseded" >> beam.GroupByKey()
         | "RewriteSuperseded"
         >> beam.Map(
-            rewrite_without, args.output_dir, f"{PART_PREFIX}{plan.attempt}", plan.table_files
+            rewrite_without, args.output_dir, f"{REWRITE_PREFIX}{plan.attempt}", plan.table_files
         )
     )
     adopted = (

@@ -35,6 +35,9 @@ from model.io import formats
 
 RUNS_DIR = "_caption_runs"  # run records: a finished pipeline's files, before the commit
 PART_PREFIX = "part-"
+# A table file rewritten without rows the run supersedes: a resume never adopts one (its
+# pair, the removal of the old file, was not committed), it rewrites the old file again.
+REWRITE_PREFIX = "rewrite-"
 
 
 def check_export(export_dir: str) -> dict[str, Any]:

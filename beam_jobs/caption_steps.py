@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -72,8 +72,10 @@ class NewInputsFn(TallyFn):
     the output and not seen before in it comes out with its bytes, or as its error row.
 
     The "retried" group holds (table file, uri) of the input's transient error rows
-    (`formats.TRANSIENT_ERRORS`): the input is tried again, so each of those rows goes out
-    on SUPERSEDED_TAG, to be dropped from its file in this run's commit."""
+    (`formats.TRANSIENT_ERRORS`), which are not in "done": the input is tried again, so
+    each such row goes out on SUPERSEDED_TAG, to be dropped from its file in this run's
+    commit, once the input has a new row: made now, or in a file adopted from a killed
+    attempt of this run (in "done")."""
 
     def __init__(self, progress_dir: str | None = None, max_bytes: int = MAX_BYTES):
         super().__init__(NAMESPACE, progress_dir)
@@ -82,17 +84,22 @@ class NewInputsFn(TallyFn):
     def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Any]:
         key, groups = element
         items, done = groups["input"], groups.get("done", [])
-        if not items or None in done:  # not an input, or it (or its archive) has its row
-            return
-        for file_and_uri in groups.get("retried", []):
-            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, file_and_uri)
+        retried = {uri: file for file, uri in groups.get("retried", [])}
+        if not items:
+            return  # not an input (this run's): its rows stay as they are
         if items[0].error_type is not None or not is_archive_name(key):
-            yield items[0]  # the same file matched twice (overlapping --input) is read once
+            yield from superseded(retried, retried)
+            if None not in done:  # else it has its row
+                yield items[0]  # the same file matched twice (overlapping --input): once
             return
+        if None in done:  # the archive has its row: nothing under it is read again
+            return
+        yield from superseded(retried, [key])  # an archive-level failure, read again now
         skip = set(done)
         for item in read_path(key, max_bytes=self.max_bytes):
             if MEMBER_SEPARATOR in item.uri:
                 member = item.uri.split(MEMBER_SEPARATOR, 1)[1]
+                yield from superseded(retried, [item.uri])
                 if member in skip:
                     continue  # finished before, or a second member of that name
                 skip.add(member)
@@ -100,6 +107,13 @@ class NewInputsFn(TallyFn):
                 item = bad_file_name(printable)
             self.tally.inc("inputs_matched")
             yield item
+
+
+def superseded(retried: dict[str, str], uris: Iterable[str]) -> Iterator[Any]:
+    """The transient rows of `uris` (taken out of `retried`), on SUPERSEDED_TAG."""
+    for uri in list(uris):
+        if uri in retried:
+            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, (retried.pop(uri), uri))
 
 
 def bad_file_name(printable: str) -> Item:

@@ -888,3 +888,38 @@ def test_maintenance_convert_compact_vacuum_history(inputs, tmp_path, where, cap
     assert summary["captioned"] == 1 and "compacted 2 small files into 1" in capsys.readouterr().out
     assert len(caption_table.data_files(caption_table.open_table(out))) == 1
     assert sorted(table_uris(out)) == sorted([*rows, str(folder / "new.jpg")])
+
+
+def test_a_killed_retry_of_transient_failures_resumes_with_each_input_once(
+    inputs, tmp_path, monkeypatch
+):
+    """Every image failed transiently (the model raised); the --skip_existing run that
+    tries them again is SIGKILLed once it has saved files, and its resume adopts them:
+    each input ends with one row, its caption, and no error row is left."""
+    import sys
+
+    from beam_jobs import inference
+
+    _, _, export = inputs
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.png").write_bytes(encode(solid((255, 255, 255), (40 + i, 30)), "PNG"))
+    original = inference.CaptionerHandler.run_inference
+
+    def broken(self, batch, model, inference_args=None):
+        raise RuntimeError("out of memory on the accelerator")
+
+    monkeypatch.setattr(inference.CaptionerHandler, "run_inference", broken)
+    argv = ["--model", export, "--input", str(folder), "--output_dir", str(out)]
+    argv += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
+    assert run(argv)["errors"] == {"inference_error": 12}
+    monkeypatch.setattr(inference.CaptionerHandler, "run_inference", original)
+    where = Where(str(out))
+    before = where.parts()
+    cmd = [sys.executable, "-m", "beam_jobs.caption_images", *argv, "--skip_existing"]
+    _kill_when(cmd, lambda: len(where.parts() - before) >= 2)
+    run([*argv, "--skip_existing"])
+    caps, errs = tables(out)
+    assert sorted(r["uri"] for r in caps) == sorted(str(p) for p in folder.iterdir())
+    assert errs == []
