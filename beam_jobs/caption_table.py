@@ -8,7 +8,7 @@ small function over `deltalake`:
 
 - `open_table` / `table_settings`: the table as this run finds it (its version, and the
   model and decoding of its rows, from the log's per-file statistics: no data is read);
-- `file_stats` / `add_action`: a data file as a Delta `add` action with its statistics;
+- `add_action`: a data file (`beam_jobs.parts`) as a Delta `add` action;
 - `commit`: a run's files (and the error files it rewrote) in one transaction, `append`
   for --skip_existing and `overwrite` otherwise, with the run's summary as the commit's
   metadata. Every caption commit carries the application transaction `APP_ID`, so two
@@ -18,7 +18,6 @@ small function over `deltalake`:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.parts import read_parquet, write_part
 from beam_jobs.paths import is_local
 from model.cli import UsageError
 from model.io import formats
@@ -116,45 +116,6 @@ def _pylist(arrow_like: Any, columns: list[str]) -> list[dict[str, Any]]:
 
     table = pa.table(arrow_like)
     return table.select(columns).to_pylist() if columns else [{}] * table.num_rows
-
-
-def file_stats(table: Any) -> str:
-    """Delta statistics of a data file's rows (a pyarrow Table): numRecords, nullCount of
-    every column, and min/max of the scalar columns whose values are finite. Readers
-    skip files by these, so they are computed from the rows themselves."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    minimum: dict[str, Any] = {}
-    maximum: dict[str, Any] = {}
-    nulls: dict[str, int] = {}
-    for name in table.column_names:
-        column = table[name]
-        nulls[name] = column.null_count
-        kind = column.type
-        if not (
-            pa.types.is_string(kind)
-            or pa.types.is_integer(kind)
-            or pa.types.is_floating(kind)
-            or pa.types.is_boolean(kind)
-        ):
-            continue
-        if column.null_count == len(column):
-            continue
-        bounds = pc.min_max(column).as_py()
-        lo, hi = bounds["min"], bounds["max"]
-        if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
-            continue
-        minimum[name], maximum[name] = lo, hi
-    return json.dumps(
-        {
-            "numRecords": table.num_rows,
-            "minValues": minimum,
-            "maxValues": maximum,
-            "nullCount": nulls,
-        },
-        allow_nan=False,
-    )
 
 
 def add_action(part: Mapping[str, Any]) -> Any:
@@ -291,7 +252,6 @@ def convert(output_dir: str) -> int:
     the table in one commit, then the old files and the manifest go. Returns the rows."""
     import pyarrow as pa
 
-    from beam_jobs.parts import read_parquet, write_part
     from model.text.ngrams import has_repeated_ngram
 
     if open_table(output_dir, old_layout_ok=True) is not None:

@@ -53,6 +53,8 @@ def parse_job_flags(
     the job nor any registered PipelineOptions knows is refused in one line, with the
     nearest known flag (Beam itself would only log it and go on)."""
     args, rest = parser.parse_known_args(argv)
+    if not rest:
+        return args, []  # Beam's options are not imported: a wrong flag answers at once
     beam = beam_parser()
     _, unknown = beam.parse_known_args(rest)
     if unknown:

@@ -15,6 +15,8 @@ are the ones the run commits (`beam_jobs.caption_table`).
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,8 +60,6 @@ def write_part(
 
 def part_record(name: str, size: int, table: Any) -> dict[str, Any]:
     """What a commit needs of a data file: name (relative to the table), size, rows, stats."""
-    from beam_jobs.caption_table import file_stats
-
     failed = 0
     if "error_type" in table.column_names:
         failed = table.num_rows - table["error_type"].null_count
@@ -71,6 +71,45 @@ def part_record(name: str, size: int, table: Any) -> dict[str, Any]:
         "failed": failed,
         "stats": file_stats(table),
     }
+
+
+def file_stats(table: Any) -> str:
+    """Delta statistics of a data file's rows (a pyarrow Table): numRecords, nullCount of
+    every column, and min/max of the scalar columns whose values are finite. Readers
+    skip files by these, so they are computed from the rows themselves."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    minimum: dict[str, Any] = {}
+    maximum: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for name in table.column_names:
+        column = table[name]
+        nulls[name] = column.null_count
+        kind = column.type
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)
+            or pa.types.is_boolean(kind)
+        ):
+            continue
+        if column.null_count == len(column):
+            continue
+        bounds = pc.min_max(column).as_py()
+        lo, hi = bounds["min"], bounds["max"]
+        if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        minimum[name], maximum[name] = lo, hi
+    return json.dumps(
+        {
+            "numRecords": table.num_rows,
+            "minValues": minimum,
+            "maxValues": maximum,
+            "nullCount": nulls,
+        },
+        allow_nan=False,
+    )
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> Any:
