@@ -47,8 +47,7 @@ def check_data_dir(data_dir: str) -> tuple[dict[str, Any], Vocabulary]:
     vocab = Vocabulary.load(path)
     if manifest.get("vocab", {}).get("size") not in (None, len(vocab)):
         raise formats.FormatError(
-            f"{path}: has {len(vocab)} tokens, "
-            f"manifest says {manifest['vocab']['size']}"
+            f"{path}: has {len(vocab)} tokens, manifest says {manifest['vocab']['size']}"
         )
     return manifest, vocab
 

@@ -254,8 +254,14 @@ CAPTION_TABLE_SCHEMA = pa.schema(
 )
 # The columns that say how a row was made: --skip_existing refuses to add rows that
 # differ in any of them from the table's (unless --allow_mixed_models).
-CAPTION_SETTINGS_COLUMNS = ("model_id", "precision", "beam_size", "length_penalty",
-                            "block_repeats", "allow_unk")
+CAPTION_SETTINGS_COLUMNS = (
+    "model_id",
+    "precision",
+    "beam_size",
+    "length_penalty",
+    "block_repeats",
+    "allow_unk",
+)
 
 # The errors of a features run (FEATURES_DIR/errors-{split}-*.parquet).
 ERRORS_SCHEMA = pa.schema(
