@@ -98,14 +98,15 @@ def commit_features_manifest(
 
 
 def replace_manifest(path: str, body: dict[str, Any]) -> None:
-    """Writes the manifest aside and renames it over the old one: a reader finds the old
-    manifest or the new one, whole (a rename on a local disk; on an object store, an
-    object appears whole)."""
+    """Replaces the manifest in one step: a reader finds the old one or the new one, whole.
+    On a local disk it is written aside and renamed over the old one; an object store
+    replaces an object in one step by itself (a rename there would be a copy)."""
+    if not is_local(path):
+        formats.write_manifest(path, formats.KIND_FEATURES, body)
+        return
     aside = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     formats.write_manifest(aside, formats.KIND_FEATURES, body)
-    if FileSystems.exists(path) and not is_local(path):
-        FileSystems.delete([path])  # GCS renames by copy, which will not replace an object
-    FileSystems.rename([aside], [path])
+    os.replace(aside, path)
 
 
 def remove_unlisted(
