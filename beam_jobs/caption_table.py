@@ -149,7 +149,7 @@ def commit(
     among `adds`). A commit that another caption run's commit beat to the table fails
     with one line: nothing of this run is committed, and a rerun with --skip_existing
     adds what it still lacks."""
-    from deltalake import CommitProperties, Schema, Transaction
+    from deltalake import CommitProperties, Schema
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import create_table_with_add_actions
 
@@ -165,7 +165,7 @@ def commit(
                 mode="error",
                 storage_options=storage_options(uri),
                 commit_properties=CommitProperties(
-                    custom_metadata=metadata, app_transactions=[_Transaction(Transaction, 1)]
+                    custom_metadata=metadata, app_transactions=[app_transaction(1)]
                 ),
             )
             return 0
@@ -179,11 +179,12 @@ def commit(
             formats.CAPTION_TABLE_SCHEMA,
             commit_properties=CommitProperties(
                 custom_metadata=metadata,
-                app_transactions=[_Transaction(Transaction, previous + 1)],
+                app_transactions=[app_transaction(previous + 1)],
             ),
         )
     except (CommitFailedError, DeltaError) as e:
-        if base_version is None and "exists" not in str(e).lower():
+        lost_race = isinstance(e, CommitFailedError) or "already exists" in str(e)
+        if not lost_race:
             raise
         raise UsageError(
             f"{output_dir}: another run committed to this table while this one ran "
@@ -193,8 +194,12 @@ def commit(
     return open_table(output_dir).version()
 
 
-def _Transaction(cls: Any, version: int) -> Any:  # noqa: N802 - builds a deltalake Transaction
-    return cls(APP_ID, version, int(time.time() * 1000))
+def app_transaction(version: int) -> Any:
+    """The caption runs' application transaction: Delta fails the second of two commits
+    that carry it when they overlap in time."""
+    from deltalake import Transaction
+
+    return Transaction(APP_ID, version, int(time.time() * 1000))
 
 
 def run_summaries(output_dir: str, limit: int | None = None) -> list[dict[str, Any]]:
