@@ -37,9 +37,9 @@ def mirrored(*devices: str) -> tf.distribute.MirroredStrategy:
 # The longest test files, first: with `pytest -n 2 --dist loadfile` one worker takes
 # each of them while the other works through the rest, and both finish together.
 LONGEST_FIRST = (
+    "tests/test_gcs.py",
     "tests/test_caption_table.py",
     "tests/test_data_and_train.py",
-    "tests/test_gcs.py",
 )
 
 

@@ -27,6 +27,12 @@ def tables(out):
     return caption_rows(out)
 
 
+@pytest.fixture
+def local(tmp_path):
+    """A caption table in a local folder (for the tests whose gs:// path another covers)."""
+    return Where(str(tmp_path / "table"))
+
+
 @pytest.fixture(params=["local", "gcs"])
 def where(request, tmp_path):
     """Where a test's caption table lives: a local folder, or gs:// on the emulator."""
@@ -154,7 +160,7 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(
 
     out = str(where)
     folder = tmp_path / "in"
-    _images(folder, 30, 200)
+    _images(folder, 16, 200)
     (folder / "broken.jpg").write_bytes(b"not an image")
     argv = ["--model", export, "--input", str(folder), "--output_dir", out]
     argv += ["--batch_size", "2", "--checkpoint_seconds", "0", *RUNNER]
@@ -173,7 +179,7 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(
     assert last_run(out)["counts"]["resumed"] == kept
 
     version = where.version()
-    for delay in (2, 7):
+    for delay in (2, 7) if not where.env else ():  # killed loading, reading (local: the same code)
         proc = subprocess.Popen(
             cmd,
             env={**ENV, **where.env},
@@ -202,6 +208,8 @@ def test_killed_runs_leave_the_table_whole_and_resume_from_their_files(
 def test_a_run_killed_after_its_pipeline_is_committed_by_its_resume(
     export, tmp_path, moment, where
 ):
+    if moment == "commit" and where.env:
+        pytest.skip("gs://: the record moment, and --skip_existing after a commit, cover it")
     """--num_shards 2, SIGKILLed once its pipeline has finished (its run record is
     written), or once its commit is in the log: the same command with --skip_existing
     ends with every input once, the killed run's files adopted rather than replaced."""
@@ -270,7 +278,8 @@ def test_two_runs_on_one_table_at_once_each_input_once(export, tmp_path, where):
     assert again["captioned"] == 0 and len(_table_uris(out)) == 16
 
 
-def test_a_refused_command_keeps_a_killed_runs_files(export, tmp_path, where):
+def test_a_refused_command_keeps_a_killed_runs_files(export, tmp_path, local):
+    where = local
     """A killed --skip_existing run's files survive a command that is then refused
     (another decoding), and the resume adopts them."""
     import sys
@@ -317,7 +326,8 @@ def test_an_old_layout_folder_is_refused_in_one_line(export, tmp_path):
         run(["--model", export, "--input", str(tmp_path / "a.jpg"), "--output_dir", str(out)])
 
 
-def test_maintenance_convert_compact_vacuum_history(export, tmp_path, where, capsys):
+def test_maintenance_convert_compact_vacuum_history(export, tmp_path, local, capsys):
+    where = local
     """An old-layout folder converted in place; compaction changes no row and joins the
     small files; vacuum deletes what no recent version reads (replaced and compacted
     files, a killed run's orphans) and nothing a version reads."""
