@@ -17,9 +17,11 @@ before a run commits; files no commit names are removed by `vacuum`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import caption_table
 from beam_jobs.parts import read_parquet, without_overlaps
-from beam_jobs.paths import absolute
+from beam_jobs.paths import absolute, is_local
 from model.cli import UsageError, decoding_settings
 from model.io import formats
 
@@ -237,6 +239,10 @@ def commit_run(output_dir: str, plan: RunPlan, body: dict[str, Any]) -> dict[str
         output_dir, plan.base_version, record["parts"], removes, plan.replace, summary
     )
     FileSystems.delete([record_path(output_dir, plan.attempt)])
+    runs = f"{output_dir.rstrip('/')}/{RUNS_DIR}"
+    if is_local(runs):
+        with contextlib.suppress(OSError):  # another run's record is still there
+            os.rmdir(runs)
     return {**summary, "version": version}
 
 
