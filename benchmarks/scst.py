@@ -83,8 +83,8 @@ def main() -> None:
     from model.defaults import DEFAULT_MAX_LENGTH, PRESETS
     from model.network.captioner import ShowAttendTell
     from model.text.cider import CiderD
-    from model.training.loop import self_critical_calls
-    from model.training.scst import score_samples, teacher_tokens
+    from model.training.self_critical import compiled_calls
+    from model.training.reward import score_samples, teacher_tokens
     from model.training.steps import make_step_fns, run_steps
 
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def main() -> None:
     df = CiderD.from_references(references)
     feats = tf.constant(features[:images])
     refs = references[:images]
-    sample, greedy, policy = self_critical_calls(
+    sample, greedy, policy = compiled_calls(
         strategy, model, scst_optimizer, k, max_length, clip_norm=5.0, dropout=True
     )
     seed = tf.constant([0, 1], tf.int32)

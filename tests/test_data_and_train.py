@@ -266,7 +266,7 @@ def test_a_corrupt_or_unlisted_checkpoint_is_not_a_restart_from_zero(tmp_path):
 
 
 def test_two_trainers_cannot_share_a_model_dir(tmp_path):
-    from model.training.loop import _LOCKS, lock_model_dir
+    from model.training.checkpoints import _LOCKS, lock_model_dir
 
     write_features_dir(str(tmp_path / "f"), {"train": 4})
     lock_model_dir(str(tmp_path / "m"))  # this process plays the trainer already running
@@ -513,7 +513,7 @@ def test_resume_refuses_another_vocabulary_in_one_line(tmp_path):
 
 def test_more_epochs_on_resume_keep_the_learning_rate_continuous(tmp_path):
     from model.train import parse_args
-    from model.training.loop import set_up
+    from model.training.run import set_up
 
     write_features_dir(str(tmp_path / "f"), {"train": 8})
     _train(tmp_path, "m", "--epochs", "2", "--warmup_steps", "0")

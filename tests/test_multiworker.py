@@ -110,6 +110,31 @@ def one_process(tmp_path_factory):
     return tmp / "f", weights(tmp / "m"), out
 
 
+def checkpoint_steps(model_dir) -> list[int]:
+    return [
+        int(p.name.split("-")[1].split(".")[0])
+        for p in (model_dir / "checkpoints").glob("ckpt-*.index")
+    ]
+
+
+def kill_at_checkpoint(procs, model_dir, step: int) -> None:
+    """SIGKILL every worker once the chief has a checkpoint at `step` or later."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if max(checkpoint_steps(model_dir), default=0) >= step:
+            break
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a worker ended before the kill:\n" + _logs(procs))
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"no checkpoint at step {step} in time:\n" + _logs(procs))
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+        p.log.close()
+
+
 def test_two_workers_with_clipping_equal_one_process(one_process, tmp_path):
     data, expected, _ = one_process
     outs = wait_all(start_workers(data, tmp_path / "m", 2, *FLAGS))
@@ -124,20 +149,7 @@ def test_two_workers_killed_mid_epoch_resume_to_the_same_weights(one_process, tm
     data, expected, _ = one_process
     cmd = (*FLAGS, "--checkpoint_every", "5", "--steps_per_execution", "1")
     procs = start_workers(data, tmp_path / "m", 2, *cmd)
-    ckpt_dir = tmp_path / "m" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt_dir.glob("ckpt-*.index")]
-        if steps and max(steps) >= 20:  # epoch 2, batch 5
-            break
-        if any(p.poll() is not None for p in procs):
-            pytest.fail("a worker ended before the kill:\n" + _logs(procs))
-        time.sleep(0.02)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    for p in procs:
-        p.wait()
-        p.log.close()
+    kill_at_checkpoint(procs, tmp_path / "m", 20)  # epoch 2, batch 5
     assert not (tmp_path / "m" / "export").exists()
     outs = wait_all(start_workers(data, tmp_path / "m", 2, *cmd))
     for out in outs:  # every worker restores the chief's checkpoint, at one position
@@ -166,6 +178,26 @@ def test_two_workers_split_whole_files_when_there_are_enough(tmp_path):
     assert "on 2 replica(s)" in outs[0]
     history = load_export(str(tmp_path / "m" / "export")).manifest["training"]["history"]
     assert [h["pairs"] for h in history] == [24, 24]  # each pair once per epoch, none twice
+
+
+def test_two_workers_splitting_files_killed_at_several_steps_resume_exactly(tmp_path):
+    """FILE sharding: each worker reads 4 of the 8 shards (16 and 32 caption pairs), 2 pairs
+    a step; killed mid-epoch at two moments (one an odd step) and resumed, the run ends
+    with the steps and the weights of an uninterrupted one."""
+    write_features_dir(str(tmp_path / "f"), {"train": 32}, shards=8)  # 48 captions
+    cmd = (*FLAGS[:1], "2", *FLAGS[2:], "--checkpoint_every", "3", "--steps_per_execution", "1")
+    wait_all(start_workers(tmp_path / "f", tmp_path / "whole", 2, *cmd))
+    expected = load_export(str(tmp_path / "whole" / "export")).manifest["training"]
+    assert [h["pairs"] for h in expected["history"]] == [48, 48]
+    for step in (3, 21):  # epoch 1, step 3; epoch 2, step 5
+        kill_at_checkpoint(
+            start_workers(tmp_path / "f", tmp_path / "m", 2, *cmd), tmp_path / "m", step
+        )
+    wait_all(start_workers(tmp_path / "f", tmp_path / "m", 2, *cmd))
+    got = load_export(str(tmp_path / "m" / "export")).manifest["training"]
+    assert got["steps"] == expected["steps"]
+    assert [h["pairs"] for h in got["history"]] == [48, 48]
+    assert_same_weights(weights(tmp_path / "m"), weights(tmp_path / "whole"))
 
 
 # One CE epoch, then one self-critical epoch of 40 images: 8 steps of 8 images x 5 samples.
@@ -202,3 +234,28 @@ def weights_after_ce(tmp_path):
     flags[flags.index("--scst_epochs") + 1] = "0"
     wait_all(start_workers(tmp_path / "f", tmp_path / "ce", 1, *flags))
     return weights(tmp_path / "ce")
+
+
+def test_two_workers_with_validation_and_self_critical_resumed_equal_one_process(tmp_path):
+    """With a val split, selection, early-stopping counts and the self-critical start are
+    decided once for all workers (the best epoch's weights are part of the checkpoint, not
+    a file only the chief writes); val decoding is split between the workers. Killed
+    inside the self-critical stage and resumed, two workers end as one process."""
+    write_features_dir(str(tmp_path / "f"), {"train": 40, "val": 12})
+    flags = [*SCST_FLAGS, "--checkpoint_every", "1", "--steps_per_execution", "1"]
+    flags[flags.index("--epochs") + 1] = "3"  # 3 x 2 steps of cross-entropy, then 5 of SCST
+    (one,) = wait_all(start_workers(tmp_path / "f", tmp_path / "one", 1, *flags))
+    kill_at_checkpoint(
+        start_workers(tmp_path / "f", tmp_path / "two", 2, *flags), tmp_path / "two", 8
+    )
+    outs = wait_all(start_workers(tmp_path / "f", tmp_path / "two", 2, *flags))
+    assert all("resumed from" in o and "at step 8" in o for o in outs), outs[0][-2000:]
+    expected = load_export(str(tmp_path / "one" / "export")).manifest["training"]
+    got = load_export(str(tmp_path / "two" / "export")).manifest["training"]
+    assert [h.get("selected") for h in got["history"]] == [
+        h.get("selected") for h in expected["history"]
+    ]
+    for a, b in zip(got["history"], expected["history"], strict=True):
+        assert a.get("val_cider") == pytest.approx(b.get("val_cider"), abs=1e-6)
+    assert (got["ce_epochs"], got["scst_epochs"], got["steps"]) == (3, 1, 6 + 5)
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))

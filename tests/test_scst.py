@@ -12,7 +12,7 @@ import tensorflow as tf
 from model.network.captioner import ShowAttendTell
 from model.text.cider import CiderD
 from model.text.vocab import END_ID, PAD_ID, START_ID, UNK_ID
-from model.training.scst import mean_of_others, score_samples, teacher_tokens
+from model.training.reward import mean_of_others, score_samples, teacher_tokens
 from model.training.steps import make_policy_step, replica_images
 from tests.conftest import mirrored
 

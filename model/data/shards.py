@@ -158,13 +158,17 @@ def caption_pairs(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def image_records(files: list[str], batch_size: int) -> tf.data.Dataset:
-    """Whole images in file order (evaluation): dicts of parse_batch, features as float32."""
+def image_records(
+    files: list[str], batch_size: int, first: int = 0, count: int = -1
+) -> tf.data.Dataset:
+    """Whole images in file order (evaluation): dicts of parse_batch, features as float32;
+    `count` images from the `first` on (-1: all the rest)."""
 
     def to_float(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {**batch, "features": tf.cast(batch["features"], tf.float32)}
 
-    ds = records(files, shuffle_files=False, seed=None).batch(batch_size)
+    ds = records(files, shuffle_files=False, seed=None).skip(first).take(count)
+    ds = ds.batch(batch_size)
     return ds.map(parse_batch).map(to_float).prefetch(tf.data.AUTOTUNE)
 
 

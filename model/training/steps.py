@@ -23,6 +23,7 @@ import tensorflow as tf
 from model.network.captioner import ShowAttendTell, combine_loss, loss_parts
 from model.text.ngrams import teacher_block_mask
 from model.text.vocab import PAD_ID
+from model.training.cluster import local_replica_ids
 
 
 class Totals(NamedTuple):
@@ -241,21 +242,9 @@ def replica_images(images: int, replicas: int) -> list[tuple[int, int]]:
     return [(min(r * per, images), min((r + 1) * per, images)) for r in range(replicas)]
 
 
-def local_replica_ids(strategy: tf.distribute.Strategy) -> list[int]:
-    """The ids (in the sync group) of this worker's replicas."""
-    ids: list[int] = []
-
-    def record(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
-        ids.append(ctx.replica_id_in_sync_group)
-        return tf.constant(0)
-
-    strategy.experimental_distribute_values_from_function(record)
-    return sorted(ids)
-
-
 @dataclass(frozen=True)
 class PolicyStep:
-    """The self-critical update (`model.training.scst`) of one global batch of images.
+    """The self-critical update (`model.training.reward`) of one global batch of images.
 
     Each worker holds only its share of the batch (`share`): it samples, scores and
     passes in the rows of those images; each of its replicas takes its own images'
