@@ -83,8 +83,8 @@ def main() -> None:
     from model.defaults import DEFAULT_MAX_LENGTH, PRESETS
     from model.network.captioner import ShowAttendTell
     from model.text.cider import CiderD
-    from model.training.self_critical import compiled_calls
     from model.training.reward import score_samples, teacher_tokens
+    from model.training.self_critical import compiled_calls
     from model.training.steps import make_step_fns, run_steps
 
     rng = np.random.default_rng(0)
@@ -146,6 +146,7 @@ def main() -> None:
     t_reward_greedy = timed(lambda: score_samples(df, drawn, refs, k, greedy_out), args.steps)
     inputs = (
         images,
+        seed,
         features[:images],
         teacher_tokens(drawn["token_ids"]),
         rewards.advantages,

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from model.decoding.decoders import greedy_decode
 from model.network.captioner import ShowAttendTell
@@ -274,3 +275,16 @@ def test_a_teacher_forced_pass_masks_each_position_as_decoding_did():
     assert mask.shape == (1, 8, 10)
     banned = {(t, w) for t, w in zip(*np.nonzero(mask[0] == NEG_INF), strict=True)}
     assert banned == {(5, c)}
+
+
+def test_sampling_keys_of_one_step_never_repeat_those_of_another():
+    """The sampler keys time step t of step s by hashing t into (seed, s): with
+    `[seed, s + t]`, step s's draws at time t were step s + 1's at time t - 1."""
+    from model.decoding.decoders import step_seed
+
+    keys = {
+        tuple(step_seed(tf.constant([0, s], tf.int32), t).numpy())
+        for s in range(20)
+        for t in range(20)
+    }
+    assert len(keys) == 400

@@ -12,9 +12,12 @@ import tensorflow as tf
 from model.network.captioner import ShowAttendTell
 from model.text.cider import CiderD
 from model.text.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from model.training.cluster import replica_images
 from model.training.reward import mean_of_others, score_samples, teacher_tokens
-from model.training.steps import make_policy_step, replica_images
+from model.training.self_critical import make_policy_step, token_log_probs
 from tests.conftest import mirrored
+
+SEED = tf.constant([0, 0], tf.int32)
 
 
 def test_each_sample_is_judged_against_the_mean_of_the_others():
@@ -112,7 +115,7 @@ def test_policy_step_on_replicas_is_one_device_with_clipping(devices):
     seen = np.zeros(5)
     for feats, tokens, advantages in batches:
         rewards = rng.rand(len(tokens))
-        sums = step(len(feats), feats, tokens, advantages, rewards, rewards / 2)
+        sums = step(len(feats), SEED, feats, tokens, advantages, rewards, rewards / 2)
         seen += sums
         np.testing.assert_allclose(sums[2:], [rewards.sum(), rewards.sum() / 2, len(tokens)])
     assert seen[1] == sum(float((t[:, 1:] != PAD_ID).sum()) for _, t, _ in batches)
@@ -142,7 +145,7 @@ def test_the_policy_pass_uses_the_models_dropout_unless_told_not_to():
         optimizer.build(model.trainable_variables)
         strategy = tf.distribute.get_strategy()
         step = make_policy_step(strategy, model, optimizer, 2, dropout=dropout)
-        step(3, feats, tokens, advantages, advantages, advantages)
+        step(3, SEED, feats, tokens, advantages, advantages, advantages)
         weights[dropout] = model.get_weights()
     # The output layer's kernel: dropout acts on its input. (The embedding's plain-Keras
     # update is sparse, the step's dense.)
@@ -151,6 +154,40 @@ def test_the_policy_pass_uses_the_models_dropout_unless_told_not_to():
     reference = _reference_after_one_step(np.repeat(feats, 2, axis=0), tokens, advantages)
     np.testing.assert_allclose(weights[False][kernel], reference[kernel], rtol=1e-5, atol=1e-6)
     assert not np.allclose(weights[True][kernel], weights[False][kernel])
+
+
+def test_samples_are_scored_under_the_dropout_masks_that_drew_them():
+    """On-policy with dropout: the sampler draws with masks that are a function of the
+    seed, the time step and the row's place in the batch; the policy pass re-draws them,
+    so each token's log-probability is the one it was drawn with, on any worker's share
+    of the batch. Scored without them (a fresh draw or none), the gradient would be
+    REINFORCE's for another policy."""
+    from model.decoding.decoders import (
+        banned_tokens,
+        sample_graph,
+        sample_rows,
+        sequence_dropout_masks,
+    )
+
+    rng = np.random.RandomState(0)
+    keras.utils.set_random_seed(1)
+    model = ShowAttendTell(vocab_size=12, embedding_dim=8, units=8, dropout=0.5)
+    feats = rng.rand(6, 64, 2048).astype(np.float32)
+    seed = tf.constant([3, 7], tf.int32)
+    # No repeat blocking: the sampler reports a blocked step's log-probabilities before
+    # renormalising (it draws from the renormalised ones, as the policy pass scores them).
+    whole = sample_graph(model, feats, 6, 2, seed, block_repeats=0, dropout=True)
+    drawn = whole["log_probs"].numpy()[4:]  # images 2 .. 5: a second worker's share
+    tokens = teacher_tokens(whole["token_ids"].numpy()[4:])
+    never = np.zeros(12, np.float32)
+    never[list(banned_tokens(allow_unk=False))] = -1e9
+    rows, total = sample_rows(4, 2, 2, 6)
+    masks = sequence_dropout_masks(model, seed, tokens.shape[1] - 1, rows, total)
+    share = np.repeat(feats[2:], 2, axis=0)
+    scored = token_log_probs(model, share, tokens, never, 0, masks).numpy()
+    np.testing.assert_allclose(scored, drawn, atol=1e-5)
+    unmasked = token_log_probs(model, share, tokens, never, 0, None).numpy()
+    assert np.abs(unmasked - drawn).max() > 1e-2
 
 
 def test_the_policy_pass_scores_tokens_under_the_distribution_they_were_drawn_from():
@@ -178,7 +215,7 @@ def test_the_policy_pass_scores_tokens_under_the_distribution_they_were_drawn_fr
             block_repeats=3,
             banned=banned if masked else (),
         )
-        step(3, feats, tokens, losing, losing, losing * 0)
+        step(3, SEED, feats, tokens, losing, losing, losing * 0)
         moved[masked] = model.decoder.fc2.get_weights()[1] - bias
     assert np.abs(moved[True][list(banned)]).max() < 1e-6
     assert (moved[False][list(banned)] > 1e-3).all()
@@ -284,6 +321,28 @@ def test_sigkill_mid_self_critical_epoch_resumes_to_the_same_weights(tmp_path):
     assert "resumed from" in r.stdout and "self-critical epoch 2/2" in r.stdout
     whole = _scst_run(tmp_path, "whole", *flags[4:])
     assert whole["steps"] == 5 + 2 * 12
+    for a, b in zip(
+        _export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole"), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_stage_starts_from_the_best_epoch_the_checkpoint_keeps(tmp_path):
+    """The best cross-entropy epoch's weights are part of the checkpoint: the stage's
+    start reads no file that only the chief writes (another worker can see it stale,
+    half-written or not at all). Here the file is gone before the stage starts; the
+    run still ends as one that never stopped."""
+    from tests.fixtures import write_features_dir
+    from tests.test_data_and_train import _export_weights
+
+    write_features_dir(str(tmp_path / "f"), {"train": 24, "val": 8})
+    flags = ("--epochs", "3", "--patience", "0", "--learning_rate", "3e-2")
+    whole = _scst_run(tmp_path, "whole", *flags, "--scst_epochs", "1")
+    assert not whole["history"][2].get("selected")  # the best epoch is not the last
+    _scst_run(tmp_path, "m", *flags, "--scst_epochs", "0")
+    for left in (tmp_path / "m").glob("*.weights.h5"):
+        left.unlink()
+    _scst_run(tmp_path, "m", *flags, "--scst_epochs", "1")
     for a, b in zip(
         _export_weights(tmp_path / "m"), _export_weights(tmp_path / "whole"), strict=True
     ):

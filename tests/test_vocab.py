@@ -73,3 +73,11 @@ def test_tf_standardize_matches_python():
     texts = ["A Dog, running!", "  kid's (red)\tkite;  ", "ÉCOLE, été...", "x--y__z", "UPPER lower"]
     got = [b.decode() for b in tf_standardize(tf.constant(texts)).numpy()]
     assert [" ".join(g.split()) for g in got] == [standardize(t) for t in texts]
+
+
+def test_lookups_use_one_index_built_once():
+    """Encoding COCO's 414,000 references (the reward's document frequencies) looks up
+    every word: the token -> id index is built once per vocabulary, not per caption."""
+    vocab = Vocabulary.build([f"w{i} w{i}" for i in range(5000)], size=5004)
+    assert vocab.index is vocab.index
+    assert vocab.encode("w7 nowhere", add_markers=False) == [vocab.index["w7"], UNK_ID]

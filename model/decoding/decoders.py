@@ -63,12 +63,14 @@ def greedy_decode_graph(
     block_repeats: int = 0,
     allow_unk: bool = False,
     choose: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    step_masks: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None,
 ) -> dict[str, tf.Tensor]:
     """The graph body: features (B, L, D) -> dict of decoded tensors (see `DecodedBatch`).
 
     With `block_repeats` n > 0, a token that would repeat an n-gram of the caption
     is never chosen (`model.text.ngrams`). `choose(log_probs (B, V), t) -> tokens (B,)`
-    picks each step's token: argmax by default (greedy); `sample_graph` draws."""
+    picks each step's token: argmax by default (greedy); `sample_graph` draws.
+    `step_masks(t)`: step t's dropout masks (`dropout_masks`), none by default."""
     batch = tf.shape(features)[0]
     encoded, projected = model.encode(features)
     decoder = model.decoder
@@ -84,7 +86,8 @@ def greedy_decode_graph(
     never = tf.scatter_nd([[i] for i in banned], [-1e9] * len(banned), [model.config.vocab_size])
 
     def body(t, token, hidden, done, history, ids, logps, alphas):
-        logits, hidden, alpha = decoder.step(token, hidden, encoded, projected)
+        masks = None if step_masks is None else step_masks(t)
+        logits, hidden, alpha = decoder.step(token, hidden, encoded, projected, masks)
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) + never)
         if block_repeats:
             log_probs += repeat_block_mask(history, t, block_repeats, vocab_size)
@@ -141,6 +144,54 @@ def greedy_decode_graph(
     }
 
 
+def step_seed(seed: tf.Tensor, t: tf.Tensor | int) -> tf.Tensor:
+    """Time step t's key from a call's `seed` (2,): hashed (`stateless_fold_in`), so the
+    keys of different calls never line up (`[seed, step + t]` made step s's draws at
+    time t those of step s + 1 at time t - 1)."""
+    return tf.random.experimental.stateless_fold_in(seed, t)
+
+
+def dropout_masks(
+    model: ShowAttendTell, seed: tf.Tensor, t: tf.Tensor, rows: tf.Tensor, total_rows: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Time step t's dropout masks for `rows` of a batch of `total_rows`: (n, E) on the
+    word embedding and (n, U) before the output layer, scaled by 1 / (1 - rate) as Keras
+    scales them. A function of (seed, t, row) alone: the sampler and the teacher-forced
+    pass that scores its samples draw the same masks, on any split of the batch."""
+    rate = model.config.dropout
+    key = step_seed(seed, t)
+
+    def keep(size: int, which: int) -> tf.Tensor:
+        u = tf.random.stateless_uniform(
+            [total_rows, size], tf.random.experimental.stateless_fold_in(key, which)
+        )
+        return tf.cast(tf.gather(u, rows) >= rate, tf.float32) / (1.0 - rate)
+
+    return keep(model.config.embedding_dim, 1), keep(model.config.units, 2)
+
+
+def sequence_dropout_masks(
+    model: ShowAttendTell, seed: tf.Tensor, steps: tf.Tensor, rows: tf.Tensor, total_rows: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`dropout_masks` of time steps 0 .. steps - 1 for a teacher-forced pass:
+    (n, steps, E) and (n, steps, U)."""
+    embed, out = tf.map_fn(
+        lambda t: dropout_masks(model, seed, t, rows, total_rows),
+        tf.range(steps),
+        fn_output_signature=(tf.float32, tf.float32),
+    )
+    return tf.transpose(embed, [1, 0, 2]), tf.transpose(out, [1, 0, 2])
+
+
+def sample_rows(
+    batch: tf.Tensor, samples: int, first_image: tf.Tensor | int, images: tf.Tensor | int | None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(rows, total_rows): the places in the whole batch of the K samples of images
+    first_image .. first_image + batch - 1, and the whole batch's row count."""
+    total_rows = (batch if images is None else images) * samples
+    return first_image * samples + tf.range(batch * samples), total_rows
+
+
 def sample_graph(
     model: ShowAttendTell,
     features: tf.Tensor,
@@ -151,6 +202,7 @@ def sample_graph(
     allow_unk: bool = False,
     first_image: tf.Tensor | int = 0,
     images: tf.Tensor | int | None = None,
+    dropout: bool = False,
 ) -> dict[str, tf.Tensor]:
     """`samples` captions per image drawn from the model (multinomial sampling, as
     self-critical training does), in one graph call: features (B, L, D) -> the tensors of
@@ -162,18 +214,24 @@ def sample_graph(
     (default B), and those rows are the rows a call on the whole batch draws. So each
     worker of a distributed run samples only its share of the batch, and the captions do
     not depend on how the batch is split. (Each step draws one uniform per row of the
-    whole batch, stateless from (seed, step), and inverts each row's distribution at it.)"""
+    whole batch, stateless from `step_seed(seed, t)`, and inverts each row's distribution
+    at it.) With `dropout`, the model samples with its dropout on, each step's masks
+    drawn by `dropout_masks`, the same way."""
     batch = tf.shape(features)[0]
     features = tf.repeat(features, samples, axis=0)
-    total_rows = (batch if images is None else images) * samples
-    rows = first_image * samples + tf.range(batch * samples)
+    rows, total_rows = sample_rows(batch, samples, first_image, images)
 
     def draw(log_probs: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-        step_seed = tf.stack([seed[0], seed[1] + t])
-        uniform = tf.gather(tf.random.stateless_uniform([total_rows], step_seed), rows)
+        uniform = tf.gather(tf.random.stateless_uniform([total_rows], step_seed(seed, t)), rows)
         return inverse_cdf(tf.exp(log_probs), uniform)
 
-    return greedy_decode_graph(model, features, max_length, block_repeats, allow_unk, draw)
+    def masks(t: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return dropout_masks(model, seed, t, rows, total_rows)
+
+    with_masks = masks if dropout and model.config.dropout > 0 else None
+    return greedy_decode_graph(
+        model, features, max_length, block_repeats, allow_unk, draw, step_masks=with_masks
+    )
 
 
 def inverse_cdf(probs: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:

@@ -77,10 +77,17 @@ class ShowAttendTell(keras.Model):
         encoded = self.encoder(ops.cast(features, self.compute_dtype))
         return encoded, self.decoder.attention.project(encoded)
 
-    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False):
+    def call(
+        self,
+        inputs: tuple[tf.Tensor, tf.Tensor],
+        training: bool = False,
+        masks: tuple[tf.Tensor, tf.Tensor] | None = None,
+    ):
+        """(features (B, L, D), tokens (B, T)) -> logits (B, T, V), alphas (B, T, L);
+        `masks`: explicit dropout masks (see `AttentionGRUDecoder.call`)."""
         features, tokens = inputs
         encoded = self.encoder(ops.cast(features, self.compute_dtype))
-        return self.decoder(encoded, tokens, training=training)
+        return self.decoder(encoded, tokens, training=training, masks=masks)
 
     def get_config(self) -> dict[str, Any]:
         base = super().get_config()

@@ -166,20 +166,38 @@ class AttentionGRUDecoder(keras.layers.Layer):
         hidden: tf.Tensor,
         features: tf.Tensor,
         projected: tf.Tensor,
+        masks: tuple[tf.Tensor, tf.Tensor] | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """One inference step: token (B,) -> logits (B, V), hidden (B, U), alpha (B, L)."""
+        """One inference step: token (B,) -> logits (B, V), hidden (B, U), alpha (B, L).
+
+        `masks`: this step's dropout, (B, E) on the embedding and (B, U) before the
+        output layer, already scaled (sampling under the distribution training scores)."""
         context, alpha = self.attention(features, projected, hidden)
-        x = ops.concatenate([context, self.embedding(token)], axis=-1)
-        hidden, _ = self.gru(x, [hidden])
-        logits = self.fc2(self.fc1(hidden))
-        return logits, hidden, alpha
+        embedded = self.embedding(token)
+        if masks is not None:
+            embedded = embedded * ops.cast(masks[0], embedded.dtype)
+        hidden, _ = self.gru(ops.concatenate([context, embedded], axis=-1), [hidden])
+        out = self.fc1(hidden)
+        if masks is not None:
+            out = out * ops.cast(masks[1], out.dtype)
+        return self.fc2(out), hidden, alpha
 
     def call(
-        self, features: tf.Tensor, tokens: tf.Tensor, training: bool = False
+        self,
+        features: tf.Tensor,
+        tokens: tf.Tensor,
+        training: bool = False,
+        masks: tuple[tf.Tensor, tf.Tensor] | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Teacher forcing over decoder inputs (B, T): returns logits (B, T, V), alpha (B, T, L)."""
+        """Teacher forcing over decoder inputs (B, T): returns logits (B, T, V), alpha (B, T, L).
+
+        `masks` (B, T, E) and (B, T, U) replace the dropout layer's own draws."""
         projected = self.attention.project(features)  # (B, L, U), once per sequence
-        embedded = self.drop(self.embedding(tokens), training=training)  # (B, T, E)
+        embedded = self.embedding(tokens)  # (B, T, E)
+        if masks is None:
+            embedded = self.drop(embedded, training=training)
+        else:
+            embedded = embedded * ops.cast(masks[0], embedded.dtype)
         hidden0 = self.initial_state(ops.shape(tokens)[0])
 
         def one_step(carry: tuple[tf.Tensor, tf.Tensor], x_t: tf.Tensor):
@@ -195,8 +213,12 @@ class AttentionGRUDecoder(keras.layers.Layer):
         hiddens = ops.transpose(hiddens, [1, 0, 2])
         alphas = ops.transpose(alphas, [1, 0, 2])
         # The vocabulary projection runs once over all steps: one big matmul.
-        logits = self.fc2(self.drop(self.fc1(hiddens), training=training))
-        return logits, alphas
+        out = self.fc1(hiddens)
+        if masks is None:
+            out = self.drop(out, training=training)
+        else:
+            out = out * ops.cast(masks[1], out.dtype)
+        return self.fc2(out), alphas
 
     def get_config(self) -> dict[str, Any]:
         return {

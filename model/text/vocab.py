@@ -8,6 +8,7 @@ below `standardize`; tests/test_vocab.py checks that the two agree byte for byte
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -93,8 +94,9 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
+    @functools.cached_property
     def index(self) -> dict[str, int]:
+        """Token -> id, built once: encoding a corpus's references looks up every word."""
         return {t: i for i, t in enumerate(self.tokens)}
 
     def encode(self, caption: str, add_markers: bool = True) -> list[int]:

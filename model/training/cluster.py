@@ -82,6 +82,15 @@ def slices(
     )
 
 
+def replica_images(images: int, replicas: int) -> list[tuple[int, int]]:
+    """The self-critical step's split of a batch of `images`: replica r takes images
+    [lo, hi) (contiguous, ceil(images / replicas) each, the last ones maybe empty), with
+    all K samples of each, so an image's mean baseline stays on one replica. Replica ids
+    run worker by worker, so a worker's share is contiguous too."""
+    per = -(-images // replicas)
+    return [(min(r * per, images), min((r + 1) * per, images)) for r in range(replicas)]
+
+
 def distribute_batches(
     strategy: tf.distribute.Strategy,
     batches: Callable[[list[str], int], tf.data.Dataset],

@@ -1,21 +1,19 @@
 """The self-critical stage (Rennie et al. 2017): CIDEr-D as the reward after cross-entropy.
 
 `start` takes the best cross-entropy epoch's weights (as ruotianluo's --start_from
-does) and builds the reward (`model.training.reward`) and the compiled calls; each
-`epoch` walks the training images in a seeded order, `step` by step: sample K
-captions per image, score them, and apply the policy update
-(`model.training.steps.make_policy_step`); `end_epoch` validates and selects as the
-cross-entropy epochs do.
-
-Each worker samples, scores and back-propagates only its replicas' share of every
-step's images; each row's draws are seeded by the run's seed, the step and the row's
-place in the global batch, so however the batch is split, N replicas or hosts draw
-the same captions and apply the update one device would.
+does), the reward (`model.training.reward`) and the compiled calls; each `epoch` walks
+the training images in a seeded order, a `step` samples K captions per image (with
+the model's dropout, `--scst_dropout on`), scores them and applies the policy update
+(`make_policy_step`), which scores each sample under the masks it was drawn with.
+Each worker samples and back-propagates its replicas' share of every step's images;
+every draw is keyed by the seed, the step and the row's place in the global batch, so
+N replicas or hosts apply the update of one device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +23,13 @@ import tensorflow as tf
 
 from model.data.shards import image_batches
 from model.network.captioner import ShowAttendTell
+from model.text.ngrams import teacher_block_mask
+from model.text.vocab import PAD_ID
 from model.training import reward
+from model.training.cluster import local_replica_ids, replica_images
 from model.training.run import Run
 from model.training.selection import SCST_KEYS, close_epoch, judge, validation
-from model.training.steps import PolicyStep, make_policy_step
+from model.training.steps import apply_summed_gradients, real_tokens
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,9 @@ def compiled_calls(
     clip_norm: float,
     dropout: bool,
 ) -> tuple[Any, Any, PolicyStep]:
-    """The compiled calls of a self-critical step, as training runs them (and
-    `benchmarks.scst` times them): the sampler ((features, seed, first image, images) ->
-    K captions per image), the greedy decoder (the greedy baseline) and the policy
-    update, all with decoding's banned tokens and repeat blocking."""
+    """The sampler, the greedy decoder (the greedy baseline) and the policy update, as
+    training runs them (and `benchmarks.scst` times them), with decoding's banned
+    tokens and repeat blocking."""
     from model.decoding.decoders import banned_tokens, greedy_decode_graph, sample_graph
     from model.defaults import DEFAULT_BLOCK_REPEATS
 
@@ -77,6 +77,7 @@ def compiled_calls(
             DEFAULT_BLOCK_REPEATS,
             first_image=first_image,
             images=images,
+            dropout=dropout,
         )
 
     @tf.function(input_signature=[spec])
@@ -155,6 +156,7 @@ def step(run: Run, critic: SelfCritic, batch: dict[str, tf.Tensor]) -> np.ndarra
     rewards = reward.score_samples(critic.df, samples, references, k, greedy)
     sums = critic.step(
         images,
+        seed,
         features.numpy(),
         reward.teacher_tokens(samples["token_ids"]),
         rewards.advantages,
@@ -232,3 +234,165 @@ def summary(run: Run) -> dict[str, Any] | None:
         "dropout": run.args.scst_dropout,
         "reward": last[-1]["reward"] if last else None,
     }
+
+
+# ---------------------------------------------------------------- the policy update
+
+
+def token_log_probs(
+    model: ShowAttendTell,
+    features: tf.Tensor,
+    tokens: tf.Tensor,
+    never: tf.Tensor,
+    block_repeats: int,
+    masks: tuple[tf.Tensor, tf.Tensor] | None,
+) -> tf.Tensor:
+    """Each sampled token's log-probability under the distribution the sampler drew it
+    from: features (n, L, D) repeated per sample, tokens (n, T + 1) `<start>` + sample ->
+    (n, T), 0 at `<pad>`. The `never` tokens and, with `block_repeats`, the tokens that
+    would repeat an n-gram are out of the softmax, and `masks` are the sampler's dropout
+    (`model.decoding.decoders.sequence_dropout_masks`), or None for none."""
+    logits, _ = model((features, tokens[:, :-1]), training=False, masks=masks)
+    targets = tokens[:, 1:]
+    logits = tf.cast(logits, tf.float32) + never
+    if block_repeats:
+        logits += teacher_block_mask(targets, block_repeats, model.config.vocab_size)
+    chosen = tf.gather(tf.nn.log_softmax(logits), targets, batch_dims=2)  # (n, T)
+    return chosen * tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    """The self-critical update of one global batch of images.
+
+    Each worker holds only its share of the batch (`share`): it samples, scores and
+    passes in the rows of those images; each of its replicas takes its own images'
+    rows. The loss is divided by the whole batch's token count (one all-reduce), the
+    gradients are summed with one all-reduce, clipped and applied as in cross-entropy
+    training, so N replicas on any number of hosts apply the update of one device.
+    """
+
+    strategy: tf.distribute.Strategy
+    samples: int  # K rows per image
+    replica_ids: list[int]  # this worker's
+    compiled: Callable[..., tf.Tensor]
+
+    def share(self, images: int) -> tuple[int, int]:
+        """This worker's images [lo, hi) of a batch of `images`."""
+        ranges = replica_images(images, self.strategy.num_replicas_in_sync)
+        return ranges[self.replica_ids[0]][0], ranges[self.replica_ids[-1]][1]
+
+    def __call__(
+        self,
+        images: int,
+        seed: tf.Tensor,
+        features: np.ndarray,
+        tokens: np.ndarray,
+        advantages: np.ndarray,
+        rewards: np.ndarray,
+        baselines: np.ndarray,
+    ) -> np.ndarray:
+        """This worker's share: the sampler's `seed`, features (n, L, D) of its images,
+        then per sample row (n * K): tokens (`<start>` + sampled ids), advantages, rewards
+        and baselines. Returns the sums over the whole batch: (policy loss * tokens,
+        tokens, rewards, baselines, samples)."""
+        ranges = replica_images(images, self.strategy.num_replicas_in_sync)
+        first = self.share(images)[0]
+        k = self.samples
+
+        def split(array: np.ndarray, rows_per_image: int) -> Any:
+            def value(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+                lo, hi = ranges[ctx.replica_id_in_sync_group]
+                return tf.constant(
+                    array[(lo - first) * rows_per_image : (hi - first) * rows_per_image]
+                )
+
+            return self.strategy.experimental_distribute_values_from_function(value)
+
+        rows = (tokens, *(a.astype(np.float32) for a in (advantages, rewards, baselines)))
+        places = np.arange(first * k, first * k + len(tokens), dtype=np.int32)
+        args = [split(features.astype(np.float32), 1)] + [split(a, k) for a in rows]
+        args += [split(places, k), seed, tf.constant(images * k, tf.int32)]
+        return self.compiled(*args).numpy()
+
+
+def make_policy_step(
+    strategy: tf.distribute.Strategy,
+    model: ShowAttendTell,
+    optimizer: keras.optimizers.Optimizer,
+    samples: int,
+    clip_norm: float = 0.0,
+    dropout: bool = True,
+    block_repeats: int = 0,
+    banned: tuple[int, ...] = (),
+) -> PolicyStep:
+    """The self-critical update as one compiled call (see `PolicyStep`): each sample is
+    scored under the distribution that drew it (`token_log_probs`). With `dropout`, the
+    sampler drew with dropout on (as ruotianluo's model samples in train mode) and the
+    pass re-draws its masks from the seed and each row's place, so the gradient is
+    REINFORCE's for the policy that sampled, on any split of the batch."""
+    from model.decoding.decoders import sequence_dropout_masks
+
+    variables = model.trainable_variables
+    never = np.zeros(model.config.vocab_size, np.float32)
+    never[list(banned)] = -1e9
+    dropout = dropout and model.config.dropout > 0
+
+    def replica_step(
+        features: tf.Tensor,
+        tokens: tf.Tensor,
+        advantages: tf.Tensor,
+        rewards: tf.Tensor,
+        baselines: tf.Tensor,
+        rows: tf.Tensor,
+        seed: tf.Tensor,
+        total_rows: tf.Tensor,
+    ) -> tf.Tensor:
+        ctx = tf.distribute.get_replica_context()
+        local_tokens = real_tokens(tokens)
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        global_tokens = tf.maximum(global_tokens, 1.0)
+
+        def gradients() -> tuple[list[tf.Tensor], tf.Tensor]:
+            masks = None
+            if dropout:
+                steps = tf.shape(tokens)[1] - 1
+                masks = sequence_dropout_masks(model, seed, steps, rows, total_rows)
+            with tf.GradientTape() as tape:
+                chosen = token_log_probs(
+                    model, tf.repeat(features, samples, axis=0), tokens, never, block_repeats, masks
+                )
+                sequence = tf.reduce_sum(chosen, axis=1)  # log p(w_i | I)
+                loss = -tf.reduce_sum(advantages * sequence) / global_tokens
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+            return grads, loss
+
+        grads, loss = tf.cond(
+            tf.shape(tokens)[0] > 0,
+            gradients,
+            lambda: ([tf.zeros_like(v) for v in variables], tf.constant(0.0)),
+        )
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        ctx.merge_call(
+            lambda strategy, g: apply_summed_gradients(strategy, optimizer, g, variables),
+            args=(grads,),
+        )
+        count = tf.cast(tf.shape(rewards)[0], tf.float32)
+        return tf.stack(
+            [
+                loss * global_tokens,
+                local_tokens,
+                tf.reduce_sum(rewards),
+                tf.reduce_sum(baselines),
+                count,
+            ]
+        )
+
+    @tf.function(reduce_retracing=True)
+    def step(*per_replica: Any) -> tf.Tensor:
+        sums = strategy.run(replica_step, args=per_replica)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+    return PolicyStep(strategy, samples, local_replica_ids(strategy), step)
