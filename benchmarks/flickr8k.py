@@ -3,18 +3,22 @@
     python -m benchmarks.flickr8k --data ../shared/data/flickr8k [--out bench_out/flickr8k]
         [--weights inception-2015 none] [--epochs 10] [--runs NAME=FLAGS ...]
 
-For each `--weights` it extracts the train (6,600) and val (491) splits once
+A test split is held out of the train photos by a hash of the file name (1 in
+`--test_every`, about 510 of Flickr8k's 6,600; a data folder with its own
+`captions_test.json` keeps it): neither training nor the choice of epoch sees it, while
+val (491) picks each run's epoch. For each `--weights` it extracts the three splits once
 (`beam_jobs.extract_features`), trains each run (`model.train`, defaults plus the run's
 flags; a run may continue another's, as self-critical training does) and evaluates it
-on val (`model.evaluate`) greedy and with beam 3, with and without repeat blocking, and
-with beam 5, beside the blind baseline (the most frequent training caption). It prints
+on test and on val (`model.evaluate`) greedy and with beam 3, with and without repeat
+blocking, and with beam 5, beside the blind baseline (the most frequent training
+caption). It prints
 one table: BLEU-1..4, METEOR, ROUGE-L and CIDEr (x100, PTB tokenizer and METEOR when
 Java is there, as in the papers), the share of captions with a repeated trigram, the
 share at the length limit, and distinct captions per image. A run that continues
 another gets a line per decoding and per run it continues (directly, or through another:
 `scst-e5:scst` after `scst:defaults` is compared with both): its CIDEr over the other's, with a 95% paired
-bootstrap interval over the val images (on 491 images a ratio moves a few percent
-either way). Each step is skipped when its output is already there, so a killed
+bootstrap interval over the images, on test and on val (on 500 images a ratio moves a
+few percent either way). Each step is skipped when its output is already there, so a killed
 benchmark continues where it stopped.
 
 Any COCO-format folder laid out as Flickr8k is (or as `demo.make_shapes` writes it, a
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -72,9 +77,45 @@ def images_dir(data: str, split: str) -> str:
     return shared if os.path.isdir(shared) else os.path.join(data, split)
 
 
-def extract(data: str, features: str, weights: str, logs: str) -> None:
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val")
+
+
+def held_out(file_name: str, every: int) -> bool:
+    """Whether a train photo goes to the test split: 1 in `every`, by its name's hash."""
+    return int(hashlib.sha256(file_name.encode()).hexdigest(), 16) % every == 0
+
+
+def split_annotations(data: str, out: str, every: int) -> dict[str, str]:
+    """split -> its COCO captions file. The test split comes from the data folder when it
+    has one, else from the train photos `held_out` (both files written once into `out`:
+    captions only, the photos stay where they are)."""
+    given = {s: os.path.join(data, "annotations", f"captions_{s}.json") for s in SPLITS}
+    if os.path.exists(given["test"]):
+        return given
+    derived = {s: os.path.join(out, "annotations", f"captions_{s}.json") for s in ("train", "test")}
+    if not all(os.path.exists(p) for p in derived.values()):
+        with open(given["train"]) as f:
+            coco = json.load(f)
+        test_ids = {im["id"] for im in coco["images"] if held_out(im["file_name"], every)}
+        os.makedirs(os.path.dirname(derived["train"]), exist_ok=True)
+        for split, keep in (("train", False), ("test", True)):
+            part = {
+                **coco,
+                "images": [im for im in coco["images"] if (im["id"] in test_ids) == keep],
+                "annotations": [
+                    a for a in coco["annotations"] if (a["image_id"] in test_ids) == keep
+                ],
+            }
+            with open(derived[split] + ".tmp", "w") as f:
+                json.dump(part, f)
+            os.replace(derived[split] + ".tmp", derived[split])
+    return {**given, **derived}
+
+
+def extract(data: str, features: str, weights: str, logs: str, captions: dict[str, str]) -> None:
     manifest = os.path.join(features, "manifest.json")
-    for split in ("train", "val"):
+    for split in SPLITS:
         if os.path.exists(manifest):
             with open(manifest) as f:
                 if split in json.load(f).get("splits", {}):
@@ -87,9 +128,9 @@ def extract(data: str, features: str, weights: str, logs: str) -> None:
                 "--split",
                 split,
                 "--captions_json",
-                os.path.join(data, "annotations", f"captions_{split}.json"),
+                captions[split],
                 "--images_dir",
-                images_dir(data, split),
+                images_dir(data, "train" if split == "test" else split),
                 "--output_dir",
                 features,
                 "--weights",
@@ -114,19 +155,21 @@ def train(
     sh([sys.executable, "-m", "model.train", *argv, "--no_serving_export", *flags], log)
 
 
-def evaluate(features: str, model_dir: str, name: str, flags: list[str], log: str) -> dict:
-    out = os.path.join(model_dir, "eval", name)
+def evaluate(
+    features: str, model_dir: str, split: str, name: str, flags: list[str], log: str
+) -> dict:
+    out = os.path.join(model_dir, "eval", split, name)
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
         argv = ["--model", os.path.join(model_dir, "export"), "--data_dir", features]
-        argv += ["--split", "val", "--output_dir", out, *flags]
+        argv += ["--split", split, "--output_dir", out, *flags]
         sh([sys.executable, "-m", "model.evaluate", *argv], log)
     with open(path) as f:
         return json.load(f)
 
 
-def val_references(features: str) -> dict[int, list[str]]:
-    """The val split's reference captions by image id, read from the features dir."""
+def references(features: str, split: str) -> dict[int, list[str]]:
+    """A split's reference captions by image id, read from the features dir."""
     from model.quiet import import_tensorflow
 
     import_tensorflow()  # without its start-up lines
@@ -134,25 +177,25 @@ def val_references(features: str) -> dict[int, list[str]]:
 
     manifest, _ = check_data_dir(features)
     refs: dict[int, list[str]] = {}
-    for batch in image_records(split_info(features, manifest, "val").files, 512):
+    for batch in image_records(split_info(features, manifest, split).files, 512):
         for i, captions in zip(batch["image_id"].numpy(), batch["captions"].to_list(), strict=True):
             refs[int(i)] = [c.decode() for c in captions]
     return refs
 
 
 def ratio_lines(
-    features: str, pairs: list[tuple[str, str, str]], model_dirs: dict[str, str]
+    features: str, split: str, pairs: list[tuple[str, str, str]], model_dirs: dict[str, str]
 ) -> list[str]:
-    """For each (run, base run, decoding): CIDEr(run) / CIDEr(base) on val with its 95%
-    paired bootstrap interval over the images (`model.evaluation.metrics.paired_ratio`)."""
+    """For each (run, base run, decoding): CIDEr(run) / CIDEr(base) on `split` with its
+    95% paired bootstrap interval over the images (`model.evaluation.metrics.paired_ratio`)."""
     from model.evaluation.metrics import cider_per_image, java_available, paired_ratio
 
-    refs = val_references(features)
+    refs = references(features, split)
     use_java = java_available()
 
     @functools.cache  # a base run is compared with each run that continues it
     def scores(name: str, decoding: str) -> list[float]:
-        path = os.path.join(model_dirs[name], "eval", decoding, "predictions.json")
+        path = os.path.join(model_dirs[name], "eval", split, decoding, "predictions.json")
         with open(path) as f:
             preds = {p["image_id"]: p["caption"] for p in json.load(f)}
         return list(cider_per_image(refs, preds, use_java).values())
@@ -161,7 +204,7 @@ def ratio_lines(
     for name, base, decoding in pairs:
         ratio, low, high = paired_ratio(scores(base, decoding), scores(name, decoding))
         lines.append(
-            f"CIDEr {name} / {base}, {decoding}: x{ratio:.3f} "
+            f"CIDEr {name} / {base}, {decoding}, {split}: x{ratio:.3f} "
             f"(95% paired bootstrap over {len(refs)} images: x{low:.3f} to x{high:.3f})"
         )
     return lines
@@ -197,6 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", nargs="+", default=["inception-2015", "none"])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument(
+        "--test_every",
+        type=int,
+        default=13,
+        help="hold 1 in N train photos out as the test split (by a hash of the file name)",
+    )
+    p.add_argument(
         "--runs",
         nargs="+",
         default=["defaults="],
@@ -217,9 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     pairs: list[tuple[str, str, str]] = []  # (run, a run it continues, decoding)
     model_dirs: dict[str, str] = {}
     bases: dict[str, str] = {}
+    captions = split_annotations(args.data, args.out, args.test_every)
     for w, weights in enumerate(args.weights):
         features = os.path.join(args.out, f"features-{weights}")
-        extract(args.data, features, weights, logs)
+        extract(args.data, features, weights, logs, captions)
         for spec, flags in runs if w == 0 else runs[:1]:
             name, _, base = spec.partition(":")
             model_dir = os.path.join(args.out, f"model-{weights}-{name}")
@@ -230,15 +280,16 @@ def main(argv: list[str] | None = None) -> None:
             bases[name] = base
             if w == 0:  # against each run it continues, directly or not, that was evaluated
                 pairs += [(name, a, d) for a in ancestors(name, bases) for d in args.decodings]
-            for decoding in args.decodings:
-                log = f"{logs}/evaluate-{weights}-{name}.log"
-                m = evaluate(features, model_dir, decoding, DECODINGS[decoding], log)
-                rows[f"{weights} {name} {decoding}"] = m
-                if BLIND not in rows and m.get("baseline"):
-                    rows[BLIND] = m["baseline"]
+            for split in EVAL_SPLITS:
+                for decoding in args.decodings:
+                    log = f"{logs}/evaluate-{weights}-{name}.log"
+                    m = evaluate(features, model_dir, split, decoding, DECODINGS[decoding], log)
+                    rows[f"{weights} {name} {decoding} {split}"] = m
+                    if f"{BLIND} {split}" not in rows and m.get("baseline"):
+                        rows[f"{BLIND} {split}"] = m["baseline"]
         print(table(rows), flush=True)
-        if w == 0 and pairs:
-            print("\n".join(ratio_lines(features, pairs, model_dirs)), flush=True)
+        for split in EVAL_SPLITS if w == 0 and pairs else ():
+            print("\n".join(ratio_lines(features, split, pairs, model_dirs)), flush=True)
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump(rows, f, indent=2)
 

@@ -138,8 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scst_dropout",
         default="on",
         choices=["on", "off"],
-        help="dropout in the policy-gradient pass, as in cross-entropy training and "
-        "ruotianluo's code (the captions are sampled without it)",
+        help="sample with the model's dropout and score each sample under the same masks "
+        "(on-policy, as ruotianluo's code samples and scores in train mode); off: neither",
     )
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val", help="validation split, if present")
@@ -154,7 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shard_policy",
         default="auto",
         choices=["auto", "file", "data"],
-        help="how hosts split the data: whole shard files (auto: with >= 4 per host) or batches",
+        help="how hosts split the data: whole shard files (auto: with >= 4 per host) or "
+        "slices of every global batch",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
