@@ -145,11 +145,13 @@ def test_two_workers_with_clipping_equal_one_process(one_process, tmp_path):
     assert_same_weights(weights(tmp_path / "m"), expected)
 
 
-def test_two_workers_killed_mid_epoch_resume_to_the_same_weights(one_process, tmp_path):
+def test_two_workers_killed_at_several_steps_resume_to_the_same_weights(one_process, tmp_path):
+    """DATA sharding (2 shards): every worker forms the global batches and keeps its
+    slices; killed twice and resumed, two workers end as one process."""
     data, expected, _ = one_process
-    cmd = (*FLAGS, "--checkpoint_every", "5", "--steps_per_execution", "1")
-    procs = start_workers(data, tmp_path / "m", 2, *cmd)
-    kill_at_checkpoint(procs, tmp_path / "m", 20)  # epoch 2, batch 5
+    cmd = (*FLAGS, "--checkpoint_every", "3", "--steps_per_execution", "1")
+    for step in (3, 21):  # epoch 1, batch 3; epoch 2, batch 6
+        kill_at_checkpoint(start_workers(data, tmp_path / "m", 2, *cmd), tmp_path / "m", step)
     assert not (tmp_path / "m" / "export").exists()
     outs = wait_all(start_workers(data, tmp_path / "m", 2, *cmd))
     for out in outs:  # every worker restores the chief's checkpoint, at one position
