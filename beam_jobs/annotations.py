@@ -82,7 +82,25 @@ def parse_coco(data: dict[str, Any], split: str) -> Parsed:
         kept = _clean_all(raws, split, dropped)
         dropped[split] += len(raws) - len(kept)
         records.append(ImageRecord(int(img["id"]), img["file_name"], kept, split))
-    return Parsed(records, orphans, dict(dropped))
+    return Parsed(unique_ids(records), orphans, dict(dropped))
+
+
+def unique_ids(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The records with each image listed once. An id given to two files cannot be
+    resolved (its captions would go to both): a ValueError naming them."""
+    first: dict[int, ImageRecord] = {}
+    kept = []
+    for r in records:
+        seen = first.setdefault(r.image_id, r)
+        if seen is r:
+            kept.append(r)
+        elif (seen.file_name, seen.split) != (r.file_name, r.split):
+            raise ValueError(
+                f"image id {r.image_id} is given to two images ({seen.file_name!r} in "
+                f"{seen.split}, {r.file_name!r} in {r.split}): its captions cannot be told "
+                "apart; give each image its own id"
+            )
+    return kept
 
 
 def parse_karpathy(data: dict[str, Any]) -> Parsed:
@@ -102,7 +120,7 @@ def parse_karpathy(data: dict[str, Any]) -> Parsed:
         dropped[split] += len(raws) - len(caps)
         records.append(ImageRecord(image_id, rel, caps, split))
     records.sort(key=lambda r: (r.split, r.image_id))
-    return Parsed(records, 0, dict(dropped))
+    return Parsed(unique_ids(records), 0, dict(dropped))
 
 
 def parse_file(path: str, karpathy: bool, split: str | None) -> Parsed:

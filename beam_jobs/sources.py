@@ -71,10 +71,12 @@ def path_exists(path: str) -> bool:
 def match_input(spec: str) -> list[str]:
     """Expands one --input into file paths: a glob, a folder (recursive, images only), or a file.
 
+    A path that exists is that path, even with glob characters in its name (`img[1].jpg`,
+    a folder `photos [1]`); a pattern is a pattern only when nothing has its name.
     Local paths come back absolute and normalised (no `.`, `..` or `//`), so one file
     spelled several ways is one uri."""
     spec = absolute(spec)
-    if _is_glob(spec):
+    if _is_glob(spec) and not path_exists(spec):
         return sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
     folder = spec.rstrip("/")
     listing = None if is_local(spec) else FileSystems.match([folder + "/**"])[0].metadata_list
@@ -87,18 +89,17 @@ def match_input(spec: str) -> list[str]:
 
 
 def walk_folder(folder: str) -> Iterator[str]:
-    """A local folder's image and archive files, recursively. Links to folders are
-    followed (once: a link back to a folder being read is not entered again). A folder
-    that cannot be listed, or such a link, comes back as its own path, which `read_path`
-    turns into its error row, so nothing under it goes missing without a word."""
+    """A local folder's image and archive files, recursively, under their real names
+    first: links to folders are followed only after every real folder is read, and a
+    link to a folder already read (a second name for it, or a cycle) is not entered. A
+    folder that cannot be listed, or such a link, comes back as its own path, which
+    `read_path` turns into an error row naming the cause, so nothing under it goes
+    missing without a word."""
     seen: set[str] = set()
+    links: list[str] = []
 
     def visit(path: str) -> Iterator[str]:
-        real = os.path.realpath(path)
-        if real in seen:
-            yield path  # a link cycle
-            return
-        seen.add(real)
+        seen.add(os.path.realpath(path))
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError:
@@ -106,11 +107,20 @@ def walk_folder(folder: str) -> Iterator[str]:
             return
         for entry in entries:
             if entry.is_dir(follow_symlinks=True):
-                yield from visit(entry.path)
+                if entry.is_symlink():
+                    links.append(entry.path)
+                else:
+                    yield from visit(entry.path)
             elif is_image_name(entry.name) or is_archive_name(entry.name):
                 yield entry.path
 
     yield from visit(folder)
+    while links:
+        link = links.pop(0)
+        if os.path.realpath(link) in seen:
+            yield link  # its folder is read under another name
+        else:
+            yield from visit(link)
 
 
 def unsafe_member(name: str) -> bool:
@@ -141,6 +151,24 @@ def _is_input(name: str) -> bool:
     return is_image_name(name) or is_archive_name(name)
 
 
+class MemberUris:
+    """Each member's uri `ARCHIVE!/NAME`, unique within the archive: a name that comes
+    again (tar and zip both allow it; WebDataset and hand-made tars hold such) is
+    `NAME#2`, `NAME#3`, ... in archive order, so every member is its own row."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        uri, n = f"{self.path}{MEMBER_SEPARATOR}{name}", 1
+        while uri in self.used:
+            n += 1
+            uri = f"{self.path}{MEMBER_SEPARATOR}{name}#{n}"
+        self.used.add(uri)
+        return uri
+
+
 def _tar_kind(m: tarfile.TarInfo) -> str:
     if m.isfile():
         return "file"
@@ -159,10 +187,11 @@ def read_tar(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
             # GzipFile, drained below, raises on it and on a bad CRC.
             stream = gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f
             with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r|*") as tar:
+                member_uri = MemberUris(path)
                 for m in tar:
                     if m.isdir() or (m.isfile() and not _is_input(m.name)):
                         continue  # like folders: only image files are inputs
-                    uri = f"{path}{MEMBER_SEPARATOR}{m.name}"
+                    uri = member_uri(m.name)
                     refused = _member_item(uri, m.name, m.size, _tar_kind(m), max_bytes)
                     yield refused or Item(uri, data=tar.extractfile(m).read())
                     done += 1
@@ -186,11 +215,12 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
 def read_zip(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f, zipfile.ZipFile(f) as z:
+            member_uri = MemberUris(path)
             for info in z.infolist():
                 kind = _zip_kind(info)
                 if kind == "directory" or (kind == "file" and not _is_input(info.filename)):
                     continue
-                uri = f"{path}{MEMBER_SEPARATOR}{info.filename}"
+                uri = member_uri(info.filename)
                 refused = _member_item(uri, info.filename, info.file_size, kind, max_bytes)
                 if refused:
                     yield refused
@@ -230,15 +260,32 @@ def check_plain_file(path: str, max_bytes: int = MAX_BYTES) -> None:
         size = FileSystems.get_filesystem(path).size(path)
     else:
         st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):  # only a folder the listing could not enter is an input
-            if os.path.islink(path):
-                raise ImageError("link_cycle", "a link to a folder that is already read")
-            raise ImageError("unreadable_folder", "a folder that cannot be listed (permissions?)")
+        if stat.S_ISDIR(st.st_mode):
+            raise folder_error(path)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not_a_file", "not a regular file (a FIFO, device or socket)")
         size = st.st_size
     if size > max_bytes:
         raise ImageError("too_large", f"{size} bytes > --max_bytes {max_bytes}")
+
+
+def folder_error(path: str) -> ImageError:
+    """Why a folder is an input row rather than its images (see `walk_folder`)."""
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        inside = (os.path.abspath(path), os.path.realpath(os.path.dirname(path)) + os.sep)
+        if any(p.startswith(target + os.sep) for p in inside):
+            return ImageError("link_cycle", f"a link back to a folder it is inside: {target}")
+        return ImageError(
+            "linked_folder", f"a link to {target}, whose images are read under that name"
+        )
+    try:
+        os.scandir(path).close()
+    except PermissionError:
+        return ImageError("unreadable_folder", "a folder this user may not list (permissions)")
+    except OSError as e:
+        return ImageError("unreadable_folder", f"a folder that cannot be listed: {describe(e)}")
+    return ImageError("not_a_file", "a folder, not an image file")
 
 
 def read_path(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:

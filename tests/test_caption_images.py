@@ -1,7 +1,9 @@
+import hashlib
 import io
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 
 import pyarrow.parquet as pq
@@ -403,9 +405,10 @@ def test_a_run_that_lost_an_input_is_never_recorded(tmp_path):
 
 
 def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
-    """A folder that cannot be listed, a linked folder, a link cycle and a folder whose
-    name holds the archive separator: each is captioned or an error row, once, however
-    often --skip_existing runs; the output folder as input is refused."""
+    """A folder that cannot be listed, a linked folder, a link cycle, a second name for a
+    folder and a folder whose name holds the archive separator: each is captioned or an
+    error row naming the true cause, once, however often --skip_existing runs; the
+    output folder as input is refused."""
     _, _, export = inputs
     root, out = tmp_path / "in", tmp_path / "out"
     (root / "locked").mkdir(parents=True)
@@ -418,6 +421,9 @@ def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
     (root / "x!").mkdir()
     (root / "x!" / "c.jpg").write_bytes(encode(noise(402), "JPEG"))
     (root / "d.jpg").write_bytes(encode(noise(403), "JPEG"))
+    (root / "sub").mkdir()  # and a second name for it, listed first
+    (root / "sub" / "e.jpg").write_bytes(encode(noise(404), "JPEG"))
+    (root / "alias").symlink_to(root / "sub", target_is_directory=True)
     scandir = os.scandir
 
     def locked(path):  # the tests run as root, who can list any folder: a fault instead
@@ -433,6 +439,8 @@ def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
         f"{root}/linked/b.jpg": "ok",
         f"{root}/linked/loop": "link_cycle",
         f"{root}/locked": "unreadable_folder",
+        f"{root}/sub/e.jpg": "ok",  # under its real name, whatever the order
+        f"{root}/alias": "linked_folder",
         f"{root}/x!/c.jpg": "ambiguous_name",
     }
     for _ in range(2):
@@ -443,6 +451,46 @@ def test_no_input_is_skipped_without_a_word(inputs, tmp_path, monkeypatch):
         run([*argv, "--skip_existing"])
     with pytest.raises(UsageError, match="is in this job's own output folder"):
         run(["--model", export, "--input", str(out), "--output_dir", str(out), *RUNNER])
+
+
+def test_repeated_member_names_and_glob_characters_in_real_names(inputs, tmp_path):
+    """A tar with two `dup.jpg` and a zip with two `a.jpg` (both allowed, and found in
+    hand-made and WebDataset tars): every member is its own row, the later ones
+    `NAME#2`. A file `img[1].jpg` beside `img1.jpg`, and a folder `photos [1]`, given as
+    --input: each path is itself, not a pattern."""
+    _, _, export = inputs
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    a, b, c = (encode(noise(500 + i), "JPEG") for i in range(3))
+    with tarfile.open(root / "dup.tar", "w") as tar:
+        for name, data in (("dup.jpg", a), ("dup.jpg", b)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        with zipfile.ZipFile(root / "dup.zip", "w") as z:
+            z.writestr("a.jpg", a)
+            z.writestr("a.jpg", b)
+    (root / "img[1].jpg").write_bytes(a)
+    (root / "img1.jpg").write_bytes(b)
+    (tmp_path / "photos [1]").mkdir()
+    (tmp_path / "photos [1]" / "p.jpg").write_bytes(c)
+    inputs_ = [root / "dup.tar", root / "dup.zip", root / "img[1].jpg", tmp_path / "photos [1]"]
+    argv = ["--model", export, "--output_dir", str(out), *RUNNER]
+    run([*argv, *(x for i in inputs_ for x in ("--input", str(i)))])
+    caps, errs = tables(out)
+    assert not errs
+    got = {r["uri"]: r["sha256"] for r in caps}
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in (("a", a), ("b", b), ("c", c))}
+    assert got == {
+        f"{root}/dup.tar!/dup.jpg": sha["a"],
+        f"{root}/dup.tar!/dup.jpg#2": sha["b"],
+        f"{root}/dup.zip!/a.jpg": sha["a"],
+        f"{root}/dup.zip!/a.jpg#2": sha["b"],
+        f"{root}/img[1].jpg": sha["a"],
+        f"{tmp_path}/photos [1]/p.jpg": sha["c"],
+    }
 
 
 @pytest.fixture

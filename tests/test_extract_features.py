@@ -11,6 +11,7 @@ from demo.make_shapes import make_split
 from model.cli import UsageError
 from model.data.shards import check_data_dir, image_records, split_info
 from model.io import formats
+from model.io.formats import FormatError
 from model.text.vocab import RESERVED, Vocabulary
 from tests.helpers import bad_images
 
@@ -360,3 +361,20 @@ def test_a_killed_reextraction_leaves_a_manifest_that_tells_the_truth(tmp_path_f
         "manifest.json",
     }
     assert set(os.listdir(out)) - {".lock"} == named
+
+
+def test_an_image_id_given_to_two_files_fails_at_start(tmp_path):
+    """COCO captions name their image by id only: with id 1 on two files, the second
+    would silently get the first one's captions. The same entry twice is harmless."""
+    from beam_jobs.annotations import parse_file
+
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]
+    coco = {"images": images, "annotations": [{"image_id": 1, "caption": "a dog"}]}
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(FormatError, match="image id 1 is given to two images"):
+        parse_file(str(path), karpathy=False, split="train")
+    coco["images"] = [images[0], images[0]]
+    path.write_text(json.dumps(coco))
+    (record,) = parse_file(str(path), karpathy=False, split="train").records
+    assert record.captions == ("a dog",)
