@@ -5,8 +5,9 @@
 `serving_default` takes `images`, a `tf.string` tensor of shape [None] holding
 encoded image files (JPEG, PNG, GIF (first frame), BMP, WebP), and returns
 `caption` (tf.string [None]), `error` ("" or the error type of an image that could
-not be captioned, whose caption is then empty: too_large, decompression_bomb,
-unsupported_format (TIFF, which the graph cannot decode), not_an_image),
+not be captioned, whose other outputs are then empty or zero: too_large,
+decompression_bomb, unsupported_format (TIFF, which the graph cannot decode), empty,
+truncated, corrupt, not_an_image),
 `log_prob` (the sequence log-probability), `token_ids` (int32 [None, max_length],
 `<end>` then `<pad>`), `length`, `hit_max_length`, `attention` ([None, max_length,
 64]), and the decoded image's `width` and `height`. Decoding, alpha compositing, the JPEG DCT

@@ -85,7 +85,7 @@ def test_a_bad_image_is_its_own_error_not_the_requests(served, tmp_path):
     got = {k: v.numpy() for k, v in fn(images=tf.constant(images)).items()}
     errors = [e.decode() for e in got["error"]]
     assert errors == ["", "decompression_bomb", "not_an_image", "unsupported_format"] + [
-        "not_an_image",
+        "empty",
         "",
     ]
     expected = out["caption"][names.index("rgb.jpg")]
@@ -94,6 +94,33 @@ def test_a_bad_image_is_its_own_error_not_the_requests(served, tmp_path):
     # Every image bad: still one answer per image.
     alone = fn(images=tf.constant([b"x", b"y"]))
     assert [e.decode() for e in alone["error"].numpy()] == ["not_an_image"] * 2
+
+
+def test_a_failed_image_has_an_error_and_no_caption_and_errors_name_the_cause(served):
+    """A failed image's row holds its error only: no log-probability, length, tokens or
+    attention of the blank image it became. Error kinds are the Beam jobs' (a cut JPEG
+    is `truncated`, an empty file `empty`). An empty request gets empty outputs."""
+    path, names, *_ = served
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    rgb = open(os.path.join(served[4], "rgb.jpg"), "rb").read()
+    png = open(os.path.join(served[4], "large.png"), "rb").read()
+    images = [rgb, rgb[: len(rgb) // 2], png[: len(png) // 2], b"", b"text" * 10]
+    got = {k: v.numpy() for k, v in fn(images=tf.constant(images)).items()}
+    assert [e.decode() for e in got["error"]] == [
+        "",
+        "truncated",
+        "truncated",
+        "empty",
+        "not_an_image",
+    ]
+    assert got["length"][0] > 0 and got["log_prob"][0] < 0
+    for key in ("length", "log_prob", "token_ids", "attention", "hit_max_length"):
+        assert not got[key][1:].any(), key
+    assert list(got["caption"][1:]) == [b""] * 4
+    empty = {k: v.numpy() for k, v in fn(images=tf.constant([], tf.string)).items()}
+    assert set(empty) == set(got)
+    for key, value in empty.items():
+        assert value.shape == (0, *got[key].shape[1:]), key
 
 
 def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):

@@ -167,7 +167,50 @@ def decode_in_graph(data: Any, size: int) -> Any:
 
 # The `error` output of an image that could not be captioned ("" for the others): the
 # error types of the caption tables, decided in the graph.
-SERVING_ERRORS = ("", "too_large", "decompression_bomb", "unsupported_format", "not_an_image")
+# The error kinds the serving graph tells apart, by code: the Beam jobs' names for them.
+SERVING_ERRORS = (
+    "",
+    "too_large",
+    "decompression_bomb",
+    "unsupported_format",
+    "not_an_image",
+    "truncated",
+    "corrupt",
+    "empty",
+)
+# (first bytes, last bytes) of the formats the graph decodes: a file that starts as one
+# of them, fails to decode and lacks the format's ending was cut short.
+_FORMAT_ENDS = (
+    (b"\xff\xd8", b"\xff\xd9"),  # JPEG: SOI ... EOI
+    (b"\x89PNG", b"IEND\xaeB`\x82"),  # PNG: the IEND chunk and its CRC
+    (b"GIF8", b";"),  # GIF: the trailer
+    (b"BM", b""),
+    (b"RIFF", b""),
+)
+
+
+def undecoded_error(data: Any) -> Any:
+    """The SERVING_ERRORS code of a file the graph's decoder failed on, as PIL would name
+    the failure: `empty`, `truncated` (a known format without its ending), `corrupt` (a
+    known format otherwise) or `not_an_image`."""
+    import tensorflow as tf
+
+    n = tf.strings.length(data)
+    known, cut = tf.constant(False), tf.constant(False)
+    for head, tail in _FORMAT_ENDS:
+        starts = tf.equal(tf.strings.substr(data, 0, len(head)), head)
+        ends = tf.equal(tf.strings.substr(data, tf.maximum(n - len(tail), 0), len(tail)), tail)
+        known = tf.logical_or(known, starts)
+        cut = tf.logical_or(cut, tf.logical_and(starts, tf.logical_not(ends)))
+    code = SERVING_ERRORS.index
+    return tf.case(
+        [
+            (tf.equal(n, 0), lambda: tf.constant(code("empty"))),
+            (cut, lambda: tf.constant(code("truncated"))),
+            (known, lambda: tf.constant(code("corrupt"))),
+        ],
+        default=lambda: tf.constant(code("not_an_image")),
+    )
 
 
 def header_size_in_graph(data: Any) -> Any:
@@ -283,6 +326,7 @@ def decode_bounded(images: Any, size: int, max_pixels: int, max_bytes: int) -> A
         return tf.scatter_nd(at, tf.boolean_mask(x, keep), dims)
 
     found = tf.scatter_nd(at, tf.ones_like(at[:, 0]), [n]) > 0
-    code = tf.where(found, placed(code, []), len(SERVING_ERRORS) - 1)  # dropped: not_an_image
+    dropped = tf.map_fn(undecoded_error, images, fn_output_signature=tf.int32)
+    code = tf.where(found, placed(code, []), dropped)
     error = tf.gather(tf.constant(SERVING_ERRORS), code)
     return placed(pixels, [size, size, 3]), placed(width, []), placed(height, []), error

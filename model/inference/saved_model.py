@@ -57,7 +57,7 @@ def build_serving_archive(
     model, max_length = export.model, export.max_length
     vocab = tf.constant(list(export.vocab.tokens))
 
-    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+    def caption(images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels, width, height, error = decode_bounded(images, IMAGE_SIZE, max_pixels, max_bytes)
         failed = tf.not_equal(error, "")
         if strict:
@@ -71,17 +71,32 @@ def build_serving_archive(
         )
         words = tf.RaggedTensor.from_tensor(out["token_ids"], lengths=out["lengths"])
         captions = tf.strings.reduce_join(tf.gather(vocab, words), axis=1, separator=" ")
-        return {
-            "caption": tf.where(failed, "", captions),
-            "error": error,
+        outputs = {
+            "caption": captions,
             "log_prob": tf.reduce_sum(out["log_probs"], axis=1),
             "token_ids": out["token_ids"],
             "length": out["lengths"],
             "hit_max_length": out["hit_max_length"],
             "attention": out["attention"],
-            "width": width,
-            "height": height,
         }
+        # A failed image has an error and nothing else: no caption of the blank it became.
+        outputs = {k: blank_where(failed, v) for k, v in outputs.items()}
+        return {**outputs, "error": error, "width": width, "height": height}
+
+    locations = model.config.feature_shape[0]
+
+    def nothing(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        """An empty request's answer: every output with 0 rows."""
+        none = {"caption": tf.string, "error": tf.string, "log_prob": tf.float32}
+        none |= {"length": tf.int32, "hit_max_length": tf.bool}
+        none |= {"width": tf.int32, "height": tf.int32}
+        out = {k: tf.zeros([0], dtype) for k, dtype in none.items()}
+        out["token_ids"] = tf.zeros([0, max_length], tf.int32)
+        out["attention"] = tf.zeros([0, max_length, locations], tf.float32)
+        return out
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return tf.cond(tf.size(images) > 0, lambda: caption(images), lambda: nothing(images))
 
     archive = keras.export.ExportArchive()
     archive.track(extractor)
@@ -90,6 +105,14 @@ def build_serving_archive(
         "serving_default", serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
     )
     return archive
+
+
+def blank_where(failed: Any, value: Any) -> Any:
+    """`value` (B, ...) with the rows of `failed` (B,) set to zero ("", False)."""
+    import tensorflow as tf
+
+    mask = tf.reshape(failed, [-1] + [1] * (value.shape.rank - 1))
+    return tf.where(mask, tf.zeros_like(value), value)
 
 
 def write_serving_export(
