@@ -226,13 +226,24 @@ def read_zip(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
                     yield refused
                     continue
                 try:  # the central directory lists every member: one bad one is one row
-                    yield Item(uri, data=z.read(info))
+                    yield bounded_member(z, info, uri, max_bytes)
                 except RuntimeError as e:  # encrypted
                     yield Item(uri, error_type="encrypted", message=describe(e))
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
                     yield Item(uri, error_type="corrupt", message=describe(e))
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         yield Item(path, error_type="bad_archive", message=f"not a readable zip: {describe(e)}")
+
+
+def bounded_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, uri: str, max_bytes: int) -> Item:
+    """A zip member read through a bounded stream: at most `max_bytes` + 1 bytes are ever
+    inflated, whatever its directory entry claims (`ZipFile.read` inflates up to 2 GiB
+    per call, so a zip bomb whose entry claims 100 bytes takes gigabytes)."""
+    with z.open(info) as member:
+        data = member.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return Item(uri, error_type="too_large", message=f"inflates to > --max_bytes {max_bytes}")
+    return Item(uri, data=data)
 
 
 def printable_uri(uri: str) -> str | None:

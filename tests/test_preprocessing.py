@@ -86,3 +86,27 @@ def test_counts_must_be_positive_at_start(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--input", "i", "--output_dir", "o", flag, "0"])
     assert "must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_a_zip_bomb_is_inflated_no_further_than_max_bytes(tmp_path):
+    """A 300 KB zip whose directory claims 100 bytes for a member that inflates to 300 MB:
+    the member is read through a bounded stream (`ZipFile.read` would inflate up to
+    2 GiB per call), so memory stays near --max_bytes, and the member is one error row."""
+    import struct
+    import tracemalloc
+    import zipfile
+
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, z.open("bomb.jpg", "w") as f:
+        for _ in range(300):
+            f.write(b"\0" * (1 << 20))
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory's entry: uncompressed size
+    data[entry + 24 : entry + 28] = struct.pack("<I", 100)
+    path.write_bytes(bytes(data))
+    tracemalloc.start()
+    (item,) = list(read_path(str(path), max_bytes=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert item.data is None and item.error_type in ("corrupt", "too_large"), item
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MB inflated"
