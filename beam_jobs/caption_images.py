@@ -21,6 +21,7 @@ from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     add_decoding_flags,
     check_exists,
+    check_writable,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -88,6 +89,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_exists("--model", args.model)
     for spec in args.input:
         check_exists("--input", spec)
+    check_writable("--output_dir", args.output_dir)
+    check_writable("--attention_dir", args.attention_dir)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from model.quiet import import_tensorflow
 

@@ -23,6 +23,7 @@ from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     UsageError,
     check_exists,
+    check_writable,
     int_at_least,
     non_negative_int,
     positive_int,
@@ -75,6 +76,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, beam_args = parse_args(argv)
     for flag in ("--captions_json", "--karpathy_json", "--images_dir", "--vocab"):
         check_exists(flag, getattr(args, flag[2:]))
+    check_writable("--output_dir", args.output_dir)
     if args.weights in NAMED_WEIGHTS:
         if not os.path.exists(named_weights_path(args.weights)):
             raise UsageError(

@@ -85,6 +85,23 @@ def check_exists(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} does not exist: {path}")
 
 
+def check_writable(flag: str, path: str | None) -> None:
+    """A local output folder that cannot be written (a read-only disk or mount, no
+    permission, a file in its place) fails at once in one line, before any work is done:
+    the folder is made if missing and a probe file written and removed. Object stores
+    are checked by their first write."""
+    if path is None or is_remote(path):
+        return
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+
+
 def _number(text: str, kind: type, minimum: float, what: str) -> int | float:
     try:
         value = kind(text)

@@ -21,6 +21,7 @@ from model.cli import (
     add_decoding_flags,
     add_verbose_flag,
     check_exists,
+    check_writable,
     non_negative_int,
     positive_int,
     require,
@@ -51,6 +52,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     require("pycocoevalcap", "model.evaluate")
     for flag in ("--model", "--data_dir", "--images_dir"):
         check_exists(flag, getattr(args, flag[2:]))
+    check_writable("--output_dir", args.output_dir)
     from model.quiet import import_tensorflow
 
     import_tensorflow(args.verbose)

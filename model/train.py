@@ -22,6 +22,7 @@ from typing import Any
 
 from model.cli import (
     check_exists,
+    check_writable,
     int_at_least,
     non_negative_float,
     non_negative_int,
@@ -189,6 +190,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     require("tensorboard", "model.train")  # tf.summary writes through it
     check_exists("--data_dir", args.data_dir)
+    check_writable("--model_dir", args.model_dir)
     from model.quiet import import_tensorflow
 
     import_tensorflow(verbose=args.verbose == 3)

@@ -183,3 +183,39 @@ def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path, content):
         main(["--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")])
     text = str(exit_.value.code)
     assert text.startswith("error: ") and "manifest" in text and "\n" not in text
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs (root only; skipped elsewhere): even root cannot write to it."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(
+    "module, args, flag",
+    [
+        ("beam_jobs.caption_images", ["--model", ".", "--input", "."], "--output_dir"),
+        (
+            "beam_jobs.extract_features",
+            ["--captions_json", "setup.py", "--split", "train", "--images_dir", "."],
+            "--output_dir",
+        ),
+        ("model.train", ["--data_dir", "."], "--model_dir"),
+    ],
+)
+def test_an_output_folder_that_cannot_be_written_is_one_line(module, args, flag, read_only_dir):
+    r = command(module, *args, flag, str(read_only_dir / "out"))
+    lines = own_lines(r.stderr)
+    assert r.returncode in (1, 2), r.stderr[-2000:]
+    assert (
+        lines[-1] == f"error: {flag} {read_only_dir}/out cannot be written: Read-only file system"
+    )
+    assert "Traceback" not in r.stderr
