@@ -2,8 +2,10 @@
 
     python -m model.caption --model MODEL_DIR/export IMAGE [IMAGE ...] [--beam_size K] [--plots DIR]
 
-Prints `FILE<TAB>caption` per file, in the order given, or `FILE<TAB>error: TYPE: message`
-for a file that cannot be read or decoded; the exit status is 1 if any failed.
+Prints `FILE<TAB>caption` per file, in the order given, each line as soon as its batch is
+captioned, or `FILE<TAB>error: TYPE: message` for a file that cannot be read or decoded
+(a FIFO, device or folder is refused before it is opened); the exit status is 1 if any
+failed.
 Images go through the same preprocessing, extractor and decoder as
 `beam_jobs.caption_images`, so the captions are the same.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from model.cli import (
@@ -24,7 +26,7 @@ from model.cli import (
     positive_int,
     run_cli,
 )
-from model.defaults import PRECISIONS
+from model.defaults import MAX_BYTES, PRECISIONS
 from model.io import storage
 
 
@@ -43,8 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """[{"path", "caption", "log_prob", ...} or {"path", "error_type", "message"}] in order."""
+def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """{"path", "caption", "log_prob", ...} or {"path", "error_type", "message"} per file,
+    in the order given, each as soon as it and every file before it are done."""
     import numpy as np
 
     from model.images.preprocess import ImageError, preprocess_image
@@ -56,6 +59,13 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
     caption_batch = build_caption_fn(export, precision, decoding_settings(args))
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, Any]] = []  # (row index, pixels)
+    shown = 0  # rows handed out so far
+
+    def done() -> Iterator[dict[str, Any]]:
+        nonlocal shown
+        while shown < len(rows) and "pending" not in rows[shown]:
+            yield rows[shown]
+            shown += 1
 
     def flush() -> None:
         if not ready:
@@ -63,12 +73,16 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
         outputs = caption_batch(np.stack([pixels for _, pixels in ready]))
         for (i, _), result in zip(ready, split_results(outputs, export.vocab), strict=True):
             rows[i].update(result=result, caption=result.caption, log_prob=result.log_prob)
+            del rows[i]["pending"]
         ready.clear()
 
     for path in args.images:
+        yield from done()
         row: dict[str, Any] = {"path": path}
         rows.append(row)
         try:
+            if problem := storage.not_a_readable_file(path, MAX_BYTES):
+                raise ImageError(*problem)
             decoded = preprocess_image(storage.read_bytes(path))
         except ImageError as e:
             row.update(error_type=e.kind, message=str(e))
@@ -79,12 +93,12 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - OSError, or tf.errors.* from an unreachable store
             row.update(error_type="read_error", message=f"{type(e).__name__}: {first_line(e)}")
             continue
-        row.update(width=decoded.width, height=decoded.height)
+        row.update(width=decoded.width, height=decoded.height, pending=True)
         ready.append((len(rows) - 1, decoded.pixels))
         if len(ready) == args.batch_size:
             flush()
     flush()
-    return rows
+    yield from done()
 
 
 def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
@@ -107,10 +121,11 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from model.quiet import import_tensorflow
 
     import_tensorflow(args.verbose)
-    rows = caption_files(args)
     if args.plots:
         storage.makedirs(args.plots)
-    for i, row in enumerate(rows):
+    rows = []
+    for i, row in enumerate(caption_files(args)):
+        rows.append(row)
         if "caption" in row:
             extra = f"\t{row['log_prob']:.3f}" if args.log_prob else ""
             print(f"{row['path']}\t{row['caption']}{extra}", flush=True)

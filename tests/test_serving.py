@@ -128,6 +128,9 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     files = [images / "rgb.jpg", tmp_path / "missing.png", images / "webp.webp"]
     files += [tmp_path / "broken.jpg", images / "photo_640.jpg"]
+    os.mkfifo(tmp_path / "pipe.jpg")  # no writer: a read would block forever
+    (tmp_path / "adir.jpg").mkdir()
+    files += [tmp_path / "pipe.jpg", tmp_path / "adir.jpg", images / "gray.png"]
     r = subprocess.run(
         [sys.executable, "-m", "model.caption", "--model", export, *map(str, files)]
         + ["--plots", str(tmp_path / "plots")],
@@ -137,7 +140,7 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
         cwd=ROOT,
         timeout=600,
     )
-    assert r.returncode == 1  # two files failed
+    assert r.returncode == 1  # four files failed
     assert r.stderr == ""
     lines = [line.split("\t") for line in r.stdout.splitlines()]
     assert [p for p, _ in lines] == list(map(str, files))
@@ -147,7 +150,9 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
             assert text == bulk[name]["caption"]
     assert lines[1][1].startswith("error: missing_file")
     assert lines[3][1].startswith("error: not_an_image")
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 3
+    assert lines[5][1] == "error: not_a_file: not a regular file (a FIFO, device or socket)"
+    assert lines[6][1] == "error: not_a_file: a folder, not an image file"
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
 
 def test_model_caption_beam_search(served):

@@ -77,3 +77,24 @@ def copy_to_local(path: str, local: str) -> str:
 def copy_from_local(local: str, path: str) -> None:
     with open(local, "rb") as src, gfile().GFile(path, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def not_a_readable_file(path: str, max_bytes: int) -> tuple[str, str] | None:
+    """(error type, message) for a local path that must not be read: not a regular file
+    (a FIFO would block the reader forever; a device, socket or folder), or larger than
+    `max_bytes`. None when it may be read (and for remote paths, which their read checks)."""
+    import stat
+
+    if is_remote(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # the read says why
+    if stat.S_ISDIR(st.st_mode):
+        return "not_a_file", "a folder, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not_a_file", "not a regular file (a FIFO, device or socket)"
+    if st.st_size > max_bytes:
+        return "too_large", f"{st.st_size} bytes > {max_bytes}"
+    return None
