@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,7 +64,7 @@ from beam_jobs.runner import (
 from beam_jobs.sources import (
     match_input,
 )
-from model.cli import UsageError, decoding_settings
+from model.cli import UsageError, decoding_settings, empty_captions_warning
 from model.io import formats
 
 
@@ -175,20 +176,19 @@ def adopted_part(name: str, output_dir: str) -> dict[str, Any]:
 
 
 def looping_sums(rows: beam.PCollection) -> beam.PCollection:
-    """(captions, with a repeated trigram, at the length limit): sums a table's commits add up."""
+    """(captions, with a repeated trigram, at the length limit, empty): sums a table's
+    commits add up."""
 
-    def add(counts: Any) -> tuple[int, int, int]:
-        totals = [0, 0, 0]
+    def add(counts: Any) -> tuple[int, ...]:
+        totals = [0, 0, 0, 0]
         for c in counts:
             totals = [a + b for a, b in zip(totals, c, strict=True)]
-        return (totals[0], totals[1], totals[2])
+        return tuple(totals)
 
-    return (
-        rows
-        | "LoopingFigures"
-        >> beam.Map(lambda r: (1, int(r["repeated_trigram"]), int(r["hit_max_length"])))
-        | "SumLooping" >> beam.CombineGlobally(add)
-    )
+    def figures(r: dict[str, Any]) -> tuple[int, ...]:
+        return (1, int(r["repeated_trigram"]), int(r["hit_max_length"]), int(not r["caption"]))
+
+    return rows | "LoopingFigures" >> beam.Map(figures) | "SumLooping" >> beam.CombineGlobally(add)
 
 
 def spreads_work(p: beam.Pipeline) -> bool:
@@ -404,4 +404,8 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
         f"table version {summary['version']}",
         flush=True,
     )
+    looping = committed.get("looping", {})
+    empty, images = looping.get("empty_captions", 0), looping.get("images", 0)
+    if warning := empty_captions_warning(empty, images):
+        print(f"caption_images: {warning}", file=sys.stderr, flush=True)
     return summary

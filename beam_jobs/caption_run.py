@@ -183,7 +183,7 @@ def write_run_record(
     rewritten: list[dict[str, Any]],
     adopted: list[dict[str, Any]],
     inputs: int,
-    looping: tuple[int, int, int],
+    looping: tuple[int, int, int, int],
     distinct: int,
 ) -> str:
     """The pipeline's last step: the files the run commits, in `RUNS_DIR/ATTEMPT.json`.
@@ -196,7 +196,7 @@ def write_run_record(
             f"{inputs} inputs but {captioned} captions and {failed} error rows: "
             f"{inputs - captioned - failed} input(s) have no row"
         )
-    images, repeated, at_limit = looping
+    images, repeated, at_limit, empty = looping
     record = {
         "parts": [*parts, *[r["add"] for r in rewritten if r["add"]], *adopted],
         "removes": [[r["remove"], r["size"]] for r in rewritten],
@@ -211,6 +211,7 @@ def write_run_record(
             "repeated_trigram": repeated,
             "at_length_limit": at_limit,
             "distinct_captions": distinct,
+            "empty_captions": empty,
         },
     }
     path = record_path(output_dir, attempt)

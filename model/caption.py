@@ -22,6 +22,7 @@ from model.cli import (
     add_decoding_flags,
     check_exists,
     decoding_settings,
+    empty_captions_warning,
     first_line,
     positive_int,
     run_cli,
@@ -133,6 +134,9 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 row["plot"] = write_plot(row, args.plots, i)
         else:
             print(f"{row['path']}\terror: {row['error_type']}: {row['message']}", flush=True)
+    captioned = [row["caption"] for row in rows if "caption" in row]
+    if warning := empty_captions_warning(sum(not c for c in captioned), len(captioned)):
+        print(f"caption: {warning}", file=sys.stderr, flush=True)
     return rows
 
 

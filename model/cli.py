@@ -85,6 +85,19 @@ def check_exists(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} does not exist: {path}")
 
 
+def empty_captions_warning(empty: int, total: int) -> str | None:
+    """One line when at least half the captions are empty: an untrained model, or one fed
+    other features than it was trained on, says nothing, and empty captions score zero
+    without a word otherwise."""
+    if not total or empty * 2 < total:
+        return None
+    return (
+        f"warning: {empty} of {total} captions are empty: the model says nothing for most "
+        "images (trained too briefly, or on other features?); its export's manifest.json "
+        "has its training history"
+    )
+
+
 def check_writable(flag: str, path: str | None) -> None:
     """A local output folder that cannot be written (a read-only disk or mount, no
     permission, a file in its place) fails at once in one line, before any work is done:

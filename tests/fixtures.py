@@ -13,7 +13,7 @@ from model.images.extractor import features_identity
 from model.io import formats
 from model.network.captioner import ShowAttendTell
 from model.network.export import save_export
-from model.text.vocab import Vocabulary
+from model.text.vocab import END_ID, Vocabulary
 
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
 
@@ -68,12 +68,18 @@ def write_features_dir(
     return vocab
 
 
-def write_tiny_export(path: str, vocab_size: int = 12, max_length: int = 6) -> str:
-    """A random tiny captioner exported as stage 2 would (weights=none features)."""
+def write_tiny_export(
+    path: str, vocab_size: int = 12, max_length: int = 6, mute: bool = False
+) -> str:
+    """A random tiny captioner exported as stage 2 would (weights=none features);
+    `mute`: one that always says `<end>` first (an empty caption), as a broken one may."""
     vocab = Vocabulary(
         ("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)])
     )
     keras.utils.set_random_seed(7)
     model = ShowAttendTell(vocab_size=vocab_size, embedding_dim=8, units=8)
+    if mute:
+        bias = model.decoder.fc2.bias
+        bias.assign(bias + 100.0 * np.eye(vocab_size, dtype=np.float32)[END_ID])
     save_export(model, vocab, features_identity("none"), path, max_length=max_length)
     return path

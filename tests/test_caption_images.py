@@ -142,6 +142,7 @@ def test_every_input_appears_exactly_once(captioned, inputs):
         "repeated_trigram": sum(has_repeated_ngram(r["caption"].split()) for r in caps),
         "at_length_limit": sum(r["hit_max_length"] for r in caps),
         "distinct_captions": len({r["caption"] for r in caps}),
+        "empty_captions": sum(not r["caption"] for r in caps),
     }
     assert {r["run_id"] for r in caps + errs} == {run["run_id"]}
 
@@ -491,6 +492,25 @@ def test_repeated_member_names_and_glob_characters_in_real_names(inputs, tmp_pat
         f"{root}/img[1].jpg": sha["a"],
         f"{tmp_path}/photos [1]/p.jpg": sha["c"],
     }
+
+
+def test_a_model_that_says_nothing_is_told_not_silently_tabled(tmp_path, capsys):
+    """A model that gives an empty caption for most images (trained too briefly, or fed
+    other features) is a warning of the Beam job, `model.caption` and `model.evaluate`,
+    not a table of empty strings that score zero without a word."""
+    from model.caption import run as caption_files
+
+    export = write_tiny_export(str(tmp_path / "mute"), mute=True)
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(encode(noise(600 + i), "JPEG"))
+    run(["--model", export, "--input", str(images), "--output_dir", str(tmp_path / "out"), *RUNNER])
+    assert {r["caption"] for r in caption_rows(tmp_path / "out")[0]} == {""}
+    assert "warning: 3 of 3 captions are empty" in capsys.readouterr().err
+    rows = caption_files(["--model", export, *map(str, sorted(images.iterdir()))])
+    assert [r["caption"] for r in rows] == ["", "", ""]
+    assert "warning: 3 of 3 captions are empty" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from model.cli import decoding_settings
+from model.cli import decoding_settings, empty_captions_warning
 from model.data.shards import check_data_dir, image_records, records, split_info
 from model.decoding.decoders import make_decoder, to_decoded
 from model.evaluation.metrics import format_table, score_captions
@@ -146,9 +146,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(format_table(results))
     if not metrics["comparable"]:
-        print(
-            "evaluate: Java not found: Python tokenizer and no METEOR; not comparable with papers"
-        )
+        why = "--no_java" if args.no_java else "Java not found"
+        print(f"evaluate: {why}: Python tokenizer and no METEOR; not comparable with papers")
+    if warning := empty_captions_warning(sum(not c for c in decoded["caption"]), len(ids)):
+        print(f"evaluate: {warning}", file=sys.stderr)
     plots = []
     if args.plots:
         images_dir = args.images_dir or features_manifest["splits"][args.split].get("images_dir")
