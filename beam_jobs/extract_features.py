@@ -42,11 +42,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--output_dir", required=True, help="FEATURES_DIR, local or gs://")
     p.add_argument(
         "--weights",
-        default="imagenet",
         help="inception-2015 (real ImageNet weights offline: run `make weights` once) | "
-        "imagenet (Keras downloads them) | none (random init) | a weights file",
+        "imagenet (Keras downloads them) | none (random init) | a weights file "
+        "(default: FEATURES_DIR's, when it has a manifest; else imagenet)",
     )
-    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="extractor compute")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="extractor compute (default: FEATURES_DIR's, when it has a manifest; else float32)",
+    )
     p.add_argument(
         "--vocab_size", type=int_at_least(5), default=5000, help="tokens incl. 4 reserved"
     )
@@ -77,7 +81,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for flag in ("--captions_json", "--karpathy_json", "--images_dir", "--vocab"):
         check_exists(flag, getattr(args, flag[2:]))
     check_writable("--output_dir", args.output_dir)
-    if args.weights in NAMED_WEIGHTS:
+    if args.weights is None:
+        pass  # FEATURES_DIR's own, or imagenet: decided once its manifest is read
+    elif args.weights in NAMED_WEIGHTS:
         if not os.path.exists(named_weights_path(args.weights)):
             raise UsageError(
                 f"--weights {args.weights}: not converted yet; run `make weights` "

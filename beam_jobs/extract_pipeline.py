@@ -272,6 +272,23 @@ def build_pipeline(
     )
 
 
+def take_existing_settings(args: argparse.Namespace) -> None:
+    """--weights and --precision left out: FEATURES_DIR's own when it has a manifest (a
+    split added to it must match them), else imagenet and float32."""
+    if args.weights is not None and args.precision is not None:
+        return
+    path = formats.features_manifest_path(args.output_dir)
+    existing = formats.read_manifest(path, formats.KIND_FEATURES) if path_exists(path) else None
+    taken = []
+    for flag, default in (("weights", "imagenet"), ("precision", "float32")):
+        if getattr(args, flag) is None:
+            value = existing.get(flag) if existing else None
+            setattr(args, flag, value or default)
+            taken += [f"--{flag} {getattr(args, flag)}"] if value else []
+    if taken:
+        print(f"extract_features: {' and '.join(taken)} from {path}", flush=True)
+
+
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     """Checks the inputs, runs the pipeline; returns a summary dict (counts, seconds,
     images/s). Holds the lease on --output_dir (`beam_jobs.lease`) while it runs: a
@@ -281,6 +298,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
 
 
 def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
+    take_existing_settings(args)
     args.weights = check_weights(args.weights)
     if args.weights == "imagenet":
         fetch_keras_imagenet()  # here, not on a worker: offline is one line at start

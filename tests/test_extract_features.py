@@ -40,7 +40,8 @@ def coco(tmp_path_factory):
     return root, expected_errors
 
 
-def extract(root, out, split, *extra):
+def extract(root, out, split, *extra, weights="none"):
+    """Stage 1 on the fixture's split; `weights` None leaves --weights out."""
     return run(
         [
             "--split",
@@ -51,8 +52,7 @@ def extract(root, out, split, *extra):
             str(root / split),
             "--output_dir",
             str(out),
-            "--weights",
-            "none",
+            *(["--weights", weights] if weights else []),
             "--batch_size",
             "4",
             *RUNNER,
@@ -144,11 +144,14 @@ def test_vocabulary_is_built_from_train_in_frequency_order(extracted, coco):
     assert vocab == expected
 
 
-def test_val_run_reuses_vocab_and_merges_manifest(extracted, coco):
+def test_val_run_reuses_vocab_and_merges_manifest(extracted, coco, capsys):
+    """Without --weights, a split added to FEATURES_DIR takes the weights (and precision)
+    its manifest records: `none` here, not a download of `imagenet`."""
     out, _ = extracted
     root, _ = coco
     before = open(vocab_path(out)).read()
-    extract(root, out, "val")
+    extract(root, out, "val", weights=None)
+    assert "--weights none and --precision float32 from" in capsys.readouterr().out
     m = json.load(open(out / "manifest.json"))
     assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["images"] == 3
     assert open(vocab_path(out)).read() == before
