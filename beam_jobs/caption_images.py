@@ -22,6 +22,7 @@ from model.cli import (
     add_decoding_flags,
     check_exists,
     check_writable,
+    command_parser,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -31,7 +32,7 @@ from model.defaults import CHECKPOINT_SECONDS, COMPACT_ABOVE, PRECISIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("--model", required=True, help="MODEL_DIR/export written by model.train")
     p.add_argument(
         "--input", action="append", required=True, help="folder, glob or .tar/.tar.gz/.zip (repeat)"

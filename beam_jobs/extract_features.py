@@ -24,6 +24,7 @@ from model.cli import (
     UsageError,
     check_exists,
     check_writable,
+    command_parser,
     int_at_least,
     non_negative_int,
     positive_int,
@@ -33,7 +34,7 @@ from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, PRECISIONS, named_we
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--captions_json", help="COCO captions file (annotations/captions_*.json)")
     src.add_argument("--karpathy_json", help="Karpathy split file (dataset_coco.json)")

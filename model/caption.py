@@ -21,6 +21,7 @@ from typing import Any
 from model.cli import (
     add_decoding_flags,
     check_exists,
+    command_parser,
     decoding_settings,
     empty_captions_warning,
     first_line,
@@ -32,7 +33,7 @@ from model.io import storage
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("--model", required=True, help="MODEL_DIR/export written by model.train")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, local or gs://, ...")
     p.add_argument("--plots", help="write an attention plot per image into this folder")

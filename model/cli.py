@@ -73,6 +73,29 @@ def require(module: str, command: str) -> None:
         )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, when it has one worth saying (not None or
+    False) and the help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def command_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a command: its docstring's first line, defaults in --help."""
+    return argparse.ArgumentParser(
+        description=(doc or "").splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
+
+
 def check_exists(flag: str, path: str | None) -> None:
     """A local path (or glob) that does not exist fails at once, before the heavy
     imports; remote paths are checked later through the file system layer."""

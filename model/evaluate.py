@@ -22,6 +22,7 @@ from model.cli import (
     add_verbose_flag,
     check_exists,
     check_writable,
+    command_parser,
     non_negative_int,
     positive_int,
     require,
@@ -30,7 +31,7 @@ from model.cli import (
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("--model", required=True, help="MODEL_DIR/export")
     p.add_argument("--data_dir", required=True, help="FEATURES_DIR")
     p.add_argument("--split", default="val")

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from model.cli import (
     add_decoding_flags,
     check_exists,
+    command_parser,
     decoding_settings,
     positive_int,
     run_cli,
@@ -41,7 +42,7 @@ from model.defaults import MAX_BYTES, MAX_PIXELS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("--model", required=True, help="MODEL_DIR/export written by model.train")
     p.add_argument("--output", help="default: MODEL_DIR/export/serving")
     p.add_argument("--precision", choices=("float32", "bfloat16", "float16"))

@@ -23,6 +23,7 @@ from typing import Any
 from model.cli import (
     check_exists,
     check_writable,
+    command_parser,
     int_at_least,
     non_negative_float,
     non_negative_int,
@@ -35,7 +36,7 @@ from model.defaults import DEFAULT_DROPOUT, DEFAULT_MAX_LENGTH, PRESETS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = command_parser(__doc__)
     p.add_argument("--data_dir", required=True, help="FEATURES_DIR written by extract_features")
     p.add_argument("--model_dir", required=True, help="checkpoints, logs and export/ go here")
     p.add_argument("--epochs", type=positive_int, default=20, help="cross-entropy epochs")
