@@ -539,3 +539,18 @@ def test_shards_that_disagree_with_the_manifest_fail_in_one_line(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match="hold 12 caption pairs, the manifest says 52"):
         _train(tmp_path, "m", "--epochs", "1")
+
+
+def test_a_finished_run_started_again_writes_nothing(tmp_path, capsys):
+    """The same command after the run finished: the export is this run's end already, so
+    it is not written again (nor, with one, the serving model rebuilt)."""
+    write_features_dir(str(tmp_path / "f"), {"train": 8, "val": 4})
+    first = _train(tmp_path, "m", "--epochs", "1")
+    manifest = tmp_path / "m" / "export" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    again = _train(tmp_path, "m", "--epochs", "1")
+    assert "exported already; nothing to do" in capsys.readouterr().out
+    assert manifest.stat().st_mtime_ns == written
+    assert again["steps"] == first["steps"] and again["history"] == first["history"]
+    more = _train(tmp_path, "m", "--epochs", "2")  # more epochs: a new export
+    assert more["steps"] > first["steps"] and manifest.stat().st_mtime_ns != written

@@ -151,8 +151,34 @@ def best_val(run: Run) -> float | None:
     return -value if run.args.select_by == "cider" else value
 
 
+def exported_already(run: Run) -> dict[str, Any] | None:
+    """The export's training summary when MODEL_DIR/export holds this very run's end (a
+    finished run started again): the same steps and history, and the serving model if
+    one is wanted. Then there is nothing to write."""
+    export_dir = os.path.join(run.args.model_dir, formats.EXPORT_DIR)
+    path = formats.export_paths(export_dir)["manifest"]
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        training = formats.read_manifest(path, formats.KIND_EXPORT).get("training") or {}
+    except formats.FormatError:
+        return None
+    from model.inference.saved_model import serving_path
+
+    serving = run.args.no_serving_export or tf.io.gfile.exists(serving_path(export_dir))
+    same = training.get("steps") == run.var("step") and training.get("history") == run.history
+    return training if same and serving else None
+
+
 def finish(run: Run, scst_summary: dict[str, Any] | None) -> dict[str, Any]:
     """Takes the best epoch's weights (early stopping) and, on the chief, writes the export."""
+    if (done := exported_already(run)) is not None:
+        print(
+            f"train: {run.args.model_dir} is trained to step {run.var('step')} and exported "
+            "already; nothing to do",
+            flush=True,
+        )
+        return done
     if run.val_info is not None:
         run.best.load_into_model()
     summary = {
