@@ -319,6 +319,8 @@ def test_sigkill_mid_self_critical_epoch_resumes_to_the_same_weights(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout and "self-critical epoch 2/2" in r.stdout
+    (line,) = [x for x in r.stdout.splitlines() if "self-critical epoch 2/2" in x]
+    assert "reward" in line and "baseline" not in line  # the mean baseline is the reward
     whole = _scst_run(tmp_path, "whole", *flags[4:])
     assert whole["steps"] == 5 + 2 * 12
     for a, b in zip(

@@ -136,10 +136,10 @@ def start(run: Run) -> SelfCritic:
     return critic
 
 
-def step(run: Run, critic: SelfCritic, batch: dict[str, tf.Tensor]) -> np.ndarray:
+def step(run: Run, critic: SelfCritic, batch: dict[str, tf.Tensor]) -> tuple[np.ndarray, float]:
     """One self-critical update on a global batch of images, of which this worker samples,
     scores and back-propagates its share. Returns the whole batch's sums (reward,
-    baseline, samples)."""
+    baseline, samples) and the mean |advantage| of this worker's samples."""
     args, k = run.args, run.args.scst_samples
     images = int(batch["features"].shape[0])
     lo, hi = critic.step.share(images)
@@ -163,7 +163,7 @@ def step(run: Run, critic: SelfCritic, batch: dict[str, tf.Tensor]) -> np.ndarra
         rewards.rewards,
         rewards.baselines,
     )
-    return sums[2:]
+    return sums[2:], float(np.abs(rewards.advantages).mean()) if len(rewards.rewards) else 0.0
 
 
 def epoch(run: Run, critic: SelfCritic) -> np.ndarray:
@@ -178,16 +178,16 @@ def epoch(run: Run, critic: SelfCritic) -> np.ndarray:
     )
     sums = run.state["scst_sums"].numpy()
     for batch in ds.skip(run.var("position")):  # every worker reads every global batch
-        step_sums = step(run, critic, batch)
+        step_sums, spread = step(run, critic, batch)
         sums = sums + step_sums
         for name in ("step", "position"):
             run.state[name].assign_add(1)
         run.state["scst_sums"].assign(sums)
         mean = sums[:2] / max(sums[2], 1.0)
-        bar.update(
-            min(run.var("position"), critic.steps_per_epoch),
-            [("reward", mean[0]), ("baseline", mean[1])],
-        )
+        # With the mean-of-others baseline, mean reward = mean baseline: the bar shows
+        # how far samples stand from their baselines instead (this worker's, averaged).
+        shown = ("baseline", mean[1]) if args.scst_baseline == "greedy" else ("|adv|", spread)
+        bar.update(min(run.var("position"), critic.steps_per_epoch), [("reward", mean[0]), shown])
         if run.chief:
             r, b = step_sums[:2] / max(step_sums[2], 1.0)
             with run.writer.as_default(step=run.var("step")):
@@ -202,6 +202,7 @@ def end_epoch(run: Run, sums: np.ndarray) -> None:
     """Validation by greedy CIDEr-D (the export is the best epoch of either kind), the
     epoch's record and a checkpoint."""
     args, e = run.args, run.var("scst_epoch")
+    greedy_baseline = args.scst_baseline == "greedy"
     record: dict[str, Any] = {
         "scst_epoch": e + 1,
         "reward": float(sums[0] / max(sums[2], 1.0)),
@@ -213,10 +214,11 @@ def end_epoch(run: Run, sums: np.ndarray) -> None:
         record.update(validation(run, loss=None))
         judge(run, record, -record["val_cider"], patience=False)
     close_epoch(run, record, "scst_epoch", "scst_sums", SCST_KEYS, "scst_epoch")
-    if args.verbose:
+    if args.verbose:  # the mean-of-others baseline averages to the reward: not shown
+        keys = [k for k in SCST_KEYS if k in record and (k != "baseline" or greedy_baseline)]
         print(
             f"train: self-critical epoch {e + 1}/{args.scst_epochs} step {run.var('step')} "
-            + " ".join(f"{key} {record[key]:.4f}" for key in SCST_KEYS if key in record),
+            + " ".join(f"{key} {record[key]:.4f}" for key in keys),
             flush=True,
         )
 
