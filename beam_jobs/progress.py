@@ -16,6 +16,7 @@ in a log:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -161,10 +162,13 @@ class ProgressLine:
     rate_now: float
     rate_overall: float
     errors: Mapping[str, int] = field(default_factory=dict)
+    growing: bool = False  # the total rose since the last line: inputs are still listed
 
     def __str__(self) -> str:
         parts = []
-        if self.total:
+        if self.total and self.growing:
+            parts.append(f"{self.done}/{self.total}+ (still listing)")
+        elif self.total:
             parts.append(f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)")
         else:
             parts.append(f"{self.done} done")
@@ -173,13 +177,16 @@ class ProgressLine:
         parts.append(
             f"{n_errors} error{'' if n_errors == 1 else 's'}{describe_errors(self.errors)}"
         )
-        if self.total and self.done >= self.total:
+        if self.total and self.done >= self.total and not self.growing:
             parts.append("finishing")
-        elif self.total and self.rate_overall > 0:
+        elif self.total and self.rate_overall > 0 and not self.growing:
             parts.append(f"{format_duration((self.total - self.done) / self.rate_overall)} left")
         else:
             parts.append("--:-- left")
         return f"{self.job}: " + " | ".join(parts)
+
+
+SAME_LINE_SECONDS = 60.0  # a log repeats an unchanged line this often, as a heartbeat
 
 
 def _by_count(item: tuple[str, int]) -> tuple[int, str]:
@@ -229,6 +236,9 @@ class ProgressReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._drawn = False
+        self._last_total: int | None = None
+        self._last_said: tuple[int, int | None, int] | None = None  # done, total, errors
+        self._said_at = 0.0
 
     def __enter__(self) -> ProgressReporter:
         self.started = self._last_time = time.monotonic()
@@ -269,16 +279,25 @@ class ProgressReporter:
         since = now - (self._first_done_time or now)
         rate_overall = done / since if since > 0 else 0.0
         self._last_done, self._last_time = done, now
-        return progress_line(
+        line = progress_line(
             self.job, counts, self.done_keys, total, self.unit, rate_now, rate_overall
         )
+        growing = self._last_total is not None and (total or 0) > self._last_total
+        self._last_total = total or 0
+        return dataclasses.replace(line, growing=growing)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.report()
 
     def report(self) -> None:
-        text = str(self.line())
+        line = self.line()
+        said = (line.done, line.total, sum(line.errors.values()))
+        now = time.monotonic()
+        if not self.tty and said == self._last_said and now - self._said_at < SAME_LINE_SECONDS:
+            return  # a log gets a line when something moved (or a heartbeat)
+        self._last_said, self._said_at = said, now
+        text = str(line)
         if self.tty:
             self.stream.write("\r" + text + "\x1b[K")
         else:
