@@ -42,11 +42,21 @@ def test_batches_are_cut_to_longest_caption(tmp_path):
 
 
 def test_shuffle_is_deterministic_per_seed(tmp_path):
+    """One seed, one order; another seed, another order of the same pairs."""
     vocab = write_features_dir(str(tmp_path), {"train": 12})
     info = split_info(str(tmp_path), check_data_dir(str(tmp_path))[0], "train")
-    a = [t.numpy().tolist() for _, t in caption_pairs(info.files, vocab, 4, seed=3)]
-    b = [t.numpy().tolist() for _, t in caption_pairs(info.files, vocab, 4, seed=3)]
+
+    def pairs(**kwargs) -> list[tuple[float, tuple[int, ...]]]:
+        out = []
+        for f, t in caption_pairs(info.files, vocab, 4, **kwargs):
+            sums = f.numpy().astype(np.float64).sum(axis=(1, 2))  # one per image
+            rows = [tuple(x for x in row if x) for row in t.numpy().tolist()]  # no padding
+            out += [(round(s, 2), row) for s, row in zip(sums, rows, strict=True)]
+        return out
+
+    a, b, other = pairs(seed=3), pairs(seed=3), pairs(seed=4)
     assert a == b
+    assert other != a and sorted(other) == sorted(a) == sorted(pairs(shuffle=False))
 
 
 def test_bad_data_dir_fails_with_one_line(tmp_path):

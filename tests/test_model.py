@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -21,11 +24,27 @@ def test_extractor_outputs_64_locations_of_2048():
     assert out.shape == (2, 64, 2048) and out.dtype == tf.float32
 
 
-def test_extractor_random_init_is_reproducible():
+def test_extractor_random_init_is_reproducible_across_processes(tmp_path):
+    """`--weights none` features are computed by stage 1's workers and again by
+    caption_images and model.caption in other processes: the seeded initialisation must
+    give the same network everywhere, not only twice in one process."""
+    import subprocess
+    import sys
+
     x = RNG.randint(0, 256, (1, 299, 299, 3)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
     a = build_feature_extractor("none")(x).numpy()
     b = build_feature_extractor("none")(x).numpy()
     np.testing.assert_array_equal(a, b)
+    code = (
+        "import numpy as np; from model.images.extractor import build_feature_extractor; "
+        f"x = np.load({str(tmp_path / 'x.npy')!r}); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, build_feature_extractor('none')(x).numpy())"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=300)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), a)
 
 
 def test_missing_weights_file_fails_with_one_line(tmp_path):

@@ -155,13 +155,22 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
 
-def test_model_caption_beam_search(served):
-    *_, bulk, images, export = served
+def test_model_caption_beam_search_equals_the_bulk_jobs(served, tmp_path):
+    """Beam search through model.caption gives caption_images' beam-search captions."""
+    *_, images, export = served
     from model.caption import run
 
-    beam = run(["--model", export, str(images / "rgb.jpg"), "--beam_size", "3"])[0]
-    # Here (no length penalty) beam search finds a caption at least as probable as greedy's.
-    assert bulk["rgb.jpg"]["log_prob"] - 1e-4 <= beam["log_prob"] <= 0
+    names = ["rgb.jpg", "gray.png", "photo_640.jpg"]
+    caption_run(
+        ["--model", export, "--input", str(images), "--output_dir", str(tmp_path / "beam")]
+        + ["--beam_size", "3", "--runner", "FnApiRunner", "--progress_seconds", "0"]
+    )
+    rows, _ = caption_rows(tmp_path / "beam")
+    bulk = {r["uri"].rsplit("/", 1)[-1]: r for r in rows}
+    got = run(["--model", export, *(str(images / n) for n in names), "--beam_size", "3"])
+    for name, row in zip(names, got, strict=True):
+        assert row["caption"] == bulk[name]["caption"], name
+        assert row["log_prob"] == pytest.approx(bulk[name]["log_prob"], abs=1e-4), name
 
 
 def test_the_graph_decodes_every_format_as_pil_does_within_one_level():
