@@ -33,6 +33,9 @@ def coco(tmp_path_factory):
         expected_errors[name] = kind
     data["images"].append({"id": 600, "file_name": "missing.jpg"})
     expected_errors["missing.jpg"] = "missing_file"
+    (root / "train" / "adir.jpg").mkdir()  # a folder where an image is listed
+    data["images"].append({"id": 601, "file_name": "adir.jpg"})
+    expected_errors["adir.jpg"] = "not_a_file"
     data["annotations"].append({"id": 9999, "image_id": 424242, "caption": "orphan caption"})
     for k, wordless in enumerate(["", " ... !", None, "\u00a0\u3000"]):  # dropped, counted
         data["annotations"].append({"id": 8000 + k, "image_id": 1, "caption": wordless})
