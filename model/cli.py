@@ -123,19 +123,20 @@ def empty_captions_warning(empty: int, total: int) -> str | None:
 
 def check_writable(flag: str, path: str | None) -> None:
     """A local output folder that cannot be written (a read-only disk or mount, no
-    permission, a file in its place) fails at once in one line, before any work is done:
-    the folder is made if missing and a probe file written and removed. Object stores
-    are checked by their first write."""
+    permission, a file in its place) fails at once in one line, before any work is done.
+    Nothing is written to find out: the folder, or the nearest folder above it that
+    exists, is asked. Object stores are checked by their first write."""
     if path is None or is_remote(path):
         return
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+    here = os.path.abspath(path)
+    while not os.path.exists(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise UsageError(f"{flag} {path} cannot be written: {here} is a file")
+    if os.statvfs(here).f_flag & os.ST_RDONLY:
+        raise UsageError(f"{flag} {path} cannot be written: Read-only file system")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: Permission denied ({here})")
 
 
 def _number(text: str, kind: type, minimum: float, what: str) -> int | float:
