@@ -20,6 +20,7 @@ from typing import Any
 from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     add_decoding_flags,
+    add_runtime_flag,
     check_exists,
     check_writable,
     command_parser,
@@ -29,6 +30,7 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import CHECKPOINT_SECONDS, COMPACT_ABOVE, PRECISIONS
+from model.images.runtimes import check_runtime
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -58,6 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument(
         "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
     )
+    add_runtime_flag(p, "the one the model's features were extracted with")
     p.add_argument(
         "--num_shards",
         type=non_negative_int,
@@ -91,6 +94,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for spec in args.input:
         check_exists("--input", spec)
     check_writable("--output_dir", args.output_dir)
+    if args.runtime:
+        check_runtime(args.runtime)
     check_writable("--attention_dir", args.attention_dir)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from model.quiet import import_tensorflow

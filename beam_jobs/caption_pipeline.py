@@ -25,6 +25,7 @@ from beam_jobs.caption_run import (
     check_export,
     commit_run,
     disk_full_message,
+    extractor_settings,
     is_disk_full,
     plan_run,
     row_settings,
@@ -230,13 +231,15 @@ def build_pipeline(
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn.from_flags(NAMESPACE, args, progress_dir)
     ).with_outputs(ERRORS_TAG, main="pixels")
+    precision, runtime = extractor_settings(args, manifest)
     handler = CaptionerHandler(
         args.model,
-        settings["precision"],
+        precision,
         args.batch_size,
         args.model_copies,
         args.large_model,
         decoding_settings(args),
+        runtime,
     )
     captioned, failures = (
         decoded.pixels

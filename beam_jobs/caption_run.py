@@ -53,12 +53,23 @@ def check_export(export_dir: str) -> dict[str, Any]:
     return manifest
 
 
+def extractor_settings(args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[str, str]:
+    """(precision, runtime) of the extractor: the flags', else those of the features the
+    model was trained on."""
+    features = manifest["features"]
+    precision = args.precision or features.get("precision", "float32")
+    return precision, args.runtime or features.get("runtime", "tensorflow")
+
+
 def row_settings(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The settings columns every row of this run carries (`formats.CAPTION_SETTINGS_COLUMNS`)."""
+    """The settings columns every row of this run carries (`formats.CAPTION_SETTINGS_COLUMNS`).
+    `precision` names the runtime too when it is not TensorFlow (`openvino/float32`)."""
+    from model.images.runtimes import identity_precision
+
     decoding = decoding_settings(args)
     return {
         "model_id": manifest["model_id"],
-        "precision": args.precision or manifest["features"].get("precision", "float32"),
+        "precision": identity_precision(*extractor_settings(args, manifest)),
         "beam_size": decoding["beam_size"],
         "length_penalty": float(decoding["length_penalty"]),
         "block_repeats": decoding["block_repeats"],

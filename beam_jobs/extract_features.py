@@ -22,6 +22,7 @@ from typing import Any
 from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     UsageError,
+    add_runtime_flag,
     check_exists,
     check_writable,
     command_parser,
@@ -31,6 +32,7 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import IMAGES_PER_SHARD, NAMED_WEIGHTS, PRECISIONS, named_weights_path
+from model.images.runtimes import check_runtime
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -52,6 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         choices=PRECISIONS,
         help="extractor compute (default: FEATURES_DIR's, when it has a manifest; else float32)",
     )
+    add_runtime_flag(p, "FEATURES_DIR's, when it has a manifest; else tensorflow")
     p.add_argument(
         "--vocab_size", type=int_at_least(5), default=5000, help="tokens incl. 4 reserved"
     )
@@ -82,6 +85,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for flag in ("--captions_json", "--karpathy_json", "--images_dir", "--vocab"):
         check_exists(flag, getattr(args, flag[2:]))
     check_writable("--output_dir", args.output_dir)
+    if args.runtime:
+        check_runtime(args.runtime)
     if args.weights is None:
         pass  # FEATURES_DIR's own, or imagenet: decided once its manifest is read
     elif args.weights in NAMED_WEIGHTS:

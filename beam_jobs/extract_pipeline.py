@@ -156,6 +156,7 @@ def embed_images(
         NAMESPACE,
         large_model=args.large_model,
         variant=weights_variant(args.weights),
+        runtime=args.runtime,
     )
     examples = (
         decoded.pixels
@@ -273,14 +274,15 @@ def build_pipeline(
 
 
 def take_existing_settings(args: argparse.Namespace) -> None:
-    """--weights and --precision left out: FEATURES_DIR's own when it has a manifest (a
-    split added to it must match them), else imagenet and float32."""
-    if args.weights is not None and args.precision is not None:
+    """--weights, --precision and --runtime left out: FEATURES_DIR's own when it has a
+    manifest (a split added to it must match them), else imagenet, float32, tensorflow."""
+    if None not in (args.weights, args.precision, args.runtime):
         return
     path = formats.features_manifest_path(args.output_dir)
     existing = formats.read_manifest(path, formats.KIND_FEATURES) if path_exists(path) else None
     taken = []
-    for flag, default in (("weights", "imagenet"), ("precision", "float32")):
+    defaults = (("weights", "imagenet"), ("precision", "float32"), ("runtime", "tensorflow"))
+    for flag, default in defaults:
         if getattr(args, flag) is None:
             value = existing.get(flag) if existing else None
             setattr(args, flag, value or default)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from model.images.preprocess import IMAGE_SIZE
 from model.inference.end_to_end import (  # noqa: F401 - CaptionResult is re-exported
     CaptionResult,
     LoadedCaptioner,
@@ -44,7 +43,7 @@ class LoadedExtractor:
         self._embed = embed
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        return self._embed(pixels).numpy()
+        return np.asarray(self._embed(pixels))
 
 
 class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtractor]):
@@ -59,6 +58,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         namespace: str = "extract_features",
         large_model: bool = False,
         variant: str | None = None,
+        runtime: str = "tensorflow",
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
@@ -66,6 +66,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         self.weights = weights
         self.variant = variant  # of the backbone (model.images.extractor); None: the weights' own
         self.precision = precision
+        self.runtime = runtime  # model.images.runtimes
         self.namespace = namespace
 
     def load_model(self) -> LoadedExtractor:
@@ -73,17 +74,11 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
 
         # Take GPU memory as needed: several SDK processes may share one GPU.
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-        tf = import_tensorflow()  # on a worker process, as quiet as the launcher
+        import_tensorflow()  # on a worker process, as quiet as the launcher
+        from model.images.runtimes import build_encoder
 
-        from model.images.extractor import build_feature_extractor
-
-        extractor = build_feature_extractor(self.weights, self.precision, self.variant)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
-        def embed(pixels: tf.Tensor) -> tf.Tensor:
-            return tf.cast(extractor(pixels, training=False), tf.float16)
-
-        return LoadedExtractor(embed)
+        encode = build_encoder(self.weights, self.precision, self.variant, self.runtime)
+        return LoadedExtractor(lambda pixels: encode(pixels).astype(np.float16))
 
     def run_inference(
         self,
@@ -111,6 +106,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         model_copies: int | None = None,
         large_model: bool = False,
         decoding: dict[str, Any] | None = None,
+        runtime: str = "tensorflow",
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
@@ -118,6 +114,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         self.export_dir = export_dir
         self.precision = precision
         self.decoding = decoding or {}
+        self.runtime = runtime
 
     def load_model(self) -> LoadedCaptioner:
         from model.quiet import import_tensorflow
@@ -128,7 +125,8 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         from model.network.export import load_export
 
         export = load_export(self.export_dir)
-        return LoadedCaptioner(build_caption_fn(export, self.precision, self.decoding), export)
+        caption_fn = build_caption_fn(export, self.precision, self.decoding, self.runtime)
+        return LoadedCaptioner(caption_fn, export)
 
     def run_inference(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 
 from model.cli import (
     add_decoding_flags,
+    add_runtime_flag,
     check_exists,
     command_parser,
     decoding_settings,
@@ -29,6 +30,7 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import MAX_BYTES, PRECISIONS
+from model.images.runtimes import check_runtime
 from model.io import storage
 
 
@@ -40,6 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--precision", choices=PRECISIONS, help="extractor compute (default: as trained)"
     )
+    add_runtime_flag(p, "the one the model's features were extracted with")
     p.add_argument("--batch_size", type=positive_int, default=16, help="images per model call")
     p.add_argument("--log_prob", action="store_true", help="also print each caption's log-prob")
     add_decoding_flags(p)
@@ -58,7 +61,8 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
     export = load_export(args.model)
     precision = args.precision or export.features.get("precision", "float32")
-    caption_batch = build_caption_fn(export, precision, decoding_settings(args))
+    runtime = args.runtime or export.features.get("runtime", "tensorflow")
+    caption_batch = build_caption_fn(export, precision, decoding_settings(args), runtime)
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, Any]] = []  # (row index, pixels)
     shown = 0  # rows handed out so far
@@ -120,6 +124,8 @@ def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     check_exists("--model", args.model)
+    if args.runtime:
+        check_runtime(args.runtime)
     from model.quiet import import_tensorflow
 
     import_tensorflow(args.verbose)

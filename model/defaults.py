@@ -24,6 +24,8 @@ DEFAULT_MAX_LENGTH = 20
 DEFAULT_BLOCK_REPEATS = 3
 # How InceptionV3 may compute the features (stored as float16 either way).
 PRECISIONS = ("float32", "bfloat16", "float16")
+# Where InceptionV3 runs (model.images.runtimes): TensorFlow, or OpenVINO on CPUs.
+RUNTIMES = ("tensorflow", "openvino")
 # Images with more pixels are refused as decompression bombs (PIL's own limit).
 MAX_PIXELS = 89_478_485
 # Feature shards of at most this many images when `--num_shards` is 0 (1000 images:

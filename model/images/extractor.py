@@ -77,7 +77,10 @@ def weights_hash(weights: str) -> str | None:
 
 
 def features_identity(
-    weights: str, precision: str = "float32", variant: str | None = None
+    weights: str,
+    precision: str = "float32",
+    variant: str | None = None,
+    runtime: str = "tensorflow",
 ) -> dict[str, Any]:
     """The features manifest fields that describe how features are computed."""
     return {
@@ -90,6 +93,7 @@ def features_identity(
         "image_size": IMAGE_SIZE,
         "preprocessing": PREPROCESSING,
         "precision": precision,
+        "runtime": runtime,
         "feature_shape": list(FEATURE_SHAPE),
         "feature_dtype": FEATURE_DTYPE,
     }

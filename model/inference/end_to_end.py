@@ -44,10 +44,14 @@ class LoadedCaptioner:
 
 
 def build_caption_fn(
-    export: Any, precision: str = "float32", decoding: dict[str, Any] | None = None
+    export: Any,
+    precision: str = "float32",
+    decoding: dict[str, Any] | None = None,
+    runtime: str = "tensorflow",
 ) -> Callable:
     """One compiled graph per batch: InceptionV3 -> float16 round trip -> decoding
-    (greedy, or beam search with `decoding` = `model.cli.decoding_settings`).
+    (greedy, or beam search with `decoding` = `model.cli.decoding_settings`); with
+    `runtime` openvino, InceptionV3 runs there and the rest is one graph.
 
     The float16 round trip reproduces the features exactly as stage 1 stored them,
     so bulk captions equal what evaluation decodes from the shards.
@@ -57,10 +61,25 @@ def build_caption_fn(
     from model.decoding.decoders import decode_graph
     from model.images.extractor import build_feature_extractor
 
+    model, max_length = export.model, export.max_length
+    if runtime != "tensorflow":
+        from model.images.runtimes import build_encoder
+
+        encode = build_encoder(
+            export.extractor_weights(), precision, export.extractor_variant, runtime
+        )
+        spec = tf.TensorSpec([None, *model.config.feature_shape], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:
+            features = tf.cast(tf.cast(features, tf.float16), tf.float32)
+            return decode_graph(model, features, max_length, **(decoding or {}))
+
+        return lambda pixels: decode(encode(pixels))
+
     extractor = build_feature_extractor(
         export.extractor_weights(), precision, export.extractor_variant
     )
-    model, max_length = export.model, export.max_length
 
     @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)])
     def caption_batch(pixels: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -183,13 +183,16 @@ FEATURE_IDENTITY_KEYS = (
     "image_size",
     "preprocessing",
     "precision",
+    "runtime",  # "tensorflow" or "openvino" (model.images.runtimes); older manifests: none
     "feature_shape",
 )
+# What an identity field missing from an older manifest means.
+IDENTITY_DEFAULTS = {"runtime": "tensorflow"}
 
 
 def features_identity_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The identity fields of a features manifest (or of an export's `features`)."""
-    return {key: manifest.get(key) for key in FEATURE_IDENTITY_KEYS}
+    return {key: manifest.get(key, IDENTITY_DEFAULTS.get(key)) for key in FEATURE_IDENTITY_KEYS}
 
 
 def features_mismatch(
@@ -198,9 +201,10 @@ def features_mismatch(
     """(key, expected value, actual value) of the first identity field on which two
     features manifests differ, None when they describe the same features: the one check
     behind every reader's refusal (evaluate, extract into an existing dir, train resume)."""
+    expected, actual = features_identity_of(expected), features_identity_of(actual)
     for key in FEATURE_IDENTITY_KEYS:
-        if expected.get(key) != actual.get(key):
-            return key, expected.get(key), actual.get(key)
+        if expected[key] != actual[key]:
+            return key, expected[key], actual[key]
     return None
 
 
