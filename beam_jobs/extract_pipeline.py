@@ -288,7 +288,8 @@ def take_existing_settings(args: argparse.Namespace) -> None:
             setattr(args, flag, value or default)
             taken += [f"--{flag} {getattr(args, flag)}"] if value else []
     if taken:
-        print(f"extract_features: {' and '.join(taken)} from {path}", flush=True)
+        said = ", ".join(taken[:-1]) + (" and " if len(taken) > 1 else "") + taken[-1]
+        print(f"extract_features: {said} from {path}", flush=True)
 
 
 def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:

@@ -154,7 +154,8 @@ def test_val_run_reuses_vocab_and_merges_manifest(extracted, coco, capsys):
     root, _ = coco
     before = open(vocab_path(out)).read()
     extract(root, out, "val", weights=None)
-    assert "--weights none and --precision float32 from" in capsys.readouterr().out
+    said = "--weights none, --precision float32 and --runtime tensorflow from"
+    assert said in capsys.readouterr().out
     m = json.load(open(out / "manifest.json"))
     assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["images"] == 3
     assert open(vocab_path(out)).read() == before
