@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import subprocess
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -76,3 +81,19 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
         "corrupt.png": (bytes(corrupt), "corrupt"),
         "bomb.png": (png_bomb(), "decompression_bomb"),
     }
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `mount` with `options` (root only: the test is skipped
+    elsewhere), unmounted afterwards."""
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

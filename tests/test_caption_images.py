@@ -516,17 +516,10 @@ def test_a_model_that_says_nothing_is_told_not_silently_tabled(tmp_path, capsys)
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
-    import subprocess
+    from tests.helpers import tmpfs
 
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "size=4m") as mount:
+        yield mount
 
 
 def test_a_full_disk_is_one_line_that_says_how_to_resume(inputs, tmp_path, small_disk):

@@ -188,15 +188,10 @@ def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path, content):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only tmpfs (root only; skipped elsewhere): even root cannot write to it."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    from tests.helpers import tmpfs
+
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
+        yield mount
 
 
 @pytest.mark.parametrize(
