@@ -57,8 +57,9 @@ def task_id(strategy: tf.distribute.Strategy) -> int:
 
 
 def splits_files(policy: str, files: int, workers: int) -> bool:
-    """Whether workers read whole shard files (FILE) rather than slices of every batch."""
-    if workers == 1:
+    """Whether workers read whole shard files (FILE) rather than slices of every batch;
+    never when some worker would get no file."""
+    if workers == 1 or files < workers:
         return False
     return policy == "file" or (policy == "auto" and files >= SHARDS_PER_WORKER_FOR_FILE * workers)
 
