@@ -1,13 +1,16 @@
-"""Stage 3: bulk-captions image folders, globs and archives into Parquet tables.
+"""Stage 3: bulk-captions image folders, globs, archives and tables of URLs into a
+caption table (Delta Lake).
 
     python -m beam_jobs.caption_images --model MODEL_DIR/export \
-        --input PATH_OR_GLOB_OR_ARCHIVE [--input ...] --output_dir CAPTIONS_DIR [Beam flags]
+        --input PATH_OR_GLOB_OR_ARCHIVE [--input ...] \
+        [--input_table T.parquet|T.csv|T.jsonl --key_column id --keep_columns a,b] \
+        --output_dir CAPTIONS_DIR [Beam flags]
 
-Writes CAPTIONS_DIR/captions-*.parquet (one row per captioned image),
-errors-*.parquet (one row per input that could not be captioned) and
-manifest.json. Every matched input appears exactly once across the two tables.
-The tables change only when a run completes; a killed run is resumed by the same
-command with --skip_existing (see beam_jobs.commit).
+CAPTIONS_DIR is a Delta table with one row per input, captioned or failed (`error_type`
+and `message` say why); a table row's `key` and kept columns come with it, so captions
+join back to the input table. The table changes only when a run completes, in one commit
+(`beam_jobs.caption_table`); a killed run is resumed by the same command with
+--skip_existing (`beam_jobs.caption_run`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
+    UsageError,
     add_decoding_flags,
     add_runtime_flag,
     check_exists,
@@ -26,10 +30,19 @@ from model.cli import (
     command_parser,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     run_cli,
 )
-from model.defaults import CHECKPOINT_SECONDS, COMPACT_ABOVE, PRECISIONS
+from model.defaults import (
+    CHECKPOINT_SECONDS,
+    COMPACT_ABOVE,
+    FETCH_RETRIES,
+    FETCH_TIMEOUT,
+    MAX_REDIRECTS,
+    PER_HOST,
+    PRECISIONS,
+)
 from model.images.runtimes import check_runtime
 
 
@@ -37,7 +50,23 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p = command_parser(__doc__)
     p.add_argument("--model", required=True, help="MODEL_DIR/export written by model.train")
     p.add_argument(
-        "--input", action="append", required=True, help="folder, glob or .tar/.tar.gz/.zip (repeat)"
+        "--input", action="append", default=[], help="folder, glob or .tar/.tar.gz/.zip (repeat)"
+    )
+    p.add_argument(
+        "--input_table",
+        action="append",
+        default=[],
+        help="Parquet, CSV or JSON Lines file (or glob) of image uris: paths, gs://, "
+        "ARCHIVE!/member, http(s):// (repeat)",
+    )
+    p.add_argument(
+        "--uri_column", help="--input_table's column of uris (default: url, else uri, else path)"
+    )
+    p.add_argument(
+        "--key_column", help="--input_table's column that identifies a row (default: the uri)"
+    )
+    p.add_argument(
+        "--keep_columns", help="--input_table columns copied into the caption table: a,b,c"
     )
     p.add_argument("--output_dir", required=True, help="CAPTIONS_DIR, local or gs://")
     p.add_argument(
@@ -83,9 +112,40 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument(
         "--attention_plots", type=non_negative_int, default=8, help="how many (smallest uris)"
     )
+    add_fetch_flags(p)
     add_decoding_flags(p)
     add_common_flags(p)
-    return parse_job_flags(p, argv)
+    args, beam_args = parse_job_flags(p, argv)
+    if not args.input and not args.input_table:
+        raise UsageError("give the images as --input PATH and/or --input_table TABLE")
+    return args, beam_args
+
+
+def add_fetch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fetch_timeout",
+        type=positive_float,
+        default=FETCH_TIMEOUT,
+        help="seconds one attempt at an http(s) input may take, connect to last byte",
+    )
+    p.add_argument(
+        "--fetch_retries",
+        type=non_negative_int,
+        default=FETCH_RETRIES,
+        help="attempts after the first on 429, 5xx, timeouts and broken connections",
+    )
+    p.add_argument(
+        "--max_redirects",
+        type=non_negative_int,
+        default=MAX_REDIRECTS,
+        help="redirects an http(s) input may take",
+    )
+    p.add_argument(
+        "--per_host",
+        type=positive_int,
+        default=PER_HOST,
+        help="http(s) requests in flight to one host, per worker process",
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -93,6 +153,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_exists("--model", args.model)
     for spec in args.input:
         check_exists("--input", spec)
+    for table in args.input_table:
+        check_exists("--input_table", table)
     check_writable("--output_dir", args.output_dir)
     if args.runtime:
         check_runtime(args.runtime)

@@ -32,11 +32,13 @@ from beam_jobs.caption_run import (
     write_run_record,
 )
 from beam_jobs.caption_steps import (
+    DUPLICATE_KEY,
     NAMESPACE,
     SUPERSEDED_TAG,
     CountErrorsFn,
     KeyInputsFn,
     NewInputsFn,
+    Origin,
     ToRowFn,
     batch_errors,
     done_key,
@@ -46,8 +48,17 @@ from beam_jobs.caption_steps import (
     plot_one,
     to_loaded,
 )
+from beam_jobs.fetch import FetchSettings
 from beam_jobs.inference import CaptionerHandler
-from beam_jobs.parts import WritePartsFn, part_name, part_record, read_parquet, write_part
+from beam_jobs.parts import (
+    IDENTITY_COLUMNS,
+    WritePartsFn,
+    part_name,
+    part_record,
+    read_parquet,
+    row_identity,
+    write_part,
+)
 from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, PreprocessFn
 from beam_jobs.progress import (
@@ -62,18 +73,24 @@ from beam_jobs.runner import (
     run_pipeline,
     runs_remotely,
 )
-from beam_jobs.sources import (
-    match_input,
+from beam_jobs.sources import match_input
+from beam_jobs.tables import (
+    TableSpec,
+    describe_tables,
+    read_text_table,
+    row_item,
+    table_files,
 )
 from model.cli import UsageError, decoding_settings, empty_captions_warning
 from model.io import formats
 
 
 def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[str, Any]:
-    """CoGroupByKey groups, keyed like the inputs (`done_key`): "done", the (member or None)
-    of every row the run must not make again (the table's when it appends, but not its
-    transient failures; every row of the files it adopted), and "retried", the (file, uri)
-    of the table's transient failures, which are tried again."""
+    """CoGroupByKey groups, keyed like the inputs (`done_key` of the row's key): "done",
+    (member or None, whether a duplicate_key row) of every row the run must not make again
+    (the table's when it appends, but not its transient failures; every row of the files
+    it adopted), and "retried", the (file, key) of the table's transient failures, which
+    are tried again."""
     groups: dict[str, Any] = {}
     sources = []
     if plan.table_files:
@@ -81,31 +98,76 @@ def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[s
             p
             | "TableFiles" >> beam.Create(sorted(plan.table_files))
             | "TableRows"
-            >> beam.io.ReadAllFromParquet(columns=["uri", "error_type"], with_filename=True)
+            >> beam.io.ReadAllFromParquet(columns=["key", "error_type"], with_filename=True)
         )
         sources.append(
             rows
             | "Final" >> beam.Filter(lambda fr: fr[1]["error_type"] not in formats.TRANSIENT_ERRORS)
-            | "FinalUris" >> beam.Map(lambda fr: fr[1]["uri"])
+            | "FinalRows" >> beam.Map(lambda fr: fr[1])
         )
         groups["retried"] = (
             rows
             | "Transient" >> beam.Filter(lambda fr: fr[1]["error_type"] in formats.TRANSIENT_ERRORS)
             | "KeyTransient"
-            >> beam.Map(lambda fr: (done_key(fr[1]["uri"])[0], (fr[0], fr[1]["uri"])))
+            >> beam.Map(lambda fr: (done_key(fr[1]["key"])[0], (fr[0], fr[1]["key"])))
         )
     if plan.adopted:
         sources.append(
             p
             | "AdoptedFiles" >> beam.Create([f"{output_dir.rstrip('/')}/{n}" for n in plan.adopted])
-            | "AdoptedRows" >> beam.io.ReadAllFromParquet(columns=["uri"])
-            | "AdoptedUris" >> beam.Map(lambda r: r["uri"])
+            | "AdoptedRows" >> beam.io.ReadAllFromParquet(columns=["key", "error_type"])
         )
     if sources:
         groups["done"] = (
-            tuple(sources) | "DoneUris" >> beam.Flatten() | "KeyDone" >> beam.Map(done_key)
+            tuple(sources) | "DoneRows" >> beam.Flatten() | "KeyDone" >> beam.Map(done_entry)
         )
     return groups
+
+
+def done_entry(row: dict[str, Any]) -> tuple[str, tuple[str | None, bool]]:
+    group, member = done_key(row["key"])
+    return group, (member, row["error_type"] == DUPLICATE_KEY)
+
+
+def input_items(p: beam.Pipeline, args: argparse.Namespace, specs: list[TableSpec]) -> Any:
+    """Every input of the run as it is keyed for grouping: the paths each --input matches,
+    and the rows of each --input_table (read on the workers)."""
+    sources = []
+    if args.input:
+        sources.append(
+            p
+            | "Inputs" >> beam.Create(args.input)
+            | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
+        )
+    for i, spec in enumerate(specs):
+        label = f"Table{i + 1}"
+        files = p | f"{label}Pattern" >> beam.Create([spec.pattern])
+        if spec.kind == "parquet":
+            read = beam.io.ReadAllFromParquet(columns=spec.columns, with_filename=True)
+            rows = (
+                files
+                | f"{label}Read" >> read
+                | f"{label}Rows" >> beam.MapTuple(lambda path, r, s=spec: row_item(r, s, path))
+            )
+        else:
+            rows = (
+                files
+                | f"{label}Files" >> beam.FlatMap(table_files)
+                | f"{label}Spread" >> beam.Reshuffle()
+                | f"{label}Rows" >> beam.FlatMap(read_text_table, spec)
+            )
+        sources.append(rows)
+    return tuple(sources) | "AllInputs" >> beam.Flatten()
+
+
+def fetch_settings(args: argparse.Namespace) -> FetchSettings:
+    return FetchSettings(
+        timeout=args.fetch_timeout,
+        retries=args.fetch_retries,
+        max_redirects=args.max_redirects,
+        per_host=args.per_host,
+        max_bytes=args.max_bytes,
+    )
 
 
 def write_rows(
@@ -115,50 +177,54 @@ def write_rows(
     are written as rows are finished (`beam_jobs.parts`); with --num_shards, the captions
     are written as exactly that many files at the end instead."""
     prefix = f"{PART_PREFIX}{plan.attempt}"
+    schema = plan.schema
     if label == "Captions" and args.num_shards:
         shards = args.num_shards
         return (
             rows
-            | "ShardCaptions" >> beam.Map(lambda r: (_shard_of(r["uri"], shards), r))
+            | "ShardCaptions" >> beam.Map(lambda r: (_shard_of(row_identity(r), shards), r))
             | "GroupShards" >> beam.GroupByKey()
             | "WriteCaptions"
-            >> beam.MapTuple(lambda _, rs: _write_rows(args.output_dir, prefix, list(rs)))
+            >> beam.MapTuple(lambda _, rs: _write_rows(args.output_dir, prefix, list(rs), schema))
         )
     return rows | f"Write{label}" >> beam.ParDo(
         WritePartsFn(
             args.output_dir,
             prefix,
-            formats.CAPTION_TABLE_SCHEMA,
+            schema,
             formats.PARQUET_CODEC,
             args.checkpoint_seconds,
         )
     )
 
 
-def _shard_of(uri: str, shards: int) -> int:
-    return int(hashlib.sha1(uri.encode()).hexdigest()[:8], 16) % shards
+def _shard_of(identity: str, shards: int) -> int:
+    return int(hashlib.sha1(identity.encode()).hexdigest()[:8], 16) % shards
 
 
-def _write_rows(folder: str, prefix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _write_rows(folder: str, prefix: str, rows: list[Any], schema: Any) -> dict[str, Any]:
     name = part_name(prefix, rows)
-    return write_part(folder, name, rows, formats.CAPTION_TABLE_SCHEMA, formats.PARQUET_CODEC)
+    return write_part(folder, name, rows, schema, formats.PARQUET_CODEC)
 
 
 def rewrite_without(
     element: tuple[str, Any], output_dir: str, prefix: str, sizes: dict[str, int]
 ) -> dict[str, Any]:
-    """A table file some of whose (transient error) rows this run supersedes -> the file to
-    remove, and its other rows as a new part of this run (None if it keeps none)."""
+    """A table file some of whose transient error rows this run supersedes (by key) -> the
+    file to remove, and its other rows as a new part of this run (None if it keeps none)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    path, uris = element
+    path, keys = element
     table = read_parquet(path)
-    drop = pa.array(sorted(set(uris)), pa.string())
-    kept = table.filter(pc.invert(pc.is_in(table["uri"], drop)))
+    superseded = pc.and_(
+        pc.is_in(table["key"], pa.array(sorted(set(keys)), pa.string())),
+        pc.is_in(table["error_type"], pa.array(formats.TRANSIENT_ERRORS, pa.string())),
+    )
+    kept = table.filter(pc.invert(pc.fill_null(superseded, False)))
     add = None
     if kept.num_rows:
-        name = part_name(prefix, kept.select(["uri"]).to_pylist())
+        name = part_name(prefix, kept.select(IDENTITY_COLUMNS).to_pylist())
         add = write_part(output_dir, name, kept, None, formats.PARQUET_CODEC)
     return {
         "remove": path,
@@ -208,17 +274,15 @@ def build_pipeline(
     """The job: data files of the table, then the run record its commit reads."""
     settings = {**row_settings(args, manifest), "run_id": plan.run_id}
     groups: dict[str, Any] = {
-        "input": p
-        | "Inputs" >> beam.Create(args.input)
-        | "MatchInputs" >> beam.FlatMap(matched_inputs, own_outputs(args))
+        "input": input_items(p, args, plan.tables)
         | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir)),
         **done_and_retried(p, plan, args.output_dir),
     }
-    # Grouping by uri dedupes overlapping inputs and skips finished ones; files and
+    # Grouping by key dedupes overlapping inputs and skips finished ones; files and
     # archives are read after it, so their bytes stream rather than being grouped.
     grouped = (
         groups
-        | "GroupByUri" >> beam.CoGroupByKey()
+        | "GroupByKey" >> beam.CoGroupByKey()
         | "NewInputs"
         >> beam.ParDo(NewInputsFn(progress_dir, args.max_bytes)).with_outputs(
             SUPERSEDED_TAG, main="inputs"
@@ -229,7 +293,7 @@ def build_pipeline(
         new_inputs = new_inputs | "SpreadMembers" >> beam.Reshuffle()
     fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
-        PreprocessFn.from_flags(NAMESPACE, args, progress_dir)
+        PreprocessFn.from_flags(NAMESPACE, args, progress_dir, fetch_settings(args))
     ).with_outputs(ERRORS_TAG, main="pixels")
     precision, runtime = extractor_settings(args, manifest)
     handler = CaptionerHandler(
@@ -256,9 +320,9 @@ def build_pipeline(
     )  # PreprocessFn counts its own
     failed = Metrics.counter(NAMESPACE, "errors_written")
 
-    def error_row(element: tuple[str, dict[str, str]]) -> dict[str, Any]:
+    def error_row(element: tuple[Origin, dict[str, str]]) -> dict[str, Any]:
         failed.inc()
-        return error_table_row(element[1], settings)
+        return error_table_row(*element, settings)
 
     errors = (
         (input_errors, decoded[ERRORS_TAG])
@@ -286,7 +350,7 @@ def build_pipeline(
         _ = (
             captioned
             | "FirstForPlots"
-            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key, reverse=True)
+            >> beam.combiners.Top.Of(args.attention_plots, key=lambda e: e[0].key.key, reverse=True)
             | "EachPlot" >> beam.FlatMap(lambda xs: xs)
             | "PlotAttention" >> beam.Map(plot_one, args.attention_dir)
         )
@@ -352,12 +416,19 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
                 )
         if not match_input(spec):
             raise UsageError(f"--input matches nothing: {spec}")
+    specs = describe_tables(
+        args.input_table,
+        args.uri_column,
+        args.key_column,
+        args.keep_columns,
+        formats.CAPTION_TABLE_SCHEMA.names,
+    )
     if args.attention_dir and not FileSystems.exists(args.attention_dir):
         FileSystems.mkdirs(args.attention_dir)  # a no-op on object stores
     options = pipeline_options(beam_args)
-    plan = plan_run(args, manifest)
+    plan = plan_run(args, manifest, specs)
     print(
-        f"caption_images: {len(args.input)} input(s) -> {args.output_dir} "
+        f"caption_images: {len(args.input) + len(specs)} input(s) -> {args.output_dir} "
         f"(model {manifest['model_id']}, batch {args.batch_size}, "
         f"{'replacing the table' if plan.replace else 'adding to the table'})",
         flush=True,
@@ -380,6 +451,7 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
     body = {
         "model": args.model,
         "inputs": list(args.input),
+        "input_tables": [t.pattern for t in specs],
         "decoding": {"max_length": manifest["decoding"]["max_length"], **decoding_settings(args)},
         **row_settings(args, manifest),
         "run_id": plan.run_id,

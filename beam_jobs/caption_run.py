@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs import caption_table
 from beam_jobs.parts import read_parquet, without_overlaps
 from beam_jobs.paths import absolute, is_local
+from beam_jobs.tables import TableSpec, kept_fields
 from model.cli import UsageError, decoding_settings
 from model.io import formats
 
@@ -101,7 +103,9 @@ def _comparable(mine: Any, held: Any) -> Any:
     return round(float(mine), 5) if isinstance(held, float) else mine
 
 
-def identity_hash(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
+def identity_hash(
+    args: argparse.Namespace, manifest: dict[str, Any], tables: Sequence[TableSpec] = ()
+) -> str:
     """What makes two runs the same run: a killed one is resumed only by its own command."""
     identity = {
         **row_settings(args, manifest),
@@ -109,6 +113,10 @@ def identity_hash(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
         "max_bytes": args.max_bytes,
         "max_pixels": args.max_pixels,
     }
+    if tables:
+        identity["tables"] = sorted(
+            [t.pattern, t.uri_column, t.key_column, list(t.keep)] for t in tables
+        )
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -121,6 +129,8 @@ class RunPlan:
     replace: bool  # the run's rows become the whole table (else: appended to it)
     table_files: dict[str, int] = field(default_factory=dict)  # uri -> size, when appending
     adopted: list[str] = field(default_factory=list)  # a killed attempt's parts (names)
+    tables: tuple[TableSpec, ...] = ()  # the --input_table flags, as found at launch
+    schema: Any = formats.CAPTION_TABLE_SCHEMA  # of this run's data files (kept columns last)
 
     @property
     def run_id(self) -> str:
@@ -133,13 +143,13 @@ def attempt_family(identity: str, version: int | None) -> str:
 
 def adoptable_parts(output_dir: str, family: str) -> tuple[list[str], bool]:
     """Complete part files of killed attempts of this family (same command, same table
-    version), without any two holding one uri; and whether one of them was replacing."""
+    version), without any two holding one row; and whether one of them was replacing."""
     pattern = f"{output_dir.rstrip('/')}/{PART_PREFIX}{family}-*.parquet"
     paths = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
     readable = []
     for path in paths:
         try:
-            read_parquet(path, ["uri"])
+            read_parquet(path, ["key"])
         except Exception:  # noqa: BLE001 - cut short by a kill: not adopted
             continue
         readable.append(path)
@@ -148,23 +158,28 @@ def adoptable_parts(output_dir: str, family: str) -> tuple[list[str], bool]:
     return [posixpath.basename(p) for p in kept], "r" in modes
 
 
-def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
+def plan_run(
+    args: argparse.Namespace, manifest: dict[str, Any], tables: Sequence[TableSpec] = ()
+) -> RunPlan:
     """Reads the table (if any), checks that this run may add to it, and resumes the
     killed attempt of this very command when --skip_existing asks."""
     table = caption_table.open_table(args.output_dir)
     version = None if table is None else table.version()
+    schema = formats.caption_table_schema(kept_fields(tables))
+    if table is not None:
+        caption_table.check_columns(table, schema, args.output_dir)
     if table is not None and args.skip_existing and not args.allow_mixed_models:
         check_same_settings(
             caption_table.table_settings(table), row_settings(args, manifest), args.output_dir
         )
-    family = attempt_family(identity_hash(args, manifest), version)
+    family = attempt_family(identity_hash(args, manifest, tables), version)
     adopted, was_replacing = (
         adoptable_parts(args.output_dir, family) if args.skip_existing else ([], False)
     )
     replace = table is None or not args.skip_existing or was_replacing
     attempt = f"{family}-{'r' if replace else 'a'}{uuid.uuid4().hex[:6]}"
     if adopted:
-        rows = sum(read_parquet(_under(args.output_dir, n), ["uri"]).num_rows for n in adopted)
+        rows = sum(read_parquet(_under(args.output_dir, n), ["key"]).num_rows for n in adopted)
         print(
             f"caption_images: resuming a killed run of this command: {len(adopted)} finished "
             f"file(s), {rows} rows kept"
@@ -175,6 +190,8 @@ def plan_run(args: argparse.Namespace, manifest: dict[str, Any]) -> RunPlan:
         replace,
         {} if replace else caption_table.data_files(table),
         adopted,
+        tuple(tables),
+        schema,
     )
 
 
@@ -248,7 +265,7 @@ def commit_run(output_dir: str, plan: RunPlan, body: dict[str, Any]) -> dict[str
     }
     removes = [(_relative(output_dir, uri), size) for uri, size in record["removes"]]
     version = caption_table.commit(
-        output_dir, plan.base_version, record["parts"], removes, plan.replace, summary
+        output_dir, plan.base_version, record["parts"], removes, plan.replace, summary, plan.schema
     )
     FileSystems.delete([record_path(output_dir, plan.attempt)])
     runs = f"{output_dir.rstrip('/')}/{RUNS_DIR}"

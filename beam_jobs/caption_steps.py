@@ -6,14 +6,16 @@ plot attention. `beam_jobs.caption_pipeline` wires them together.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.fetch import Fetcher, FetchSettings, is_http
 from beam_jobs.inference import CaptionResult
 from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, Loaded, Meta, error_row
@@ -36,42 +38,64 @@ from model.defaults import MAX_BYTES
 NAMESPACE = "caption_images"
 
 
+class Origin(NamedTuple):
+    """Where a row comes from, carried beside the pixels to the table row: its uri, its
+    key (the uri, or a table's key column) and a table's kept values."""
+
+    uri: str
+    key: str
+    kept: tuple[tuple[str, Any], ...] = ()
+
+
+def origin(item: Item) -> Origin:
+    return Origin(item.uri, item.identity, item.kept)
+
+
 class KeyInputsFn(TallyFn):
-    """A matched path keyed for grouping: a plain file by its uri, an archive by its path.
-    An archive's members are read after the grouping, so their bytes never wait in a
-    shuffle (which local runners hold in memory). Plain files are counted as matched
-    here, before any is read, so progress lines show their total from the start; an
-    archive's members are counted as it is read."""
+    """An input keyed for grouping (`done_key` of its identity): a plain file by its uri,
+    an archive by its path, a table row by its key. An archive's members are read after
+    the grouping, so their bytes never wait in a shuffle (which local runners hold in
+    memory). Other inputs are counted as matched here, before any is read, so progress
+    lines show their total from the start; an archive's members are counted as it is
+    read."""
 
     def __init__(self, progress_dir: str | None = None):
         super().__init__(NAMESPACE, progress_dir)
 
     def process(self, path: str | Item) -> Iterator[tuple[str, Item]]:
         item = path if isinstance(path, Item) else Item(path)
-        if item.error_type is not None or not is_archive_name(item.uri):
+        if item.key is not None or item.error_type is not None or not is_archive_name(item.uri):
             self.tally.inc("inputs_matched")
-        yield item.uri, item
+        yield done_key(item.identity)[0], item
 
 
-def done_key(uri: str) -> tuple[str, str | None]:
-    """A uri already in the output, keyed like the input it came from: an archive member
+def done_key(identity: str) -> tuple[str, str | None]:
+    """A row's identity (its key), keyed like the input it came from: an archive member
     under its archive (with its member name), anything else under itself (with None)."""
-    if MEMBER_SEPARATOR in uri:
-        archive, member = uri.split(MEMBER_SEPARATOR, 1)
+    if MEMBER_SEPARATOR in identity:
+        archive, member = identity.split(MEMBER_SEPARATOR, 1)
         if is_archive_name(archive):  # else a path that holds "!/": its own error row
             return archive, member
-    return uri, None
+    return identity, None
 
 
 SUPERSEDED_TAG = "superseded"
+DUPLICATE_KEY = "duplicate_key"
 
 
 class NewInputsFn(TallyFn):
-    """After grouping by uri (archives by path): each input not already in the output,
-    once. A plain file comes out unread; an archive is read here, and each member not in
-    the output and not seen before in it comes out with its bytes, or as its error row.
+    """After grouping by key (archives by path): each input not already in the output,
+    once. A plain file or a table row comes out unread; an archive is read here, and each
+    member not in the output comes out with its bytes, or as its error row.
 
-    The "retried" group holds (table file, uri) of the input's transient error rows
+    Inputs that claim one key (a table's repeated key, a table row naming a file an
+    --input also matched) make one row: the first claim (a matched file, else the table
+    rows in a fixed order) is the input, the others `duplicate_key` error rows. "done"
+    holds (member or None, whether a duplicate_key row) of the rows the table already
+    has, so a rerun adds only what is missing: the input if it has no row, and as many
+    duplicate rows as the table lacks.
+
+    The "retried" group holds (table file, key) of the key's transient error rows
     (`formats.TRANSIENT_ERRORS`), which are not in "done": the input is tried again, so
     each such row goes out on SUPERSEDED_TAG, to be dropped from its file in this run's
     commit, once the input has a new row: made now, or in a file adopted from a killed
@@ -82,38 +106,83 @@ class NewInputsFn(TallyFn):
         self.max_bytes = max_bytes
 
     def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Any]:
-        key, groups = element
-        items, done = groups["input"], groups.get("done", [])
-        retried = {uri: file for file, uri in groups.get("retried", [])}
-        if not items:
+        group, groups = element
+        inputs = groups["input"]
+        if not inputs:
             return  # not an input (this run's): its rows stay as they are
-        if items[0].error_type is not None or not is_archive_name(key):
-            yield from superseded(retried, retried)
-            if None not in done:  # else it has its row
-                yield items[0]  # the same file matched twice (overlapping --input): once
-            return
-        if None in done:  # the archive has its row: nothing under it is read again
-            return
-        yield from superseded(retried, [key])  # an archive-level failure, read again now
-        skip = set(done)
-        for item in read_path(key, max_bytes=self.max_bytes):
-            if MEMBER_SEPARATOR in item.uri:
-                member = item.uri.split(MEMBER_SEPARATOR, 1)[1]
-                yield from superseded(retried, [item.uri])
-                if member in skip:
-                    continue  # finished before, or a second member of that name
-                skip.add(member)
+        done = groups.get("done", [])
+        finished = {member for member, duplicate in done if not duplicate}
+        duplicates = collections.Counter(member for member, duplicate in done if duplicate)
+        retried = {key: file for file, key in groups.get("retried", [])}
+        rows: dict[str | None, list[Item]] = collections.defaultdict(list)
+        for row in sorted((i for i in inputs if i.key is not None), key=claim_order):
+            rows[done_key(row.key)[1]].append(row)
+        files = [i for i in inputs if i.key is None]
+        if files and files[0].error_type is None and is_archive_name(group):
+            if None not in finished:  # else the archive has its row: nothing under it is read
+                yield from superseded(retried, [group])  # an archive-level failure, read again
+                yield from self.archive(group, rows, finished, duplicates, retried)
+        elif files:  # the same file matched twice (overlapping --input) is one claim
+            rows[None].insert(0, files[0])
+        for member, claims in rows.items():
+            yield from self.claim(claims, member, finished, duplicates, retried)
+
+    def archive(
+        self,
+        path: str,
+        rows: dict[str | None, list[Item]],
+        finished: set[str | None],
+        duplicates: collections.Counter,
+        retried: dict[str, str],
+    ) -> Iterator[Any]:
+        """The archive's members, each the first claim of its key; table rows that claim
+        a member's key are duplicates of it."""
+        for item in read_path(path, max_bytes=self.max_bytes):
+            member = done_key(item.uri)[1]
+            if member not in finished:
+                self.tally.inc("inputs_matched")
             if (printable := printable_uri(item.uri)) is not None:
                 item = bad_file_name(printable)
-            self.tally.inc("inputs_matched")
-            yield item
+            claims = [item, *rows.pop(member, [])]
+            yield from self.claim(claims, member, finished, duplicates, retried)
+
+    def claim(
+        self,
+        claims: list[Item],
+        member: str | None,
+        finished: set[str | None],
+        duplicates: collections.Counter,
+        retried: dict[str, str],
+    ) -> Iterator[Any]:
+        first, others = claims[0], claims[1:]
+        if member not in finished:
+            yield from superseded(retried, [first.identity])
+            yield first
+        for n, other in enumerate(others[duplicates[member] :], start=duplicates[member] + 2):
+            yield duplicate(other, first, n)
 
 
-def superseded(retried: dict[str, str], uris: Iterable[str]) -> Iterator[Any]:
-    """The transient rows of `uris` (taken out of `retried`), on SUPERSEDED_TAG."""
-    for uri in list(uris):
-        if uri in retried:
-            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, (retried.pop(uri), uri))
+def claim_order(item: Item) -> tuple[str, ...]:
+    """Table rows that claim one key, in an order no runner changes."""
+    return (item.uri, repr(item.kept), item.error_type or "", item.message)
+
+
+def duplicate(item: Item, first: Item, n: int) -> Item:
+    """A claim on a key another input holds, as its error row."""
+    return Item(
+        item.uri,
+        error_type=DUPLICATE_KEY,
+        message=f"claim {n} on key {first.identity!r}, whose row is that of {first.uri}",
+        key=item.identity,
+        kept=item.kept,
+    )
+
+
+def superseded(retried: dict[str, str], keys: Iterable[str]) -> Iterator[Any]:
+    """The transient rows of `keys` (taken out of `retried`), on SUPERSEDED_TAG."""
+    for key in list(keys):
+        if key in retried:
+            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, (retried.pop(key), key))
 
 
 def bad_file_name(printable: str) -> Item:
@@ -151,7 +220,7 @@ def own_outputs(args: argparse.Namespace) -> list[str]:
     return [absolute(f) for f in folders]
 
 
-def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[Origin, dict[str, str]]]:
     """A model batch that raised (RunInference's dead letters: the batch of (Meta, pixels)
     and the exception) -> one error row per image in it, so no image vanishes."""
     batch, error = failure
@@ -162,17 +231,18 @@ def batch_errors(failure: tuple[Any, Any]) -> Iterator[tuple[str, dict[str, str]
     for meta, _ in batch:
         yield (
             meta.key,
-            error_row(meta.key, "inference_error", f"the model failed on its batch: {message}"),
+            error_row(meta.key.uri, "inference_error", f"the model failed on its batch: {message}"),
         )
 
 
 def to_loaded(item: Item) -> Iterator[Any]:
-    """An Item -> Loaded for PreprocessFn (plain files are read there), or its error row."""
+    """An Item -> Loaded for PreprocessFn (plain files, table rows and URLs are read
+    there), or its error row; either carries the item's Origin."""
     if item.error_type is not None:
         row = error_row(item.uri, item.error_type, item.message)
-        yield beam.pvalue.TaggedOutput(ERRORS_TAG, (item.uri, row))
+        yield beam.pvalue.TaggedOutput(ERRORS_TAG, (origin(item), row))
         return
-    yield Loaded(item.uri, item.uri, item.data)
+    yield Loaded(origin(item), item.uri, item.data)
 
 
 class CountErrorsFn(TallyFn):
@@ -181,7 +251,7 @@ class CountErrorsFn(TallyFn):
     def __init__(self, progress_dir: str | None = None):
         super().__init__(NAMESPACE, progress_dir)
 
-    def process(self, element: tuple[str, dict[str, str]]) -> Iterator[tuple[str, dict[str, str]]]:
+    def process(self, element: tuple[Origin, dict[str, str]]) -> Iterator[Any]:
         self.tally.inc(ERROR_PREFIX + element[1]["error_type"])
         yield element
 
@@ -213,17 +283,17 @@ class ToRowFn(TallyFn):
         )
 
 
-def table_row(uri: str, settings: dict[str, Any], **values: Any) -> dict[str, Any]:
-    """A row of the caption table: `uri` (also its key), the run's settings, `values`;
+def table_row(where: Origin, settings: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """A row of the caption table: uri, key and kept values, the run's settings, `values`;
     every other column null."""
-    return {"uri": uri, "key": uri, **settings, **values}
+    return {"uri": where.uri, "key": where.key, **dict(where.kept), **settings, **values}
 
 
-def error_table_row(error: dict[str, str], settings: dict[str, Any]) -> dict[str, Any]:
+def error_table_row(
+    where: Origin, error: dict[str, str], settings: dict[str, Any]
+) -> dict[str, Any]:
     """An error row (`preprocessing.error_row`) as a row of the caption table."""
-    return table_row(
-        error["uri"], settings, error_type=error["error_type"], message=error["message"]
-    )
+    return table_row(where, settings, error_type=error["error_type"], message=error["message"])
 
 
 def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
@@ -231,8 +301,9 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
     from model.images.preprocess import decode_image
 
     meta, result = element
-    uri = meta.key
-    image, _ = decode_image(read_uri(uri))
+    uri = meta.key.uri
+    fetch = Fetcher(FetchSettings()).fetch if is_http(uri) else None
+    image, _ = decode_image(read_uri(uri, fetch))
     image.thumbnail((320, 320))
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
     name = hashlib.sha1(uri.encode()).hexdigest()[:10] + "_" + display_name(uri)

@@ -140,6 +140,7 @@ def commit(
     removes: Sequence[tuple[str, int]],
     replace: bool,
     summary: Mapping[str, Any],
+    schema: Any = formats.CAPTION_TABLE_SCHEMA,
 ) -> int:
     """Commits a run's data files as one Delta transaction on top of `base_version` (the
     version the run read; None: there was no table); returns the new version.
@@ -160,7 +161,7 @@ def commit(
         if base_version is None:
             create_table_with_add_actions(
                 uri,
-                Schema.from_arrow(formats.CAPTION_TABLE_SCHEMA),
+                Schema.from_arrow(schema),
                 actions,
                 mode="error",
                 storage_options=storage_options(uri),
@@ -169,14 +170,14 @@ def commit(
                 ),
             )
             return 0
-        table = open_table(output_dir, version=base_version)
+        table = widen(output_dir, base_version, schema)
         previous = table.transaction_version(APP_ID) or 0
         if not replace:
             actions += [remove_action(name, size) for name, size in removes]
         table.create_write_transaction(
             actions,
             "overwrite" if replace else "append",
-            formats.CAPTION_TABLE_SCHEMA,
+            table.schema(),
             commit_properties=CommitProperties(
                 custom_metadata=metadata,
                 app_transactions=[app_transaction(previous + 1)],
@@ -192,6 +193,41 @@ def commit(
             "command again with --skip_existing to add what the table still lacks"
         ) from None
     return open_table(output_dir).version()
+
+
+def arrow_schema(table: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.schema(table.schema().to_arrow())
+
+
+def check_columns(table: Any, schema: Any, output_dir: str) -> None:
+    """A run whose rows hold a column the table has with another type fails at start."""
+    have = arrow_schema(table)
+    for field in schema:
+        if field.name in have.names and have.field(field.name).type != field.type:
+            raise UsageError(
+                f"{output_dir} has a column {field.name} of type {have.field(field.name).type}; "
+                f"this run's is {field.type} (keep it under another name, or cast it)"
+            )
+
+
+def widen(output_dir: str, base_version: int, schema: Any) -> Any:
+    """The table at `base_version`, with the columns of `schema` it lacks added (a commit
+    of their own; rows before it read them as null). Raises CommitFailedError if another
+    commit came after `base_version`."""
+    from deltalake import Field
+    from deltalake.exceptions import CommitFailedError
+
+    table = open_table(output_dir, version=base_version)
+    missing = [f for f in schema if f.name not in arrow_schema(table).names]
+    if not missing:
+        return table
+    latest = open_table(output_dir)
+    if latest.version() != base_version:
+        raise CommitFailedError(f"version {latest.version()} is newer than {base_version}")
+    latest.alter.add_columns([Field.from_arrow(f) for f in missing])
+    return open_table(output_dir, version=base_version + 1)
 
 
 def app_transaction(version: int) -> Any:

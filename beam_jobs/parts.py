@@ -6,7 +6,7 @@ at the end of every bundle. A part is written under a hidden temporary name and
 renamed into place, so a part file is either complete or absent: a killed run
 leaves only whole parts behind, which a rerun with --skip_existing adopts.
 
-A part is named after the uris it holds, so a bundle that a runner retries
+A part is named after the rows it holds (`row_identity`), so a bundle that a runner retries
 writes the same names again instead of new copies; the parts the transform
 outputs (exactly once, like any Beam output: name, size and Delta statistics)
 are the ones the run commits (`beam_jobs.caption_table`).
@@ -32,9 +32,18 @@ INFLIGHT = "inflight-"
 ROWS_PER_PART = 10_000
 
 
+IDENTITY_COLUMNS = ["key", "uri", "error_type", "message"]
+
+
+def row_identity(row: dict[str, Any]) -> str:
+    """What tells a row from every other row of a run: its key and uri, and for an error
+    row its type and message (a key's duplicate claims differ there)."""
+    return "\0".join(str(row.get(c) or "") for c in IDENTITY_COLUMNS)
+
+
 def part_name(prefix: str, rows: list[dict[str, Any]]) -> str:
-    """`PREFIX-DIGEST.parquet`, DIGEST a hash of the rows' uris (the same rows, the same name)."""
-    digest = hashlib.sha1("\n".join(sorted(r["uri"] for r in rows)).encode()).hexdigest()
+    """`PREFIX-DIGEST.parquet`, DIGEST a hash of the rows (the same rows, the same name)."""
+    digest = hashlib.sha1("\n".join(sorted(map(row_identity, rows))).encode()).hexdigest()
     return f"{prefix}-{digest[:16]}.parquet"
 
 
@@ -122,21 +131,21 @@ def read_parquet(path: str, columns: list[str] | None = None) -> Any:
         return pq.read_table(pa.BufferReader(f.read()), columns=columns)
 
 
-def read_uris(path: str) -> list[str]:
-    return read_parquet(path, ["uri"]).column(0).to_pylist()
+def row_identities(path: str) -> list[str]:
+    return [row_identity(r) for r in read_parquet(path, IDENTITY_COLUMNS).to_pylist()]
 
 
 def without_overlaps(paths: list[str]) -> list[str]:
-    """The parts, in order, whose uris no earlier part holds; the others are left out (their
-    rows are captioned again; `vacuum` removes the files). Two parts share a uri only if a
+    """The parts, in order, whose rows no earlier part holds; the others are left out (their
+    rows are captioned again; `vacuum` removes the files). Two parts share a row only if a
     runner retried a bundle that had already saved parts, and grouped its rows otherwise."""
     seen: set[str] = set()
     kept = []
     for path in paths:
-        uris = read_uris(path)
-        if seen.isdisjoint(uris):
+        rows = row_identities(path)
+        if seen.isdisjoint(rows):
             kept.append(path)
-            seen.update(uris)
+            seen.update(rows)
     return kept
 
 

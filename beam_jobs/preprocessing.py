@@ -8,8 +8,9 @@ row (`error_row`) on the ERRORS_TAG output, never an exception.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -17,8 +18,9 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_jobs.fetch import Fetcher, FetchSettings
 from beam_jobs.progress import ERROR_PREFIX, TallyFn
-from beam_jobs.sources import check_plain_file, read_failure, read_file
+from beam_jobs.sources import read_failure, read_input
 from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
 from model.images.preprocess import ImageError, PreprocessedImage, preprocess_image
 
@@ -61,14 +63,19 @@ class Outcome:
     sha256: str = ""
 
 
-def load_and_decode(item: Loaded, max_pixels: int, max_bytes: int = MAX_BYTES) -> Outcome:
-    """Reads (if needed) and preprocesses one input; never raises for a bad input."""
+def load_and_decode(
+    item: Loaded,
+    max_pixels: int,
+    max_bytes: int = MAX_BYTES,
+    fetch: Callable[[str], bytes] | None = None,
+) -> Outcome:
+    """Reads (if needed; http(s) through `fetch`) and preprocesses one input; never raises
+    for a bad input."""
     data = item.data
     if data is None:
         try:
-            check_plain_file(item.uri, max_bytes)
-            data = read_file(item.uri)
-        except ImageError as e:  # not a regular file, or too large: refused unread
+            data = read_input(item.uri, max_bytes, fetch)
+        except ImageError as e:  # refused unread, or a fetch that failed
             return Outcome(None, e)
         except Exception as e:  # noqa: BLE001 - any IO failure becomes an error row
             return Outcome(None, read_failure(item.uri, e))
@@ -100,16 +107,20 @@ class PreprocessFn(TallyFn):
         progress_dir: str | None = None,
         max_bytes: int = MAX_BYTES,
         pending_bytes: int = PENDING_BYTES,
+        fetch: FetchSettings | None = None,
     ):
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
+        self.fetch = fetch
         self.pending_bytes = pending_bytes
         self.threads = threads
         self.lookahead = lookahead
         super().__init__(namespace, progress_dir)
 
     @classmethod
-    def from_flags(cls, namespace: str, args: Any, progress_dir: str | None) -> PreprocessFn:
+    def from_flags(
+        cls, namespace: str, args: Any, progress_dir: str | None, fetch: FetchSettings | None = None
+    ) -> PreprocessFn:
         """From the flags of `beam_jobs.flags.add_common_flags`: two batches of lookahead."""
         return cls(
             namespace,
@@ -118,11 +129,17 @@ class PreprocessFn(TallyFn):
             2 * args.batch_size,
             progress_dir,
             args.max_bytes,
+            fetch=fetch,
         )
 
     def setup(self) -> None:
         super().setup()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        self.fetcher = (
+            Fetcher(dataclasses.replace(self.fetch, max_bytes=self.max_bytes))
+            if self.fetch
+            else None
+        )
 
     def start_bundle(self) -> None:
         # (decoding, key, uri, bytes held, timestamp, window) in input order
@@ -137,7 +154,8 @@ class PreprocessFn(TallyFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
-        future = self.pool.submit(load_and_decode, item, self.max_pixels, self.max_bytes)
+        fetch = self.fetcher.fetch if self.fetcher else None
+        future = self.pool.submit(load_and_decode, item, self.max_pixels, self.max_bytes, fetch)
         held = len(item.data) if item.data is not None else 0
         self.pending.append((future, item.key, item.uri, held, timestamp, window))
         self.held += held

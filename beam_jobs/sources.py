@@ -17,15 +17,18 @@ from __future__ import annotations
 import gzip
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.fetch import HTTP_SCHEMES
 from beam_jobs.paths import absolute, is_local
 from model.defaults import MAX_BYTES
 from model.images.preprocess import ImageError
@@ -33,16 +36,26 @@ from model.images.preprocess import ImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
 MEMBER_SEPARATOR = "!/"
+# Schemes whose uris are read through Beam's FileSystems; http(s) is fetched
+# (`beam_jobs.fetch`); any other (file://, ftp://, data:...) in a table is refused as a row.
+STORE_SCHEMES = ("gs", "s3", "az", "hdfs")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One input: its bytes, why there are none, or (a plain file not read yet) neither."""
+    """One input: its bytes, why there are none, or (a plain file not read yet) neither.
+    A row of an input table also has its `key` and its kept columns (name, value)."""
 
     uri: str
     data: bytes | None = None
     error_type: str | None = None
     message: str = ""
+    key: str | None = None  # None: the uri is the key
+    kept: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def identity(self) -> str:
+        return self.uri if self.key is None else self.key
 
 
 def is_image_name(name: str) -> bool:
@@ -316,15 +329,56 @@ def read_path(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
         yield Item(path, error_type="read_error", message=describe(e))
 
 
-def read_uri(uri: str) -> bytes:
-    """Bytes of a file or of one archive member (attention plots re-read a few inputs)."""
-    if MEMBER_SEPARATOR in uri:
-        archive, member = uri.split(MEMBER_SEPARATOR, 1)
-        for item in read_path(archive):
-            if item.uri == uri and item.data is not None:
-                return item.data
-        raise FileNotFoundError(uri)
+def uri_scheme(uri: str) -> str:
+    """`gs` of gs://b/x, `https` of https://..., "" of a local path."""
+    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    return found.group(1).lower() if found else ""
+
+
+def archive_of(uri: str) -> str | None:
+    """The archive of an `ARCHIVE!/member` uri, else None."""
+    if MEMBER_SEPARATOR not in uri:
+        return None
+    archive = uri.split(MEMBER_SEPARATOR, 1)[0]
+    return archive if is_archive_name(archive) else None
+
+
+def read_input(
+    uri: str, max_bytes: int = MAX_BYTES, fetch: Callable[[str], bytes] | None = None
+) -> bytes:
+    """The bytes of one input: a path, an object store uri, an archive member, or (with
+    `fetch`) an http(s) URL. Raises ImageError for what is refused unread (too large, not
+    a file, a scheme that is not read), OSError when a read fails."""
+    scheme = uri_scheme(uri)
+    if scheme in HTTP_SCHEMES:
+        if fetch is None:
+            raise ImageError("unsupported_uri", "http(s) inputs are fetched by caption_images")
+        return fetch(uri)
+    if scheme and scheme not in STORE_SCHEMES:
+        raise ImageError(
+            "unsupported_uri",
+            f"{scheme}:// uris are not read (paths, {', '.join(STORE_SCHEMES)} and http(s) are)",
+        )
+    if archive_of(uri) is not None:
+        return read_member(uri, max_bytes)
+    check_plain_file(uri, max_bytes)
     return read_file(uri)
+
+
+def read_member(uri: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """One archive member's bytes (the archive is streamed up to it)."""
+    archive = archive_of(uri) or uri
+    for item in read_path(archive, max_bytes):
+        if item.uri in (uri, archive):  # the member, or why the archive has none
+            if item.data is None:
+                raise ImageError(item.error_type or "read_error", item.message)
+            return item.data
+    raise ImageError("missing_file", f"no member {uri.split(MEMBER_SEPARATOR, 1)[1]!r} in it")
+
+
+def read_uri(uri: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+    """Bytes of an input again (attention plots re-read a few)."""
+    return read_input(uri, MAX_BYTES, fetch)
 
 
 def read_failure(uri: str, error: Exception) -> ImageError:

@@ -34,6 +34,13 @@ IMAGES_PER_SHARD = 1000
 # Inputs (files and archive members) larger than this are error rows, refused before
 # they are read: a 50 MP JPEG is about 20 MB.
 MAX_BYTES = 64 << 20
+# http(s) inputs (beam_jobs.fetch): seconds an attempt may take from connecting to the
+# last byte, attempts after the first on 429/5xx/timeouts/resets, redirects followed,
+# and requests in flight to one host per worker process.
+FETCH_TIMEOUT = 30.0
+FETCH_RETRIES = 2
+MAX_REDIRECTS = 5
+PER_HOST = 8
 # Archive members read ahead of the model, waiting to be decoded, hold at most this
 # many bytes per worker thread (beyond the one being decoded by each decode thread).
 PENDING_BYTES = 256 << 20

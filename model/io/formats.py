@@ -256,6 +256,17 @@ CAPTION_TABLE_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
+
+
+def caption_table_schema(kept: Any = ()) -> pa.Schema:
+    """The caption table's columns, then the input table's kept columns (`kept`: pyarrow
+    fields, in --keep_columns order)."""
+    schema = CAPTION_TABLE_SCHEMA
+    for field in kept:
+        schema = schema.append(field)
+    return schema
+
+
 # The columns that say how a row was made: --skip_existing refuses to add rows that
 # differ in any of them from the table's (unless --allow_mixed_models).
 CAPTION_SETTINGS_COLUMNS = (
@@ -279,4 +290,15 @@ ERRORS_SCHEMA = pa.schema(
 PARQUET_CODEC = "zstd"
 # Error types that may not happen again (a network read, a model batch that ran out of
 # memory): --skip_existing tries these inputs again instead of skipping them.
-TRANSIENT_ERRORS = ("read_error", "inference_error")
+TRANSIENT_ERRORS = (
+    "read_error",
+    "inference_error",
+    "http_timeout",
+    "http_connection",
+    "http_408",
+    "http_429",
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+)
