@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,7 +153,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, beam_args = parse_args(argv)
     check_exists("--model", args.model)
     for spec in args.input:
-        check_exists("--input", spec)
+        if not re.search(r"\{[^{}]*(,|\.\.)[^{}]*\}", spec):  # shard patterns match later
+            check_exists("--input", spec)
     for table in args.input_table:
         check_exists("--input_table", table)
     check_writable("--output_dir", args.output_dir)

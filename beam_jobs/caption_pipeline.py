@@ -32,7 +32,6 @@ from beam_jobs.caption_run import (
     write_run_record,
 )
 from beam_jobs.caption_steps import (
-    DUPLICATE_KEY,
     NAMESPACE,
     SUPERSEDED_TAG,
     CountErrorsFn,
@@ -41,7 +40,7 @@ from beam_jobs.caption_steps import (
     Origin,
     ToRowFn,
     batch_errors,
-    done_key,
+    done_entries,
     error_table_row,
     matched_inputs,
     own_outputs,
@@ -77,6 +76,7 @@ from beam_jobs.sources import match_input
 from beam_jobs.tables import (
     TableSpec,
     describe_tables,
+    keep_list,
     read_text_table,
     row_item,
     table_files,
@@ -86,8 +86,8 @@ from model.io import formats
 
 
 def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[str, Any]:
-    """CoGroupByKey groups, keyed like the inputs (`done_key` of the row's key): "done",
-    (member or None, whether a duplicate_key row) of every row the run must not make again
+    """CoGroupByKey groups, keyed like the inputs (`done_entries`): "done",
+    (member or None, key, whether a duplicate_key row) of every row the run must not make again
     (the table's when it appends, but not its transient failures; every row of the files
     it adopted), and "retried", the (file, key) of the table's transient failures, which
     are tried again."""
@@ -97,8 +97,7 @@ def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[s
         rows = (
             p
             | "TableFiles" >> beam.Create(sorted(plan.table_files))
-            | "TableRows"
-            >> beam.io.ReadAllFromParquet(columns=["key", "error_type"], with_filename=True)
+            | "TableRows" >> beam.io.ReadAllFromParquet(columns=DONE_COLUMNS, with_filename=True)
         )
         sources.append(
             rows
@@ -109,24 +108,24 @@ def done_and_retried(p: beam.Pipeline, plan: RunPlan, output_dir: str) -> dict[s
             rows
             | "Transient" >> beam.Filter(lambda fr: fr[1]["error_type"] in formats.TRANSIENT_ERRORS)
             | "KeyTransient"
-            >> beam.Map(lambda fr: (done_key(fr[1]["key"])[0], (fr[0], fr[1]["key"])))
+            >> beam.FlatMapTuple(
+                lambda file, row: ((g, (file, row["key"])) for g, _ in done_entries(row))
+            )
         )
     if plan.adopted:
         sources.append(
             p
             | "AdoptedFiles" >> beam.Create([f"{output_dir.rstrip('/')}/{n}" for n in plan.adopted])
-            | "AdoptedRows" >> beam.io.ReadAllFromParquet(columns=["key", "error_type"])
+            | "AdoptedRows" >> beam.io.ReadAllFromParquet(columns=DONE_COLUMNS)
         )
     if sources:
         groups["done"] = (
-            tuple(sources) | "DoneRows" >> beam.Flatten() | "KeyDone" >> beam.Map(done_entry)
+            tuple(sources) | "DoneRows" >> beam.Flatten() | "KeyDone" >> beam.FlatMap(done_entries)
         )
     return groups
 
 
-def done_entry(row: dict[str, Any]) -> tuple[str, tuple[str | None, bool]]:
-    group, member = done_key(row["key"])
-    return group, (member, row["error_type"] == DUPLICATE_KEY)
+DONE_COLUMNS = ["key", "uri", "error_type"]
 
 
 def input_items(p: beam.Pipeline, args: argparse.Namespace, specs: list[TableSpec]) -> Any:
@@ -278,15 +277,13 @@ def build_pipeline(
         | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir)),
         **done_and_retried(p, plan, args.output_dir),
     }
+    new_inputs_fn = NewInputsFn(progress_dir, args.max_bytes, keep_list(args.keep_columns))
     # Grouping by key dedupes overlapping inputs and skips finished ones; files and
     # archives are read after it, so their bytes stream rather than being grouped.
     grouped = (
         groups
         | "GroupByKey" >> beam.CoGroupByKey()
-        | "NewInputs"
-        >> beam.ParDo(NewInputsFn(progress_dir, args.max_bytes)).with_outputs(
-            SUPERSEDED_TAG, main="inputs"
-        )
+        | "NewInputs" >> beam.ParDo(new_inputs_fn).with_outputs(SUPERSEDED_TAG, main="inputs")
     )
     new_inputs = grouped.inputs
     if spreads_work(p):  # the members of a few big archives, over all workers

@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs import caption_table
 from beam_jobs.parts import read_parquet, without_overlaps
 from beam_jobs.paths import absolute, is_local
-from beam_jobs.tables import TableSpec, kept_fields
+from beam_jobs.tables import TableSpec, keep_list, kept_fields
 from model.cli import UsageError, decoding_settings
 from model.io import formats
 
@@ -117,6 +117,8 @@ def identity_hash(
         identity["tables"] = sorted(
             [t.pattern, t.uri_column, t.key_column, list(t.keep)] for t in tables
         )
+    if args.keep_columns:
+        identity["keep"] = args.keep_columns
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -165,7 +167,8 @@ def plan_run(
     killed attempt of this very command when --skip_existing asks."""
     table = caption_table.open_table(args.output_dir)
     version = None if table is None else table.version()
-    schema = formats.caption_table_schema(kept_fields(tables))
+    keep = keep_list(args.keep_columns, formats.CAPTION_TABLE_SCHEMA.names)
+    schema = formats.caption_table_schema(kept_fields(tables, keep))
     if table is not None:
         caption_table.check_columns(table, schema, args.output_dir)
     if table is not None and args.skip_existing and not args.allow_mixed_models:

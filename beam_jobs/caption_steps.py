@@ -26,6 +26,7 @@ from beam_jobs.progress import (
 from beam_jobs.sources import (
     MEMBER_SEPARATOR,
     Item,
+    archive_of,
     display_name,
     is_archive_name,
     match_input,
@@ -91,9 +92,9 @@ class NewInputsFn(TallyFn):
     Inputs that claim one key (a table's repeated key, a table row naming a file an
     --input also matched) make one row: the first claim (a matched file, else the table
     rows in a fixed order) is the input, the others `duplicate_key` error rows. "done"
-    holds (member or None, whether a duplicate_key row) of the rows the table already
-    has, so a rerun adds only what is missing: the input if it has no row, and as many
-    duplicate rows as the table lacks.
+    holds (member or None, key, whether a duplicate_key row) of the rows the table already
+    has (`done_entries`), so a rerun adds only what is missing: the input if it has no
+    row, and as many duplicate rows as the table lacks.
 
     The "retried" group holds (table file, key) of the key's transient error rows
     (`formats.TRANSIENT_ERRORS`), which are not in "done": the input is tried again, so
@@ -101,65 +102,88 @@ class NewInputsFn(TallyFn):
     commit, once the input has a new row: made now, or in a file adopted from a killed
     attempt of this run (in "done")."""
 
-    def __init__(self, progress_dir: str | None = None, max_bytes: int = MAX_BYTES):
+    def __init__(
+        self,
+        progress_dir: str | None = None,
+        max_bytes: int = MAX_BYTES,
+        keep: Sequence[tuple[str, str]] = (),
+    ):
         super().__init__(NAMESPACE, progress_dir)
         self.max_bytes = max_bytes
+        self.keep = tuple(keep)
 
     def process(self, element: tuple[str, dict[str, list]]) -> Iterator[Any]:
         group, groups = element
-        inputs = groups["input"]
-        if not inputs:
-            return  # not an input (this run's): its rows stay as they are
-        done = groups.get("done", [])
-        finished = {member for member, duplicate in done if not duplicate}
-        duplicates = collections.Counter(member for member, duplicate in done if duplicate)
-        retried = {key: file for file, key in groups.get("retried", [])}
+        inputs = groups["input"]  # none: not an input of this run; its rows stay as they are
+        done = Done(groups.get("done", []), {k: f for f, k in groups.get("retried", [])})
         rows: dict[str | None, list[Item]] = collections.defaultdict(list)
         for row in sorted((i for i in inputs if i.key is not None), key=claim_order):
             rows[done_key(row.key)[1]].append(row)
         files = [i for i in inputs if i.key is None]
         if files and files[0].error_type is None and is_archive_name(group):
-            if None not in finished:  # else the archive has its row: nothing under it is read
-                yield from superseded(retried, [group])  # an archive-level failure, read again
-                yield from self.archive(group, rows, finished, duplicates, retried)
+            if not done.finished(None, group):  # else the archive has its row: none is read
+                yield from done.superseded(group)  # an archive-level failure, read again
+                yield from self.archive(group, rows, done)
         elif files:  # the same file matched twice (overlapping --input) is one claim
             rows[None].insert(0, files[0])
         for member, claims in rows.items():
-            yield from self.claim(claims, member, finished, duplicates, retried)
+            yield from claim(claims, member, done)
 
-    def archive(
-        self,
-        path: str,
-        rows: dict[str | None, list[Item]],
-        finished: set[str | None],
-        duplicates: collections.Counter,
-        retried: dict[str, str],
-    ) -> Iterator[Any]:
+    def archive(self, path: str, rows: dict[str | None, list[Item]], done: Done) -> Iterator[Any]:
         """The archive's members, each the first claim of its key; table rows that claim
         a member's key are duplicates of it."""
-        for item in read_path(path, max_bytes=self.max_bytes):
+        for item in read_path(path, max_bytes=self.max_bytes, keep=self.keep):
             member = done_key(item.uri)[1]
-            if member not in finished:
+            if not done.finished(member, item.identity):
                 self.tally.inc("inputs_matched")
             if (printable := printable_uri(item.uri)) is not None:
                 item = bad_file_name(printable)
-            claims = [item, *rows.pop(member, [])]
-            yield from self.claim(claims, member, finished, duplicates, retried)
+            # Rows name a member by its uri: they claim a plain member's key, not a sample's.
+            others = rows.pop(member, []) if item.key is None else []
+            yield from claim([item, *others], member, done)
 
-    def claim(
-        self,
-        claims: list[Item],
-        member: str | None,
-        finished: set[str | None],
-        duplicates: collections.Counter,
-        retried: dict[str, str],
-    ) -> Iterator[Any]:
-        first, others = claims[0], claims[1:]
-        if member not in finished:
-            yield from superseded(retried, [first.identity])
-            yield first
-        for n, other in enumerate(others[duplicates[member] :], start=duplicates[member] + 2):
-            yield duplicate(other, first, n)
+
+class Done:
+    """What a group's inputs find in the table: the rows it holds (by member and key) and
+    the transient rows a new row supersedes."""
+
+    def __init__(self, entries: Iterable[tuple[str | None, str, bool]], retried: dict[str, str]):
+        self.rows = {(m, k) for m, k, duplicate in entries if not duplicate}
+        self.duplicates = collections.Counter((m, k) for m, k, dup in entries if dup)
+        self.retried = retried
+
+    def finished(self, member: str | None, key: str) -> bool:
+        return (member, key) in self.rows
+
+    def superseded(self, key: str) -> Iterator[Any]:
+        """The transient row of `key` (once), on SUPERSEDED_TAG."""
+        if key in self.retried:
+            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, (self.retried.pop(key), key))
+
+
+def claim(claims: list[Item], member: str | None, done: Done) -> Iterator[Any]:
+    """The first claim on a key, unless the table has its row; the others as the
+    duplicate rows the table lacks."""
+    first, others = claims[0], claims[1:]
+    if not done.finished(member, first.identity):
+        yield from done.superseded(first.identity)
+        yield first
+    held = done.duplicates[(member, first.identity)]
+    for n, other in enumerate(others[held:], start=held + 2):
+        yield duplicate(other, first, n)
+
+
+def done_entries(row: dict[str, Any]) -> Iterator[tuple[str, tuple[str | None, str, bool]]]:
+    """A row of the table as the groups its inputs meet in: under its key (`done_key`),
+    and, when it is an archive member keyed otherwise (a WebDataset sample, a table row
+    naming a member), also under its archive, where the archive's reader looks."""
+    key, uri = row["key"], row["uri"]
+    duplicate_row = row["error_type"] == DUPLICATE_KEY
+    group, member = done_key(key)
+    yield group, (member, key, duplicate_row)
+    if key != uri and archive_of(uri) is not None:
+        archive, member = done_key(uri)
+        yield archive, (member, key, duplicate_row)
 
 
 def claim_order(item: Item) -> tuple[str, ...]:
@@ -176,13 +200,6 @@ def duplicate(item: Item, first: Item, n: int) -> Item:
         key=item.identity,
         kept=item.kept,
     )
-
-
-def superseded(retried: dict[str, str], keys: Iterable[str]) -> Iterator[Any]:
-    """The transient rows of `keys` (taken out of `retried`), on SUPERSEDED_TAG."""
-    for key in list(keys):
-        if key in retried:
-            yield beam.pvalue.TaggedOutput(SUPERSEDED_TAG, (retried.pop(key), key))
 
 
 def bad_file_name(printable: str) -> Item:

@@ -14,6 +14,7 @@ is read.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import posixpath
@@ -22,7 +23,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +82,38 @@ def path_exists(path: str) -> bool:
     return bool(listing)
 
 
+BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(spec: str) -> list[str]:
+    """WebDataset's shard patterns: `{00000..00099}` (zero-padded as written) and `{a,b}`,
+    any number of them; a spec without them is itself."""
+    found = next((m for m in BRACES.finditer(spec) if ".." in m[1] or "," in m[1]), None)
+    if found is None:
+        return [spec]
+    head, tail, body = spec[: found.start()], spec[found.end() :], found[1]
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        lo, hi = numbers[1], numbers[2]
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = body.split(",")
+    return [out for c in choices for out in expand_braces(head + c + tail)]
+
+
 def match_input(spec: str) -> list[str]:
-    """Expands one --input into file paths: a glob, a folder (recursive, images only), or a file.
+    """Expands one --input into file paths: a glob, a folder (recursive, images only), a
+    file, or a WebDataset brace pattern (`shards/{00000..00099}.tar`) of any of these.
 
     A path that exists is that path, even with glob characters in its name (`img[1].jpg`,
     a folder `photos [1]`); a pattern is a pattern only when nothing has its name.
     Local paths come back absolute and normalised (no `.`, `..` or `//`), so one file
     spelled several ways is one uri."""
+    specs = [spec] if path_exists(absolute(spec)) else expand_braces(spec)
+    if len(specs) > 1:
+        return sorted({path for s in specs for path in match_input(s)})
     spec = absolute(spec)
     if _is_glob(spec) and not path_exists(spec):
         return sorted(m.path for r in FileSystems.match([spec]) for m in r.metadata_list)
@@ -190,8 +216,11 @@ def _tar_kind(m: tarfile.TarInfo) -> str:
     return "directory" if m.isdir() else "special file"
 
 
-def read_tar(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
-    done = 0
+def read_tar(
+    path: str, max_bytes: int = MAX_BYTES, keep: Sequence[tuple[str, str]] = ()
+) -> Iterator[Item]:
+    """A tar's image members, streamed; WebDataset samples (`Samples`) keyed by sample."""
+    samples = Samples(keep)
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -202,20 +231,101 @@ def read_tar(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
             with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r|*") as tar:
                 member_uri = MemberUris(path)
                 for m in tar:
+                    if m.isfile() and is_sidecar(m.name) and m.size <= SIDECAR_BYTES:
+                        yield from samples.add(m.name, sidecar=tar.extractfile(m).read())
                     if m.isdir() or (m.isfile() and not _is_input(m.name)):
                         continue  # like folders: only image files are inputs
                     uri = member_uri(m.name)
                     refused = _member_item(uri, m.name, m.size, _tar_kind(m), max_bytes)
-                    yield refused or Item(uri, data=tar.extractfile(m).read())
-                    done += 1
+                    item = refused or Item(uri, data=tar.extractfile(m).read())
+                    yield from samples.add(m.name, item)
+            yield from samples.flush()
             while gzipped and stream.read(1 << 20):
                 pass
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         # A stream cannot be read past its damage: the members after it are unknown.
+        yield from samples.flush()
+        done = samples.count
         where = f"after {done} member(s)" if done else "before any member"
         yield Item(
             path, error_type="bad_archive", message=f"archive unreadable {where}: {describe(e)}"
         )
+
+
+SIDECAR_EXTENSIONS = (".json", ".txt", ".cls")
+SIDECAR_BYTES = 1 << 20
+
+
+def is_sidecar(name: str) -> bool:
+    return name.lower().endswith(SIDECAR_EXTENSIONS)
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """A WebDataset member name as (sample key, extension): `dir/000123.seg.png` is
+    (`dir/000123`, `seg.png`), as WebDataset's own readers split it."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext if dot else ""
+
+
+class Samples:
+    """A tar's members grouped as WebDataset groups them: consecutive members that share a
+    sample key are one sample. A sample with a `.json`, `.txt` or `.cls` member beside its
+    image is a WebDataset sample: its image's row is keyed by the sample key (the only
+    image, else `KEY.EXT`) and keeps, of `keep` ((field, column) pairs), the JSON's
+    fields and the text members (named by extension) as text. Images with no such member
+    are plain archive members (keyed by uri). One sample is held at a time."""
+
+    def __init__(self, keep: Sequence[tuple[str, str]] = ()):
+        self.keep = tuple(keep)
+        self.key: str | None = None
+        self.items: list[tuple[str, Item]] = []
+        self.sidecars: dict[str, bytes] = {}
+        self.count = 0
+
+    def add(self, name: str, item: Item | None = None, sidecar: bytes = b"") -> Iterator[Item]:
+        key, ext = sample_key(name)
+        if key != self.key:
+            yield from self.flush()
+            self.key = key
+        if item is not None:
+            self.items.append((ext, item))
+        else:
+            self.sidecars[ext.lower()] = sidecar
+
+    def flush(self) -> Iterator[Item]:
+        items, sidecars, key = self.items, self.sidecars, self.key
+        self.items, self.sidecars, self.key = [], {}, None
+        for ext, item in items:
+            if sidecars and key is not None:
+                own = key if len(items) == 1 else f"{key}.{ext}"
+                item = dataclasses.replace(item, key=own, kept=sample_fields(sidecars, self.keep))
+            self.count += 1
+            yield item
+
+
+def sample_fields(
+    sidecars: dict[str, bytes], keep: Sequence[tuple[str, str]]
+) -> tuple[tuple[str, Any], ...]:
+    """The `keep` values of a WebDataset sample: fields of its JSON member (as text: JSON
+    values other than strings as JSON), else its text members by extension."""
+    import json
+
+    fields: dict[str, Any] = {}
+    for ext, data in sidecars.items():
+        text = data.decode("utf-8", "replace")
+        if ext == "json":
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                for k, v in record.items():
+                    if v is not None:
+                        fields.setdefault(k, v if isinstance(v, str) else json.dumps(v))
+        else:
+            fields[ext] = text.strip()
+    return tuple((column, fields.get(field)) for field, column in keep)
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
@@ -312,14 +422,17 @@ def folder_error(path: str) -> ImageError:
     return ImageError("not_a_file", "a folder, not an image file")
 
 
-def read_path(path: str, max_bytes: int = MAX_BYTES) -> Iterator[Item]:
-    """A matched path -> one Item, or one per archive member; failures become error Items."""
+def read_path(
+    path: str, max_bytes: int = MAX_BYTES, keep: Sequence[tuple[str, str]] = ()
+) -> Iterator[Item]:
+    """A matched path -> one Item, or one per archive member; failures become error Items.
+    `keep`: the fields WebDataset samples keep (`Samples`)."""
     lower = path.lower()
     try:
         if lower.endswith(".zip"):
             yield from read_zip(path, max_bytes)
         elif lower.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from read_tar(path, max_bytes)
+            yield from read_tar(path, max_bytes, keep)
         else:
             check_plain_file(path, max_bytes)
             yield Item(path, data=read_file(path))

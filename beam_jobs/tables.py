@@ -47,19 +47,37 @@ class TableSpec:
     kind: str  # parquet, csv or jsonl
     uri_column: str
     key_column: str | None
-    keep: tuple[str, ...]
+    keep: tuple[tuple[str, str], ...]  # (input column, caption table column)
     kept_types: tuple[Any, ...]  # pyarrow types of the kept columns, in `keep` order
 
     @property
     def columns(self) -> list[str]:
         """The columns a row is read with."""
-        wanted = [self.uri_column, *([self.key_column] if self.key_column else []), *self.keep]
+        key = [self.key_column] if self.key_column else []
+        wanted = [self.uri_column, *key, *(source for source, _ in self.keep)]
         return list(dict.fromkeys(wanted))
 
     def kept_fields(self) -> list[Any]:
         import pyarrow as pa
 
-        return [pa.field(n, t) for n, t in zip(self.keep, self.kept_types, strict=True)]
+        return [pa.field(c, t) for (_, c), t in zip(self.keep, self.kept_types, strict=True)]
+
+
+def keep_list(keep_columns: str | None, reserved: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """--keep_columns `a,b:b_name,c` as (input column, caption table column) pairs; a
+    column the caption table has already fails in one line."""
+    keep = []
+    for entry in (keep_columns or "").split(","):
+        source, _, column = entry.strip().partition(":")
+        if source.strip():
+            keep.append((source.strip(), column.strip() or source.strip()))
+    clash = [c for _, c in keep if c in reserved]
+    if clash:
+        raise UsageError(
+            f"--keep_columns {','.join(clash)}: the caption table has a column of that name; "
+            f"keep it under another: --keep_columns {clash[0]}:source_{clash[0]}"
+        )
+    return keep
 
 
 def describe_tables(
@@ -69,14 +87,18 @@ def describe_tables(
     keep_columns: str | None,
     reserved: Sequence[str],
 ) -> list[TableSpec]:
-    """Every --input_table of a run, checked (`describe_table`)."""
-    keep = [c.strip() for c in (keep_columns or "").split(",") if c.strip()]
-    return [describe_table(t, uri_column, key_column, keep, reserved) for t in patterns]
+    """Every --input_table of a run, checked (`describe_table`); `reserved` are the caption
+    table's own column names, which a kept column may not take."""
+    keep = keep_list(keep_columns, reserved)
+    return [describe_table(t, uri_column, key_column, keep) for t in patterns]
 
 
-def kept_fields(specs: Sequence[TableSpec]) -> list[Any]:
-    """The kept columns of all the run's tables, as pyarrow fields; a column that two
+def kept_fields(specs: Sequence[TableSpec], keep: Sequence[tuple[str, str]] = ()) -> list[Any]:
+    """The kept columns of the run, as pyarrow fields: the tables' (with their types), and
+    the other `keep` names as text (WebDataset samples fill those); a column that two
     tables give two types fails in one line."""
+    import pyarrow as pa
+
     fields: dict[str, Any] = {}
     for spec in specs:
         for field in spec.kept_fields():
@@ -85,6 +107,8 @@ def kept_fields(specs: Sequence[TableSpec]) -> list[Any]:
                     f"--keep_columns {field.name}: {fields[field.name].type} in one "
                     f"--input_table, {field.type} in {spec.pattern}"
                 )
+    for _, name in keep:
+        fields.setdefault(name, pa.field(name, delta_type(pa.field(name, pa.string()))))
     return list(fields.values())
 
 
@@ -102,12 +126,10 @@ def describe_table(
     pattern: str,
     uri_column: str | None,
     key_column: str | None,
-    keep: Sequence[str],
-    reserved: Sequence[str],
+    keep: Sequence[tuple[str, str]],
 ) -> TableSpec:
     """Checks one --input_table at launch: its files exist and share a format, and the
-    columns the flags name are in the first. `reserved` are the caption table's own
-    column names, which a kept column may not take."""
+    columns the flags name are in the first."""
     pattern = absolute(pattern)
     files = table_files(pattern)
     if not files:
@@ -130,16 +152,10 @@ def describe_table(
                 "--uri_column"
             )
     for flag, name in [("--uri_column", uri_column), ("--key_column", key_column)] + [
-        ("--keep_columns", k) for k in keep
+        ("--keep_columns", source) for source, _ in keep
     ]:
         if name is not None and name not in columns:
             raise UsageError(f"{files[0]} has no column {name!r} ({flag}); it has: {have}")
-    clash = [k for k in keep if k in reserved]
-    if clash:
-        raise UsageError(
-            f"--keep_columns {','.join(clash)}: the caption table has columns of that name; "
-            "rename them in the input table (or keep them out)"
-        )
     return TableSpec(
         pattern, kind, uri_column, key_column, tuple(keep), kept_types(files[0], kind, keep)
     )
@@ -169,14 +185,14 @@ def parquet_schema(path: str) -> Any:
         return pq.read_schema(f)
 
 
-def kept_types(path: str, kind: str, keep: Sequence[str]) -> tuple[Any, ...]:
+def kept_types(path: str, kind: str, keep: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
     """Kept columns keep a Parquet table's types; CSV and JSON values are kept as text."""
     import pyarrow as pa
 
     if kind != "parquet":
-        return tuple(delta_type(pa.field(k, pa.string())) for k in keep)
+        return tuple(delta_type(pa.field(c, pa.string())) for _, c in keep)
     schema = parquet_schema(path)
-    return tuple(delta_type(schema.field(k)) for k in keep)
+    return tuple(delta_type(schema.field(source)) for source, _ in keep)
 
 
 def delta_type(field: Any) -> Any:
@@ -238,7 +254,7 @@ def bad_row(path: str, n: int, why: str) -> Item:
 def row_item(record: dict[str, Any], spec: TableSpec, path: str, n: int | None = None) -> Item:
     """One table row -> the Item it names: uri, key and kept values; an error Item when
     its uri or key is missing. `n` is its row number where the reader knows it."""
-    kept = tuple((k, kept_value(record.get(k), spec.kind)) for k in spec.keep)
+    kept = tuple((c, kept_value(record.get(source), spec.kind)) for source, c in spec.keep)
     where = f"{path}#row{n}" if n is not None else f"{path}#{row_digest(record)}"
     raw_uri = record.get(spec.uri_column)
     uri = str(raw_uri).strip() if raw_uri is not None else ""
