@@ -50,6 +50,7 @@ bench: $(STAMP) ## Throughput and memory benchmarks, printed as ratios to the ba
 	$(PY) -m benchmarks.scst
 	$(PY) -m benchmarks.caption_table
 	$(PY) -m benchmarks.runtimes
+	$(PY) -m benchmarks.urls
 
 FLICKR8K ?= ../shared/data/flickr8k
 quality: $(STAMP) $(WEIGHTS_FILE) ## Caption quality on real photos: Flickr8k in FLICKR8K (about 2 hours on 2 cores)

@@ -31,23 +31,17 @@ from benchmarks.common import (
     make_jpegs,
     peak_rss_mb,
     report,
+    tutorial_export,
 )
 
 
 def main() -> None:
     a = job_bench_args(__doc__)
     from beam_jobs.caption_images import run
-    from model.images.extractor import features_identity
-    from model.network.captioner import ShowAttendTell
-    from model.network.export import save_export
-    from model.text.vocab import RESERVED, Vocabulary
 
     with tempfile.TemporaryDirectory() as tmp:
         names = make_jpegs(os.path.join(tmp, "img"), max(a.images, 10 * a.memory_images))
-        vocab = Vocabulary((*RESERVED, *[f"w{i}" for i in range(5000 - len(RESERVED))]))
-        model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
-        export = os.path.join(tmp, "export")
-        save_export(model, vocab, features_identity("none", a.precision), export)
+        export, model = tutorial_export(os.path.join(tmp, "export"), a.precision)
 
         def job_argv(inputs: list[str], out: str, *extra: str) -> list[str]:
             return [

@@ -32,6 +32,21 @@ def make_jpegs(
     return names
 
 
+def tutorial_export(path: str, precision: str) -> tuple[str, object]:
+    """An export of a tutorial-size model (embedding 256, units 512, vocabulary 5000) on
+    random-init InceptionV3: the size whose cost the job benchmarks measure. Returns
+    (path, model)."""
+    from model.images.extractor import features_identity
+    from model.network.captioner import ShowAttendTell
+    from model.network.export import save_export
+    from model.text.vocab import RESERVED, Vocabulary
+
+    vocab = Vocabulary((*RESERVED, *[f"w{i}" for i in range(5000 - len(RESERVED))]))
+    model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
+    save_export(model, vocab, features_identity("none", precision), path)
+    return path, model
+
+
 def write_coco(path: str, names: list[str]) -> None:
     images = [{"id": i + 1, "file_name": n} for i, n in enumerate(names)]
     anns = [

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import zipfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from demo.make_shapes import make_split
@@ -267,7 +269,7 @@ def test_readme_dataflow_commands_translate(gcs, tmp_path, monkeypatch):
     from tests.fixtures import write_tiny_export
 
     commands = readme_dataflow_commands()
-    assert len(commands) == 4
+    assert len(commands) == 5
     root = f"gs://{BUCKET}/dataflow"
     local = tmp_path / "data"
     make_split(str(local), "train", 2, seed=4)
@@ -281,6 +283,14 @@ def test_readme_dataflow_commands_translate(gcs, tmp_path, monkeypatch):
     with tf.io.gfile.GFile(f"{root}/archives/2024.tar.gz", "wb") as f:
         f.write(b"")  # only matched at translation time
     upload(write_tiny_export(str(tmp_path / "export")), f"{root}/runs/coco/export")
+    products = tmp_path / "products.parquet"
+    pq.write_table(
+        pa.table({"id": [1], "url": ["https://example.com/1.jpg"], "title": ["a"]}), products
+    )
+    tf.io.gfile.copy(str(products), f"{root}/exports/products-000.parquet")
+    for shard in ("00000", "00001"):
+        with tf.io.gfile.GFile(f"{root}/shards/{shard}.tar", "wb") as f:
+            f.write(b"")  # only matched at translation time
     monkeypatch.chdir(ROOT)  # --setup_file ./setup.py
     jobs = {
         "beam_jobs.extract_features": extract_features,
