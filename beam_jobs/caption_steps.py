@@ -165,8 +165,10 @@ def claim(claims: list[Item], member: str | None, done: Done) -> Iterator[Any]:
     """The first claim on a key, unless the table has its row; the others as the
     duplicate rows the table lacks."""
     first, others = claims[0], claims[1:]
+    # A transient row goes either way: the key has a new row now, or (when finished) in a
+    # file adopted from a killed attempt of this run ("done" holds no transient row).
+    yield from done.superseded(first.identity)
     if not done.finished(member, first.identity):
-        yield from done.superseded(first.identity)
         yield first
     held = done.duplicates[(member, first.identity)]
     for n, other in enumerate(others[held:], start=held + 2):

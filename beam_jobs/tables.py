@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -118,8 +119,12 @@ def table_kind(path: str) -> str | None:
 
 
 def table_files(pattern: str) -> list[str]:
-    found = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in found if m.size_in_bytes > 0 or table_kind(m.path))
+    """The files of one --input_table: a file, a glob, or a folder's files (an export's
+    folder: Spark's and Hadoop's `_SUCCESS` and hidden files are not rows)."""
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if not found or (is_local(pattern) and os.path.isdir(pattern)):
+        found = [m.path for m in FileSystems.match([pattern.rstrip("/") + "/*"])[0].metadata_list]
+    return sorted(f for f in found if not posixpath.basename(f).startswith(("_", ".")))
 
 
 def describe_table(
