@@ -30,7 +30,7 @@ TRAIN_REQUIRES = [
 # loaded from the package (nothing downloaded at run time).
 QUERY_REQUIRES = ["duckdb==1.5.5", "duckdb-extension-delta==1.5.5"]
 # --runtime openvino: InceptionV3 on CPUs about twice as fast (model.images.runtimes).
-OPENVINO_REQUIRES = ["openvino==2026.4.1"]
+OPENVINO_REQUIRES = ["openvino==2026.4.1", "nncf==3.4.0"]  # nncf: int8 calibration
 
 EXTRAS_REQUIRE = {
     "query": QUERY_REQUIRES,

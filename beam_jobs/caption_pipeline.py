@@ -292,7 +292,7 @@ def build_pipeline(
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
         PreprocessFn.from_flags(NAMESPACE, args, progress_dir, fetch_settings(args))
     ).with_outputs(ERRORS_TAG, main="pixels")
-    precision, runtime = extractor_settings(args, manifest)
+    precision, runtime, calibration = extractor_settings(args, manifest)
     handler = CaptionerHandler(
         args.model,
         precision,
@@ -301,6 +301,7 @@ def build_pipeline(
         args.large_model,
         decoding_settings(args),
         runtime,
+        calibration,
     )
     captioned, failures = (
         decoded.pixels

@@ -55,12 +55,16 @@ def check_export(export_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def extractor_settings(args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[str, str]:
-    """(precision, runtime) of the extractor: the flags', else those of the features the
-    model was trained on."""
-    features = manifest["features"]
-    precision = args.precision or features.get("precision", "float32")
-    return precision, args.runtime or features.get("runtime", "tensorflow")
+def extractor_settings(
+    args: argparse.Namespace, manifest: dict[str, Any]
+) -> tuple[str, str, str | None]:
+    """(precision, runtime, calibration) of the extractor: the flags', else those of the
+    features the model was trained on (`model.images.runtimes.extractor_settings`)."""
+    from model.images import runtimes
+
+    return runtimes.extractor_settings(
+        args.precision, args.runtime, args.calibration, manifest["features"]
+    )
 
 
 def row_settings(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:

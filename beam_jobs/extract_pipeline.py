@@ -50,6 +50,7 @@ from model.images.extractor import (
     weights_hash,
     weights_variant,
 )
+from model.images.runtimes import check_runtime
 from model.io import formats
 from model.text.vocab import count_words
 
@@ -157,6 +158,7 @@ def embed_images(
         large_model=args.large_model,
         variant=weights_variant(args.weights),
         runtime=args.runtime,
+        calibration=args.calibration,
     )
     examples = (
         decoded.pixels
@@ -287,6 +289,9 @@ def take_existing_settings(args: argparse.Namespace) -> None:
             value = existing.get(flag) if existing else None
             setattr(args, flag, value or default)
             taken += [f"--{flag} {getattr(args, flag)}"] if value else []
+    if args.precision == "int8" and not args.calibration and existing:
+        args.calibration = existing.get("calibration_uri")
+        taken += [f"--calibration {args.calibration}"] if args.calibration else []
     if taken:
         said = ", ".join(taken[:-1]) + (" and " if len(taken) > 1 else "") + taken[-1]
         print(f"extract_features: {said} from {path}", flush=True)
@@ -302,6 +307,7 @@ def run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any
 
 def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, Any]:
     take_existing_settings(args)
+    check_runtime(args.runtime, args.precision, args.calibration)
     args.weights = check_weights(args.weights)
     if args.weights == "imagenet":
         fetch_keras_imagenet()  # here, not on a worker: offline is one line at start

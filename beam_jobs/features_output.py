@@ -32,7 +32,9 @@ from model.text.vocab import PUNCTUATION, RESERVED, Vocabulary, top_k_words
 
 def features_manifest_body(args: argparse.Namespace) -> dict[str, Any]:
     """What the features are: every field a reader must match to reuse them."""
-    return features_identity(args.weights, args.precision, runtime=args.runtime)
+    return features_identity(
+        args.weights, args.precision, runtime=args.runtime, calibration=args.calibration
+    )
 
 
 def check_existing_manifest(output_dir: str, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         large_model: bool = False,
         variant: str | None = None,
         runtime: str = "tensorflow",
+        calibration: str | None = None,
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
@@ -67,6 +68,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         self.variant = variant  # of the backbone (model.images.extractor); None: the weights' own
         self.precision = precision
         self.runtime = runtime  # model.images.runtimes
+        self.calibration = calibration  # the int8 encoder's folder (model.images.calibrate)
         self.namespace = namespace
 
     def load_model(self) -> LoadedExtractor:
@@ -77,7 +79,9 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         import_tensorflow()  # on a worker process, as quiet as the launcher
         from model.images.runtimes import build_encoder
 
-        encode = build_encoder(self.weights, self.precision, self.variant, self.runtime)
+        encode = build_encoder(
+            self.weights, self.precision, self.variant, self.runtime, self.calibration
+        )
         return LoadedExtractor(lambda pixels: encode(pixels).astype(np.float16))
 
     def run_inference(
@@ -107,6 +111,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         large_model: bool = False,
         decoding: dict[str, Any] | None = None,
         runtime: str = "tensorflow",
+        calibration: str | None = None,
     ):
         super().__init__(
             **_batching(batch_size), model_copies=model_copies, large_model=large_model
@@ -115,6 +120,7 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         self.precision = precision
         self.decoding = decoding or {}
         self.runtime = runtime
+        self.calibration = calibration  # the int8 encoder's folder (model.images.calibrate)
 
     def load_model(self) -> LoadedCaptioner:
         from model.quiet import import_tensorflow
@@ -125,7 +131,9 @@ class CaptionerHandler(ModelHandler[np.ndarray, CaptionResult, LoadedCaptioner])
         from model.network.export import load_export
 
         export = load_export(self.export_dir)
-        caption_fn = build_caption_fn(export, self.precision, self.decoding, self.runtime)
+        caption_fn = build_caption_fn(
+            export, self.precision, self.decoding, self.runtime, self.calibration
+        )
         return LoadedCaptioner(caption_fn, export)
 
     def run_inference(

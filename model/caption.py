@@ -30,7 +30,7 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import MAX_BYTES, PRECISIONS
-from model.images.runtimes import check_runtime
+from model.images.runtimes import check_runtime, extractor_settings
 from model.io import storage
 
 
@@ -60,9 +60,12 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     from model.network.export import load_export
 
     export = load_export(args.model)
-    precision = args.precision or export.features.get("precision", "float32")
-    runtime = args.runtime or export.features.get("runtime", "tensorflow")
-    caption_batch = build_caption_fn(export, precision, decoding_settings(args), runtime)
+    precision, runtime, calibration = extractor_settings(
+        args.precision, args.runtime, args.calibration, export.features
+    )
+    caption_batch = build_caption_fn(
+        export, precision, decoding_settings(args), runtime, calibration
+    )
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, Any]] = []  # (row index, pixels)
     shown = 0  # rows handed out so far

@@ -97,7 +97,8 @@ def command_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_runtime_flag(p: argparse.ArgumentParser, default: str) -> None:
-    """--runtime: where InceptionV3 runs (model.images.runtimes)."""
+    """--runtime: where InceptionV3 runs (model.images.runtimes), and --calibration: the
+    int8 encoder of --precision int8 (model.images.calibrate)."""
     from model.defaults import RUNTIMES
 
     p.add_argument(
@@ -105,6 +106,11 @@ def add_runtime_flag(p: argparse.ArgumentParser, default: str) -> None:
         choices=RUNTIMES,
         help="where InceptionV3 runs: tensorflow, or openvino (about 2x faster on CPUs; "
         f"pip install 'show-attend-tell[openvino]') (default: {default})",
+    )
+    p.add_argument(
+        "--calibration",
+        help="with --runtime openvino --precision int8: the folder of an int8 encoder made "
+        "by python -m model.images.calibrate (default: the one the features were made with)",
     )
 
 

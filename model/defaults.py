@@ -22,8 +22,9 @@ DEFAULT_MAX_LENGTH = 20
 # Decoding never completes an n-gram of this size that the caption already holds
 # (0: off). Trigrams: see model/text/ngrams.py and docs for the measurements behind it.
 DEFAULT_BLOCK_REPEATS = 3
-# How InceptionV3 may compute the features (stored as float16 either way).
-PRECISIONS = ("float32", "bfloat16", "float16")
+# How InceptionV3 may compute the features (stored as float16 either way); int8 is an
+# encoder calibrated on your photos (model.images.calibrate), on OpenVINO only.
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 # Where InceptionV3 runs (model.images.runtimes): TensorFlow, or OpenVINO on CPUs.
 RUNTIMES = ("tensorflow", "openvino")
 # Images with more pixels are refused as decompression bombs (PIL's own limit).

@@ -69,10 +69,15 @@ def write_features_dir(
 
 
 def write_tiny_export(
-    path: str, vocab_size: int = 12, max_length: int = 6, mute: bool = False
+    path: str,
+    vocab_size: int = 12,
+    max_length: int = 6,
+    mute: bool = False,
+    features: dict | None = None,
 ) -> str:
-    """A random tiny captioner exported as stage 2 would (weights=none features);
-    `mute`: one that always says `<end>` first (an empty caption), as a broken one may."""
+    """A random tiny captioner exported as stage 2 would (weights=none features, unless
+    `features` says how they were made); `mute`: one that always says `<end>` first (an
+    empty caption), as a broken one may."""
     vocab = Vocabulary(
         ("<pad>", "<unk>", "<start>", "<end>", *[f"w{i}" for i in range(vocab_size - 4)])
     )
@@ -81,5 +86,6 @@ def write_tiny_export(
     if mute:
         bias = model.decoder.fc2.bias
         bias.assign(bias + 100.0 * np.eye(vocab_size, dtype=np.float32)[END_ID])
-    save_export(model, vocab, features_identity("none"), path, max_length=max_length)
+    features = features or features_identity("none")
+    save_export(model, vocab, features, path, max_length=max_length)
     return path

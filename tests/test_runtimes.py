@@ -84,3 +84,77 @@ def test_features_on_openvino_are_recorded_and_a_split_added_takes_the_runtime(c
     extract("val")  # weights, precision and runtime from the manifest
     with pytest.raises(UsageError, match="runtime='openvino'"):
         extract("val", "--runtime", "tensorflow")
+
+
+@pytest.mark.slow
+def test_int8_calibrated_on_your_photos_is_recorded_from_features_to_captions(cache, tmp_path):
+    """`model.images.calibrate` quantizes the encoder on a folder of photos; features made
+    with it record its id (and a split added takes it), a model trained on them captions
+    with it by default, its rows say `openvino/int8@ID`; its features are close to float32's
+    but not equal (it is int8); int8 without the runtime or the calibration, or a
+    calibration of other weights, is one line."""
+    from beam_jobs.extract_features import run as extract_run
+    from demo.make_shapes import make_split
+    from model.images.calibrate import run as calibrate_run
+
+    root, out, cal = tmp_path / "data", tmp_path / "features", tmp_path / "int8"
+    for split, first in (("train", 0), ("val", 100)):
+        make_split(str(root), split, 6, seed=2, first_id=first)
+    record = calibrate_run(
+        ["--weights", "none", "--images", str(root / "train"), "--output", str(cal)]
+    )
+    assert record["images"] == 6 and sorted(p.name for p in cal.iterdir()) == [
+        "calibration.json",
+        "encoder.bin",
+        "encoder.xml",
+    ]
+    pixels = np.random.RandomState(1).randint(0, 256, (2, 299, 299, 3)).astype(np.uint8)
+    f32 = build_encoder("none", "float32", None, "openvino")(pixels)
+    int8 = build_encoder("none", "int8", None, "openvino", str(cal))(pixels)
+    cosine = (f32 * int8).sum() / np.linalg.norm(f32) / np.linalg.norm(int8)
+    assert 0.5 < cosine < 1.0 and not np.array_equal(f32, int8)
+
+    def extract(split, *flags):
+        return extract_run(
+            [
+                "--split",
+                split,
+                "--captions_json",
+                str(root / "annotations" / f"captions_{split}.json"),
+            ]
+            + ["--images_dir", str(root / split), "--output_dir", str(out), *RUNNER, *flags]
+        )
+
+    extract(
+        "train",
+        "--weights",
+        "none",
+        "--runtime",
+        "openvino",
+        "--precision",
+        "int8",
+        "--calibration",
+        str(cal),
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["precision"], manifest["calibration"]) == ("int8", record["id"])
+    extract("val")  # weights, precision, runtime and calibration from the manifest
+    assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["images"] == 6
+
+    from model.images.extractor import features_identity
+
+    trained_on = features_identity("none", "int8", runtime="openvino", calibration=str(cal))
+    export = write_tiny_export(str(tmp_path / "export"), features=trained_on)
+    rows_out = tmp_path / "captions"
+    caption_run(
+        ["--model", export, "--input", str(root / "val"), "--output_dir", str(rows_out), *RUNNER]
+    )
+    caps, _ = caption_rows(rows_out)
+    assert {r["precision"] for r in caps} == {f"openvino/int8@{record['id']}"}
+
+    with pytest.raises(UsageError, match="int8 runs on --runtime openvino only"):
+        build_encoder("none", "int8", None, "tensorflow", str(cal))
+    with pytest.raises(UsageError, match="needs --calibration"):
+        build_encoder("none", "int8", None, "openvino")
+    with pytest.raises(UsageError, match="calibrated for weights none"):
+        build_encoder("imagenet", "int8", None, "openvino", str(cal))

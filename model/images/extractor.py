@@ -25,7 +25,7 @@ from typing import Any
 
 import keras
 
-from model.cli import first_line
+from model.cli import UsageError, first_line
 from model.defaults import NAMED_WEIGHTS, PRECISIONS, named_weights_path
 from model.images.preprocess import IMAGE_SIZE, PREPROCESSING
 from model.io import storage
@@ -81,8 +81,16 @@ def features_identity(
     precision: str = "float32",
     variant: str | None = None,
     runtime: str = "tensorflow",
+    calibration: str | None = None,
 ) -> dict[str, Any]:
-    """The features manifest fields that describe how features are computed."""
+    """The features manifest fields that describe how features are computed. An int8
+    encoder (`calibration`, its folder) is known by its calibration id; its folder is
+    recorded too, for the stages after this one."""
+    int8 = None
+    if precision == "int8" and calibration:
+        from model.images.calibrate import read_calibration
+
+        int8 = read_calibration(calibration)["id"]
     return {
         "backbone": BACKBONE,
         "variant": weights_variant(weights, variant),
@@ -94,6 +102,8 @@ def features_identity(
         "preprocessing": PREPROCESSING,
         "precision": precision,
         "runtime": runtime,
+        "calibration": int8,
+        "calibration_uri": calibration if int8 else None,
         "feature_shape": list(FEATURE_SHAPE),
         "feature_dtype": FEATURE_DTYPE,
     }
@@ -205,6 +215,8 @@ def build_feature_extractor(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        raise UsageError("--precision int8 runs on --runtime openvino only")
     weights = check_weights(weights)
     variant = weights_variant(weights, variant)
     if weights == "none":

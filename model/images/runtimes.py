@@ -11,6 +11,9 @@ otherwise pick bf16 by itself on CPUs that have it, which changes the numbers).
 
     encode = build_encoder("inception-2015", "float32", None, "openvino")
     features = encode(pixels)  # (N, 299, 299, 3) uint8 -> (N, 64, 2048) float32
+
+`int8` is an encoder quantized on the user's photos by `model.images.calibrate`, read
+from its folder (`--calibration`, local or gs://) into the cache once per worker.
 """
 
 from __future__ import annotations
@@ -30,13 +33,24 @@ from model.images.preprocess import IMAGE_SIZE
 
 # OpenVINO's inference precision for each --precision (float16 runs as f16 where the
 # CPU has it, else as f32: OpenVINO decides).
-OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# int8: the quantized layers run in int8 whatever the hint; the others in f32.
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "f32"}
 
 
-def check_runtime(runtime: str) -> None:
-    """One line when the runtime asked for is not installed here."""
+def check_runtime(
+    runtime: str, precision: str | None = None, calibration: str | None = None
+) -> None:
+    """One line when the runtime asked for is not installed here, or int8 is asked of
+    TensorFlow or without a calibrated encoder."""
     if runtime not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if precision == "int8" and runtime != "openvino":
+        raise UsageError("--precision int8 runs on --runtime openvino only")
+    if precision == "int8" and not calibration:
+        raise UsageError(
+            "--precision int8 needs --calibration DIR, an encoder calibrated on your photos "
+            "by python -m model.images.calibrate"
+        )
     if runtime == "openvino":
         try:
             import openvino  # noqa: F401
@@ -46,10 +60,33 @@ def check_runtime(runtime: str) -> None:
             ) from None
 
 
-def identity_precision(precision: str, runtime: str) -> str:
+def identity_precision(precision: str, runtime: str, calibration: str | None = None) -> str:
     """How a table or manifest names the extractor's compute: the precision, prefixed
-    with the runtime when it is not TensorFlow (its features differ in the last digits)."""
-    return precision if runtime == "tensorflow" else f"{runtime}/{precision}"
+    with the runtime when it is not TensorFlow (its features differ in the last digits),
+    and for int8 the calibration's id (`openvino/int8@ID`)."""
+    if runtime == "tensorflow":
+        return precision
+    if precision == "int8" and calibration:
+        from model.images.calibrate import read_calibration
+
+        return f"{runtime}/int8@{read_calibration(calibration)['id']}"
+    return f"{runtime}/{precision}"
+
+
+def extractor_settings(
+    precision: str | None,
+    runtime: str | None,
+    calibration: str | None,
+    features: dict,
+) -> tuple[str, str, str | None]:
+    """(precision, runtime, calibration) a captioner runs the extractor with: the flags',
+    else those of the features its model was trained on; checked (`check_runtime`)."""
+    precision = precision or features.get("precision", "float32")
+    runtime = runtime or features.get("runtime", "tensorflow")
+    int8 = precision == "int8"
+    calibration = (calibration or features.get("calibration_uri")) if int8 else None
+    check_runtime(runtime, precision, calibration)
+    return precision, runtime, calibration
 
 
 def cache_key(weights: str, variant: str | None) -> str:
@@ -96,10 +133,47 @@ def converted_encoder(weights: str, variant: str | None) -> str:
     return xml
 
 
+def int8_encoder(calibration: str, weights: str, variant: str | None) -> str:
+    """The calibrated int8 encoder's encoder.xml in the local cache (copied from
+    `calibration`, local or gs://, once); one line if it was calibrated for other weights."""
+    from model.images.calibrate import read_calibration
+    from model.images.extractor import weights_hash, weights_variant
+    from model.io import storage
+
+    record = read_calibration(calibration)
+    mine = (weights_hash(weights), weights_variant(weights, variant))
+    if (record["weights_hash"], record["variant"]) != mine:
+        raise UsageError(
+            f"--calibration {calibration}: calibrated for weights {record['weights']} "
+            f"({record['weights_hash']}), not these ({mine[0]})"
+        )
+    folder = os.path.join(weights_cache_dir(), "openvino-int8", record["id"])
+    xml = os.path.join(folder, "encoder.xml")
+    if os.path.exists(xml):
+        return xml
+    aside = f"{folder}.tmp-{os.getpid()}"
+    os.makedirs(aside, exist_ok=True)
+    for name in ("encoder.xml", "encoder.bin"):
+        storage.copy_to_local(f"{calibration.rstrip('/')}/{name}", os.path.join(aside, name))
+    try:
+        os.rename(aside, folder)
+    except OSError:  # another process got there first: the same files
+        import shutil
+
+        shutil.rmtree(aside, ignore_errors=True)
+    return xml
+
+
 def build_encoder(
-    weights: str, precision: str, variant: str | None, runtime: str
+    weights: str,
+    precision: str,
+    variant: str | None,
+    runtime: str,
+    calibration: str | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """pixels (N, 299, 299, 3) uint8 -> features (N, 64, 2048) float32 on `runtime`."""
+    """pixels (N, 299, 299, 3) uint8 -> features (N, 64, 2048) float32 on `runtime`
+    (`calibration`: the int8 encoder's folder, for precision int8)."""
+    check_runtime(runtime, precision, calibration)
     if runtime == "tensorflow":
         import tensorflow as tf
 
@@ -109,11 +183,15 @@ def build_encoder(
         spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)
         call = tf.function(lambda x: extractor(x, training=False), input_signature=[spec])
         return lambda pixels: call(pixels).numpy()
-    check_runtime(runtime)
     import openvino as ov
 
+    network = (
+        int8_encoder(calibration, weights, variant)
+        if precision == "int8" and calibration
+        else converted_encoder(weights, variant)
+    )
     compiled = ov.Core().compile_model(
-        converted_encoder(weights, variant),
+        network,
         "CPU",
         {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]},
     )

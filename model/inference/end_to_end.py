@@ -48,6 +48,7 @@ def build_caption_fn(
     precision: str = "float32",
     decoding: dict[str, Any] | None = None,
     runtime: str = "tensorflow",
+    calibration: str | None = None,
 ) -> Callable:
     """One compiled graph per batch: InceptionV3 -> float16 round trip -> decoding
     (greedy, or beam search with `decoding` = `model.cli.decoding_settings`); with
@@ -66,7 +67,7 @@ def build_caption_fn(
         from model.images.runtimes import build_encoder
 
         encode = build_encoder(
-            export.extractor_weights(), precision, export.extractor_variant, runtime
+            export.extractor_weights(), precision, export.extractor_variant, runtime, calibration
         )
         spec = tf.TensorSpec([None, *model.config.feature_shape], tf.float32)
 

@@ -184,10 +184,11 @@ FEATURE_IDENTITY_KEYS = (
     "preprocessing",
     "precision",
     "runtime",  # "tensorflow" or "openvino" (model.images.runtimes); older manifests: none
+    "calibration",  # the int8 encoder's calibration id (model.images.calibrate), else null
     "feature_shape",
 )
 # What an identity field missing from an older manifest means.
-IDENTITY_DEFAULTS = {"runtime": "tensorflow"}
+IDENTITY_DEFAULTS = {"runtime": "tensorflow", "calibration": None}
 
 
 def features_identity_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
