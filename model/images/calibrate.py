@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from model.cli import UsageError, command_parser, positive_int, run_cli
+from model.io.formats import CALIBRATION_FILE
 
-CALIBRATION_FILE = "calibration.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -112,19 +112,6 @@ def calibrate(
             storage.copy_from_local(os.path.join(tmp, name), posixpath.join(output, name))
     storage.write_text(posixpath.join(output, CALIBRATION_FILE), json.dumps(record, indent=1))
     return record
-
-
-def read_calibration(path: str) -> dict[str, Any]:
-    """The record of a calibrated encoder folder; one line when it is not one."""
-    from model.io import storage
-
-    where = posixpath.join(path, CALIBRATION_FILE)
-    if not storage.exists(where):
-        raise UsageError(
-            f"--calibration {path}: no {CALIBRATION_FILE} there; make one with "
-            "python -m model.images.calibrate"
-        )
-    return json.loads(storage.read_bytes(where))
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

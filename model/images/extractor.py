@@ -88,7 +88,7 @@ def features_identity(
     recorded too, for the stages after this one."""
     int8 = None
     if precision == "int8" and calibration:
-        from model.images.calibrate import read_calibration
+        from model.io.formats import read_calibration
 
         int8 = read_calibration(calibration)["id"]
     return {

@@ -67,7 +67,7 @@ def identity_precision(precision: str, runtime: str, calibration: str | None = N
     if runtime == "tensorflow":
         return precision
     if precision == "int8" and calibration:
-        from model.images.calibrate import read_calibration
+        from model.io.formats import read_calibration
 
         return f"{runtime}/int8@{read_calibration(calibration)['id']}"
     return f"{runtime}/{precision}"
@@ -136,9 +136,9 @@ def converted_encoder(weights: str, variant: str | None) -> str:
 def int8_encoder(calibration: str, weights: str, variant: str | None) -> str:
     """The calibrated int8 encoder's encoder.xml in the local cache (copied from
     `calibration`, local or gs://, once); one line if it was calibrated for other weights."""
-    from model.images.calibrate import read_calibration
     from model.images.extractor import weights_hash, weights_variant
     from model.io import storage
+    from model.io.formats import read_calibration
 
     record = read_calibration(calibration)
     mine = (weights_hash(weights), weights_variant(weights, variant))

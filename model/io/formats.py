@@ -191,6 +191,23 @@ FEATURE_IDENTITY_KEYS = (
 IDENTITY_DEFAULTS = {"runtime": "tensorflow", "calibration": None}
 
 
+# An int8 encoder's folder (model.images.calibrate): encoder.xml, encoder.bin and this.
+CALIBRATION_FILE = "calibration.json"
+
+
+def read_calibration(path: str) -> dict[str, Any]:
+    """The record of an int8 encoder's folder (its id, weights, photos); one line when
+    the folder holds none."""
+    where = f"{path.rstrip('/')}/{CALIBRATION_FILE}"
+    if not storage.exists(where):
+        raise FormatError(
+            f"--calibration {path}: no {CALIBRATION_FILE} there; make one with "
+            "python -m model.images.calibrate"
+        )
+    with storage.open_file(where, "r") as f:
+        return json.load(f)
+
+
 def features_identity_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The identity fields of a features manifest (or of an export's `features`)."""
     return {key: manifest.get(key, IDENTITY_DEFAULTS.get(key)) for key in FEATURE_IDENTITY_KEYS}
