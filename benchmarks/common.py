@@ -32,10 +32,10 @@ def make_jpegs(
     return names
 
 
-def tutorial_export(path: str, precision: str) -> tuple[str, object]:
+def tutorial_export(path: str, precision: str, weights: str = "none") -> tuple[str, object]:
     """An export of a tutorial-size model (embedding 256, units 512, vocabulary 5000) on
-    random-init InceptionV3: the size whose cost the job benchmarks measure. Returns
-    (path, model)."""
+    `weights` (random-init InceptionV3 by default): the size whose cost the job benchmarks
+    measure. Returns (path, model)."""
     from model.images.extractor import features_identity
     from model.network.captioner import ShowAttendTell
     from model.network.export import save_export
@@ -43,7 +43,7 @@ def tutorial_export(path: str, precision: str) -> tuple[str, object]:
 
     vocab = Vocabulary((*RESERVED, *[f"w{i}" for i in range(5000 - len(RESERVED))]))
     model = ShowAttendTell(vocab_size=5000, embedding_dim=256, units=512)
-    save_export(model, vocab, features_identity("none", precision), path)
+    save_export(model, vocab, features_identity(weights, precision), path)
     return path, model
 
 

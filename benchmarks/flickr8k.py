@@ -210,6 +210,81 @@ def ratio_lines(
     return lines
 
 
+def calibrated_encoder(data: str, out: str, weights: str, train_json: str, logs: str) -> str:
+    """The int8 encoder of `weights`, calibrated (`model.images.calibrate`) on 300 train
+    photos, linked (not copied) into a folder of their own."""
+    from model.images.calibrate import pick_images
+
+    folder = os.path.join(out, f"int8-{weights}")
+    if os.path.exists(os.path.join(folder, "calibration.json")):
+        return folder
+    with open(train_json) as f:
+        names = [im["file_name"] for im in json.load(f)["images"]]
+    photos = os.path.join(out, "calibration-photos")
+    os.makedirs(photos, exist_ok=True)
+    for name in pick_images(names, 300):
+        link = os.path.join(photos, os.path.basename(name))
+        if not os.path.exists(link):
+            os.link(os.path.join(images_dir(data, "train"), name), link)
+    argv = ["--weights", weights, "--images", photos, "--output", folder, "--count", "300"]
+    sh([sys.executable, "-m", "model.images.calibrate", *argv], os.path.join(logs, "calibrate.log"))
+    return folder
+
+
+def runtime_features(
+    data: str, out: str, features: str, weights: str, spec: str, logs: str, captions: dict
+) -> str:
+    """The eval splits' features computed by another runtime/precision (`spec`, e.g.
+    openvino/int8), with the vocabulary of `features`."""
+    runtime, precision = spec.split("/")
+    folder = os.path.join(out, f"features-{weights}-{runtime}-{precision}")
+    flags = ["--runtime", runtime, "--precision", precision]
+    if precision == "int8":
+        flags += ["--calibration", calibrated_encoder(data, out, weights, captions["train"], logs)]
+    for split in EVAL_SPLITS:
+        manifest = os.path.join(folder, "manifest.json")
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                if split in json.load(f).get("splits", {}):
+                    continue
+        argv = ["--split", split, "--captions_json", captions[split], "--weights", weights]
+        argv += ["--images_dir", images_dir(data, "train" if split == "test" else split)]
+        argv += ["--output_dir", folder, "--vocab", os.path.join(features, "vocab.txt")]
+        argv += [*flags, "--runner", "FnApiRunner"]
+        sh(
+            [sys.executable, "-m", "beam_jobs.extract_features", *argv],
+            f"{logs}/extract-{spec.replace('/', '-')}.log",
+        )
+    return folder
+
+
+def runtime_lines(
+    features: str, split: str, model_dir: str, spec: str, decodings: list[str]
+) -> list[str]:
+    """CIDEr of the same model's captions from `spec`'s features over those from
+    TensorFlow float32's, with its 95% paired bootstrap interval, and the share of
+    identical captions."""
+    from model.evaluation.metrics import cider_per_image, java_available, paired_ratio
+
+    refs = references(features, split)
+    lines = []
+    for decoding in decodings:
+        preds = {}
+        for name in (decoding, f"{decoding}@{spec.replace('/', '-')}"):
+            with open(os.path.join(model_dir, "eval", split, name, "predictions.json")) as f:
+                preds[name] = {p["image_id"]: p["caption"] for p in json.load(f)}
+        base, other = preds.values()
+        same = sum(base[i] == other.get(i) for i in base) / len(base)
+        scores = [list(cider_per_image(refs, p, java_available()).values()) for p in (base, other)]
+        ratio, low, high = paired_ratio(*scores)
+        lines.append(
+            f"CIDEr {spec} / tensorflow float32 features, same model, {decoding}, {split}: "
+            f"x{ratio:.3f} (95% paired bootstrap: x{low:.3f} to x{high:.3f}); "
+            f"{same:.0%} identical captions"
+        )
+    return lines
+
+
 def ancestors(name: str, bases: dict[str, str]) -> list[str]:
     """The runs `name` continues, nearest first: its base, its base's base, ... (those
     in `bases`, the runs of this benchmark)."""
@@ -254,6 +329,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "NAME:BASE=FLAGS continues a copy of run BASE, e.g. 'scst:defaults=--scst_epochs 5'",
     )
     p.add_argument("--decodings", nargs="+", default=DEFAULT_DECODINGS, choices=list(DECODINGS))
+    p.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=["openvino/float32", "openvino/int8"],
+        help="RUNTIME/PRECISION: the first run (on the first --weights) also captions the "
+        "eval splits from features these compute (int8: calibrated on 300 train photos)",
+    )
     return p.parse_args(argv)
 
 
@@ -287,9 +369,29 @@ def main(argv: list[str] | None = None) -> None:
                     rows[f"{weights} {name} {decoding} {split}"] = m
                     if f"{BLIND} {split}" not in rows and m.get("baseline"):
                         rows[f"{BLIND} {split}"] = m["baseline"]
+        first_dir = model_dirs[runs[0][0].partition(":")[0]]
+        for spec in args.runtimes if w == 0 else ():
+            other = runtime_features(args.data, args.out, features, weights, spec, logs, captions)
+            for split in EVAL_SPLITS:
+                for decoding in args.decodings:
+                    name = f"{decoding}@{spec.replace('/', '-')}"
+                    flags = [*DECODINGS[decoding], "--any_precision"]
+                    m = evaluate(
+                        other,
+                        first_dir,
+                        split,
+                        name,
+                        flags,
+                        f"{logs}/evaluate-{spec.replace('/', '-')}.log",
+                    )
+                    rows[f"{weights} {runs[0][0]} {decoding} {split} @{spec}"] = m
         print(table(rows), flush=True)
         for split in EVAL_SPLITS if w == 0 and pairs else ():
             print("\n".join(ratio_lines(features, split, pairs, model_dirs)), flush=True)
+        for spec in args.runtimes if w == 0 else ():
+            for split in EVAL_SPLITS:
+                lines = runtime_lines(features, split, first_dir, spec, args.decodings)
+                print("\n".join(lines), flush=True)
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump(rows, f, indent=2)
 

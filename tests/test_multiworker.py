@@ -30,15 +30,25 @@ FLAGS = (
 
 
 def _free_ports(n: int) -> list[int]:
-    """n distinct ports, all held open until all are chosen."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free ports below the kernel's ephemeral range: a port from that range,
+    released for a worker to bind, can be taken first by any connection or server (Beam's
+    gRPC servers in the other test process start many), which then fails the worker with
+    "Could not start gRPC server"; ports below it are taken only by explicit binds."""
+    import random
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    chosen: list[int] = []
+    while len(chosen) < n:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in chosen:
+            chosen.append(port)
+    return chosen
 
 
 def start_workers(data, model_dir, n, *extra):
