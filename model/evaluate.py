@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--images_dir", help="source images for plots (default: from the manifest)")
     p.add_argument("--no_java", action="store_true", help="Python tokenizer, no METEOR")
+    p.add_argument(
+        "--any_precision",
+        action="store_true",
+        help="score features of another precision, runtime or int8 calibration than the "
+        "model's (same weights and preprocessing), as caption_images --precision captions",
+    )
     add_decoding_flags(p)
     add_verbose_flag(p)
     return p.parse_args(argv)

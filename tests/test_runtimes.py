@@ -152,6 +152,17 @@ def test_int8_calibrated_on_your_photos_is_recorded_from_features_to_captions(ca
     caps, _ = caption_rows(rows_out)
     assert {r["precision"] for r in caps} == {f"openvino/int8@{record['id']}"}
 
+    # A float32-trained model scores int8 features only when asked (evaluate --any_precision).
+    from model.evaluate import run as evaluate_run
+    from model.io.formats import FormatError
+
+    f32 = write_tiny_export(str(tmp_path / "f32"))
+    scored = ["--model", f32, "--data_dir", str(out), "--split", "val", "--no_java"]
+    scored += ["--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(FormatError, match="precision='int8' but the model was trained on 'f"):
+        evaluate_run(scored)
+    assert "CIDEr" in evaluate_run([*scored, "--any_precision"])["metrics"]
+
     with pytest.raises(UsageError, match="int8 runs on --runtime openvino only"):
         build_encoder("none", "int8", None, "tensorflow", str(cal))
     with pytest.raises(UsageError, match="needs --calibration"):

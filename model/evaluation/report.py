@@ -25,8 +25,11 @@ from model.text.ngrams import looping_figures
 from model.text.vocab import Vocabulary, standardize
 
 
-def check_compatible(export: Export, features_manifest: dict[str, Any], data_dir: str) -> None:
-    if diff := formats.features_mismatch(export.features, features_manifest):
+def check_compatible(
+    export: Export, features_manifest: dict[str, Any], data_dir: str, any_precision: bool = False
+) -> None:
+    ignore = formats.COMPUTE_KEYS if any_precision else ()
+    if diff := formats.features_mismatch(export.features, features_manifest, ignore):
         key, trained_on, found = diff
         raise formats.FormatError(
             f"{data_dir}: features have {key}={found!r} but the model was trained on {trained_on!r}"
@@ -101,7 +104,7 @@ def write_plots(decoded: dict[str, Any], images_dir: str, out_dir: str, count: i
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     export = load_export(args.model)
     features_manifest, _ = check_data_dir(args.data_dir)
-    check_compatible(export, features_manifest, args.data_dir)
+    check_compatible(export, features_manifest, args.data_dir, args.any_precision)
     info = split_info(args.data_dir, features_manifest, args.split)
     out_dir = args.output_dir or os.path.join(
         os.path.dirname(export.path.rstrip("/")), "eval", args.split

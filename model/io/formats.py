@@ -213,15 +213,22 @@ def features_identity_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {key: manifest.get(key, IDENTITY_DEFAULTS.get(key)) for key in FEATURE_IDENTITY_KEYS}
 
 
+# The identity fields that say how the extractor computed (not which network): a model
+# captions features that differ only in these (caption_images --precision, evaluate
+# --any_precision), with captions that may differ in a few words.
+COMPUTE_KEYS = ("precision", "runtime", "calibration")
+
+
 def features_mismatch(
-    expected: Mapping[str, Any], actual: Mapping[str, Any]
+    expected: Mapping[str, Any], actual: Mapping[str, Any], ignore: Sequence[str] = ()
 ) -> tuple[str, Any, Any] | None:
-    """(key, expected value, actual value) of the first identity field on which two
-    features manifests differ, None when they describe the same features: the one check
-    behind every reader's refusal (evaluate, extract into an existing dir, train resume)."""
+    """(key, expected value, actual value) of the first identity field (but `ignore`) on
+    which two features manifests differ, None when they describe the same features: the
+    one check behind every reader's refusal (evaluate, extract into an existing dir, train
+    resume)."""
     expected, actual = features_identity_of(expected), features_identity_of(actual)
     for key in FEATURE_IDENTITY_KEYS:
-        if expected[key] != actual[key]:
+        if key not in ignore and expected[key] != actual[key]:
             return key, expected[key], actual[key]
     return None
 
