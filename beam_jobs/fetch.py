@@ -1,6 +1,7 @@
 """HTTP(S) inputs, fetched on the workers the way img2dataset fetches them.
 
-One `Fetcher` per worker process (`PreprocessFn.setup`) holds a urllib3 pool, so
+One `Fetcher` per worker process (`fetcher_for`, shared by every DoFn instance and
+thread there) holds a urllib3 pool, so
 connections to a host are reused across images; at most `per_host` requests go to one
 host at a time. Every request carries a `User-Agent` naming the project and nothing
 else: no cookies, no credentials. A failed fetch raises `ImageError` with a kind the
@@ -210,6 +211,19 @@ def done_with(response: BaseHTTPResponse) -> None:
         response.drain_conn()
     else:
         response.close()
+
+
+_FETCHERS: dict[FetchSettings, Fetcher] = {}
+_FETCHERS_LOCK = threading.Lock()
+
+
+def fetcher_for(settings: FetchSettings) -> Fetcher:
+    """This process's Fetcher for `settings`: one pool and one per-host cap however many
+    DoFn instances and threads the runner gives the process."""
+    with _FETCHERS_LOCK:
+        if settings not in _FETCHERS:
+            _FETCHERS[settings] = Fetcher(settings)
+        return _FETCHERS[settings]
 
 
 def _reason(error: BaseException) -> str:

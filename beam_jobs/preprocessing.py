@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_jobs.fetch import Fetcher, FetchSettings
+from beam_jobs.fetch import FetchSettings, fetcher_for
 from beam_jobs.progress import ERROR_PREFIX, TallyFn
 from beam_jobs.sources import read_failure, read_input
 from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
@@ -136,7 +136,7 @@ class PreprocessFn(TallyFn):
         super().setup()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         self.fetcher = (
-            Fetcher(dataclasses.replace(self.fetch, max_bytes=self.max_bytes))
+            fetcher_for(dataclasses.replace(self.fetch, max_bytes=self.max_bytes))
             if self.fetch
             else None
         )

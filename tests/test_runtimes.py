@@ -60,24 +60,28 @@ def test_caption_images_on_openvino_gives_tensorflows_captions_and_says_so(cache
         caption_run([*base, "--output_dir", str(tmp_path / "ov"), "--skip_existing"])
 
 
-def test_features_on_openvino_are_recorded_and_a_split_added_takes_the_runtime(cache, tmp_path):
+def extractor(root, out):
+    """extract(split, *flags): extract_features of a split of the shapes at `root` into `out`."""
     from beam_jobs.extract_features import run as extract_run
+
+    def extract(split, *flags):
+        captions = str(root / "annotations" / f"captions_{split}.json")
+        return extract_run(
+            ["--split", split, "--captions_json", captions, "--images_dir", str(root / split)]
+            + ["--output_dir", str(out), *RUNNER, *flags]
+        )
+
+    return extract
+
+
+def test_features_on_openvino_are_recorded_and_a_split_added_takes_the_runtime(cache, tmp_path):
     from demo.make_shapes import make_split
 
     root, out = tmp_path / "data", tmp_path / "features"
     for split, first in (("train", 0), ("val", 100)):
         make_split(str(root), split, 4, seed=1, first_id=first)
 
-    def extract(split, *flags):
-        return extract_run(
-            [
-                "--split",
-                split,
-                "--captions_json",
-                str(root / "annotations" / f"captions_{split}.json"),
-            ]
-            + ["--images_dir", str(root / split), "--output_dir", str(out), *RUNNER, *flags]
-        )
+    extract = extractor(root, out)
 
     extract("train", "--weights", "none", "--runtime", "openvino")
     assert json.loads((out / "manifest.json").read_text())["runtime"] == "openvino"
@@ -93,7 +97,6 @@ def test_int8_calibrated_on_your_photos_is_recorded_from_features_to_captions(ca
     with it by default, its rows say `openvino/int8@ID`; its features are close to float32's
     but not equal (it is int8); int8 without the runtime or the calibration, or a
     calibration of other weights, is one line."""
-    from beam_jobs.extract_features import run as extract_run
     from demo.make_shapes import make_split
     from model.images.calibrate import run as calibrate_run
 
@@ -114,16 +117,7 @@ def test_int8_calibrated_on_your_photos_is_recorded_from_features_to_captions(ca
     cosine = (f32 * int8).sum() / np.linalg.norm(f32) / np.linalg.norm(int8)
     assert 0.5 < cosine < 1.0 and not np.array_equal(f32, int8)
 
-    def extract(split, *flags):
-        return extract_run(
-            [
-                "--split",
-                split,
-                "--captions_json",
-                str(root / "annotations" / f"captions_{split}.json"),
-            ]
-            + ["--images_dir", str(root / split), "--output_dir", str(out), *RUNNER, *flags]
-        )
+    extract = extractor(root, out)
 
     extract(
         "train",
