@@ -21,6 +21,13 @@ bootstrap interval over the images, on test and on val (on 500 images a ratio mo
 few percent either way). Each step is skipped when its output is already there, so a killed
 benchmark continues where it stopped.
 
+`--runtimes` (default openvino/float32 and openvino/int8) extracts the eval splits again
+with each runtime and precision (int8: an encoder calibrated on 300 train photos by
+`model.images.calibrate`) and captions them with the first run's model, trained on
+TensorFlow float32 features (`model.evaluate --any_precision`): a row each, and a line
+per decoding with CIDEr over TensorFlow float32's (95% paired bootstrap) and the share
+of identical captions.
+
 Any COCO-format folder laid out as Flickr8k is (or as `demo.make_shapes` writes it, a
 folder of images per split) works: `--data` of `python -m demo.make_shapes OUT --mode
 hard` measures the synthetic data where cross-entropy alone plateaus.
@@ -43,6 +50,7 @@ import sys
 import time
 
 from model.evaluation.metrics import LOOPING_KEYS, METRIC_KEYS
+from model.io.formats import features_vocab_path
 
 DECODINGS = {
     "greedy": ["--block_repeats", "0"],
@@ -249,7 +257,9 @@ def runtime_features(
                     continue
         argv = ["--split", split, "--captions_json", captions[split], "--weights", weights]
         argv += ["--images_dir", images_dir(data, "train" if split == "test" else split)]
-        argv += ["--output_dir", folder, "--vocab", os.path.join(features, "vocab.txt")]
+        with open(os.path.join(features, "manifest.json")) as f:
+            vocab = features_vocab_path(features, json.load(f))
+        argv += ["--output_dir", folder, "--vocab", vocab]
         argv += [*flags, "--runner", "FnApiRunner"]
         sh(
             [sys.executable, "-m", "beam_jobs.extract_features", *argv],
