@@ -148,6 +148,7 @@ class Done:
     the transient rows a new row supersedes."""
 
     def __init__(self, entries: Iterable[tuple[str | None, str, bool]], retried: dict[str, str]):
+        entries = list(entries)  # a grouping's values: read twice below
         self.rows = {(m, k) for m, k, duplicate in entries if not duplicate}
         self.duplicates = collections.Counter((m, k) for m, k, dup in entries if dup)
         self.retried = retried
