@@ -26,6 +26,7 @@ import zipfile
 
 from benchmarks.common import (
     bare_inception_rate,
+    encoder_flags,
     job_bench_args,
     job_rates,
     make_jpegs,
@@ -42,12 +43,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = make_jpegs(os.path.join(tmp, "img"), max(a.images, 10 * a.memory_images))
         export, model = tutorial_export(os.path.join(tmp, "export"), a.precision)
+        encoder = encoder_flags(a, tmp, [os.path.join(tmp, "img", n) for n in names])
 
         def job_argv(inputs: list[str], out: str, *extra: str) -> list[str]:
             return [
                 *("--model", export, "--output_dir", os.path.join(tmp, out)),
                 *[flag for folder in inputs for flag in ("--input", folder)],
-                *("--batch_size", str(a.batch_size), "--precision", a.precision),
+                *("--batch_size", str(a.batch_size), *encoder),
                 *("--runner", "FnApiRunner", "--progress_seconds", "0", *extra),
             ]
 
@@ -59,9 +61,9 @@ def main() -> None:
                     os.link(os.path.join(tmp, "img", name), os.path.join(folder, name))
             return job_argv([folder], f"out{n}", *extra)
 
-        bare = bare_inception_rate(a.batch_size, a.precision)
+        bare = bare_inception_rate(a.batch_size, a.precision, 6, a.runtime, a.calibration)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
-        report("caption", rates, bare, 0.80, f"batch {a.batch_size}, {a.precision}")
+        report("caption", rates, bare, 0.80, f"batch {a.batch_size}, {a.runtime} {a.precision}")
         beam_report(model, a.batch_size, lambda n, *x: run(argv_for(n, *x))["seconds"], a.images)
         if a.memory_images:
             peaks = []

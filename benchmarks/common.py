@@ -57,21 +57,38 @@ def write_coco(path: str, names: list[str]) -> None:
         json.dump({"images": images, "annotations": anns}, f)
 
 
-def bare_inception_rate(batch_size: int, precision: str, batches: int = 6) -> float:
-    """Images/s of the extractor alone on preprocessed inputs (the bound for both Beam jobs)."""
-    import tensorflow as tf
+def bare_inception_rate(
+    batch_size: int,
+    precision: str,
+    batches: int = 6,
+    runtime: str = "tensorflow",
+    calibration: str | None = None,
+) -> float:
+    """Images/s of the extractor alone on preprocessed inputs (the bound for both Beam
+    jobs), on `runtime` (`model.images.runtimes.build_encoder`)."""
+    from model.images.runtimes import build_encoder
 
-    from model.images.extractor import build_feature_extractor
-
-    extractor = build_feature_extractor("none", precision)
-    fn = tf.function(lambda x: extractor(x, training=False))
-    x = tf.random.uniform((batch_size, 299, 299, 3), 0, 256, dtype=tf.int32)
-    x = tf.cast(x, tf.uint8)
-    fn(x).numpy()  # trace and warm up
+    encode = build_encoder("none", precision, None, runtime, calibration)
+    x = np.random.RandomState(0).randint(0, 256, (batch_size, 299, 299, 3)).astype(np.uint8)
+    encode(x)  # trace and warm up
     start = time.perf_counter()
     for _ in range(batches):
-        fn(x).numpy()
+        encode(x)
     return batches * batch_size / (time.perf_counter() - start)
+
+
+def encoder_flags(a: argparse.Namespace, tmp: str, jpegs: list[str]) -> list[str]:
+    """The job flags of --runtime and --precision; for int8, an encoder calibrated on 64 of
+    the benchmark's JPEGs first (`a.calibration` is set to it)."""
+    flags = ["--runtime", a.runtime, "--precision", a.precision]
+    a.calibration = None
+    if a.precision == "int8":
+        from model.images.calibrate import calibrate
+
+        a.calibration = os.path.join(tmp, "int8")
+        calibrate("none", jpegs[:64], a.calibration)
+        flags += ["--calibration", a.calibration]
+    return flags
 
 
 PEAK_CODE = """
@@ -108,7 +125,8 @@ def job_bench_args(doc: str | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--precision", default="float32")
+    p.add_argument("--precision", default="float32", help="float32, bfloat16, float16, int8")
+    p.add_argument("--runtime", default="tensorflow", help="tensorflow or openvino (int8)")
     p.add_argument(
         "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
     )

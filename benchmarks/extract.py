@@ -18,6 +18,7 @@ import tempfile
 
 from benchmarks.common import (
     bare_inception_rate,
+    encoder_flags,
     job_bench_args,
     job_rates,
     make_jpegs,
@@ -33,6 +34,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         names = make_jpegs(os.path.join(tmp, "img"), max(a.images, 10 * a.memory_images))
+        encoder = encoder_flags(a, tmp, [os.path.join(tmp, "img", n) for n in names])
 
         def argv_for(n: int) -> list[str]:
             ann = os.path.join(tmp, f"ann{n}.json")
@@ -50,17 +52,16 @@ def main() -> None:
                 "none",
                 "--batch_size",
                 str(a.batch_size),
-                "--precision",
-                a.precision,
+                *encoder,
                 "--runner",
                 "FnApiRunner",
                 "--progress_seconds",
                 "0",
             ]
 
-        bare = bare_inception_rate(a.batch_size, a.precision)
+        bare = bare_inception_rate(a.batch_size, a.precision, 6, a.runtime, a.calibration)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
-        report("extract", rates, bare, 0.85, f"batch {a.batch_size}, {a.precision}")
+        report("extract", rates, bare, 0.85, f"batch {a.batch_size}, {a.runtime} {a.precision}")
         if a.memory_images:
             report_memory("extract", "beam_jobs.extract_features", argv_for, a.memory_images)
 
