@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.fetch import Fetcher, FetchSettings, is_http
+from beam_jobs.fetch import FetchSettings, fetcher_for
 from beam_jobs.inference import CaptionResult
 from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, Loaded, Meta, error_row
@@ -322,8 +322,7 @@ def plot_one(element: tuple[Meta, CaptionResult], attention_dir: str) -> str:
 
     meta, result = element
     uri = meta.key.uri
-    fetch = Fetcher(FetchSettings()).fetch if is_http(uri) else None
-    image, _ = decode_image(read_uri(uri, fetch))
+    image, _ = decode_image(read_uri(uri, fetcher_for(FetchSettings()).fetch))
     image.thumbnail((320, 320))
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])
     name = hashlib.sha1(uri.encode()).hexdigest()[:10] + "_" + display_name(uri)

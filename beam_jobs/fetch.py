@@ -65,10 +65,6 @@ class RetryableError(Exception):
         self.wait = wait
 
 
-def is_http(uri: str) -> bool:
-    return urlsplit(uri).scheme.lower() in HTTP_SCHEMES
-
-
 def retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date), or None."""
     if not value:
