@@ -82,7 +82,7 @@ class FeatureExtractorHandler(ModelHandler[np.ndarray, np.ndarray, LoadedExtract
         encode = build_encoder(
             self.weights, self.precision, self.variant, self.runtime, self.calibration
         )
-        return LoadedExtractor(lambda pixels: encode(pixels).astype(np.float16))
+        return LoadedExtractor(encode)
 
     def run_inference(
         self,

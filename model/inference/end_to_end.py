@@ -69,11 +69,11 @@ def build_caption_fn(
         encode = build_encoder(
             export.extractor_weights(), precision, export.extractor_variant, runtime, calibration
         )
-        spec = tf.TensorSpec([None, *model.config.feature_shape], tf.float32)
+        spec = tf.TensorSpec([None, *model.config.feature_shape], tf.float16)
 
         @tf.function(input_signature=[spec])
-        def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:
-            features = tf.cast(tf.cast(features, tf.float16), tf.float32)
+        def decode(features: tf.Tensor) -> dict[str, tf.Tensor]:  # float16, as stored
+            features = tf.cast(features, tf.float32)
             return decode_graph(model, features, max_length, **(decoding or {}))
 
         return lambda pixels: decode(encode(pixels))
