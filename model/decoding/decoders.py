@@ -77,17 +77,24 @@ def greedy_decode_graph(
     num_locations = tf.shape(features)[1]
 
     vocab_size = model.config.vocab_size
+    # Greedy decoding drops the rows whose caption has ended: in a batch of 32 the longest
+    # caption sets the steps, and the others are done after 0.6 of them (Flickr8k), so
+    # the steps after cost only the rows still decoding. At least two rows stay: the
+    # CPU's matmul kernel for a single row rounds differently from the batched one, and
+    # a row's caption must not depend on the rows beside it. (The sampler keeps every
+    # row: its draws are made by row.)
+    drop_done = choose is None and step_masks is None
 
-    def cond(t, token, hidden, done, history, ids, logps, alphas):
-        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
+    def cond(t, rows, token, hidden, done, history, enc, proj, ended, ids, logps, alphas):
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(ended)))
 
     # Banned tokens are never valid outputs: masked out of the softmax.
     banned = banned_tokens(allow_unk)
     never = tf.scatter_nd([[i] for i in banned], [-1e9] * len(banned), [model.config.vocab_size])
 
-    def body(t, token, hidden, done, history, ids, logps, alphas):
+    def body(t, rows, token, hidden, done, history, enc, proj, ended, ids, logps, alphas):
         masks = None if step_masks is None else step_masks(t)
-        logits, hidden, alpha = decoder.step(token, hidden, encoded, projected, masks)
+        logits, hidden, alpha = decoder.step(token, hidden, enc, proj, masks)
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) + never)
         if block_repeats:
             log_probs += repeat_block_mask(history, t, block_repeats, vocab_size)
@@ -101,30 +108,44 @@ def greedy_decode_graph(
         alpha = tf.where(done[:, None], 0.0, tf.cast(alpha, tf.float32))
         done = tf.logical_or(done, tf.equal(next_token, END_ID))
         history += tf.one_hot(t, max_length, dtype=tf.int32)[None] * next_token[:, None]
-        return (
-            t + 1,
-            next_token,
-            hidden,
-            done,
-            history,
-            ids.write(t, next_token),
-            logps.write(t, next_logp),
-            alphas.write(t, alpha),
-        )
+        at = rows[:, None]  # rows that left the batch get <pad>, 0 and no attention
+        ids = ids.write(t, tf.scatter_nd(at, next_token, [batch]))
+        logps = logps.write(t, tf.scatter_nd(at, next_logp, [batch]))
+        alphas = alphas.write(t, tf.scatter_nd(at, alpha, [batch, num_locations]))
+        ended = tf.tensor_scatter_nd_update(ended, at, done)
+        state = (rows, next_token, hidden, done, history, enc, proj)
+        if drop_done:
+            going = tf.logical_not(done)
+            going = tf.where(tf.reduce_sum(tf.cast(going, tf.int32)) >= 2, going, True)
+            stay = tf.where(going)[:, 0]
+            state = tuple(tf.gather(x, stay) for x in state)
+        return (t + 1, *state, ended, ids, logps, alphas)
 
     loop_vars = (
         tf.constant(0),
+        tf.range(batch),  # the rows still in the batch
         tf.fill([batch], START_ID),
         decoder.initial_state(batch),
         tf.zeros([batch], tf.bool),
         tf.zeros([batch, max_length], tf.int32),  # the tokens so far, for repeat blocking
+        encoded,
+        projected,
+        tf.zeros([batch], tf.bool),  # every row of the batch: has its caption ended
         tf.TensorArray(tf.int32, size=0, dynamic_size=True),
         tf.TensorArray(tf.float32, size=0, dynamic_size=True),
         tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None]),
     )
-    steps, _, _, done, _, ids, logps, alphas = tf.while_loop(
-        cond, body, loop_vars, maximum_iterations=max_length
+    rows_first = [tf.TensorShape([None]).concatenate(x.shape[1:]) for x in loop_vars[1:8]]
+    invariants = (
+        tf.TensorShape([]),
+        *rows_first,
+        loop_vars[8].shape,
+        *(tf.TensorShape(None) for _ in range(3)),
     )
+    steps, *_, ended, ids, logps, alphas = tf.while_loop(
+        cond, body, loop_vars, shape_invariants=invariants, maximum_iterations=max_length
+    )
+    done = ended
 
     def stacked(ta: tf.TensorArray, empty_shape: list) -> tf.Tensor:
         # (steps, B, ...) -> (B, max_length, ...), padded with zeros (= <pad>).
