@@ -21,17 +21,19 @@ import io
 import os
 import tarfile
 import tempfile
-import time
 import zipfile
 
 from benchmarks.common import (
+    Rate,
     bare_inception_rate,
+    decoding_cpu_ms,
     encoder_flags,
     job_bench_args,
     job_rates,
     make_jpegs,
     peak_rss_mb,
     report,
+    timed,
     tutorial_export,
 )
 
@@ -63,7 +65,12 @@ def main() -> None:
 
         bare = bare_inception_rate(a.batch_size, a.precision, 6, a.runtime, a.calibration)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
-        report("caption", rates, bare, 0.80, f"batch {a.batch_size}, {a.runtime} {a.precision}")
+        parts = {
+            "JPEG decoding": decoding_cpu_ms([os.path.join(tmp, "img", n) for n in names[:64]]),
+            "greedy decoder": decoder_rate(model, a.batch_size, 1).cpu_ms,
+        }
+        detail = f"batch {a.batch_size}, {a.runtime} {a.precision}"
+        report("caption", rates, bare, 0.80, detail, parts)
         beam_report(model, a.batch_size, lambda n, *x: run(argv_for(n, *x))["seconds"], a.images)
         if a.memory_images:
             peaks = []
@@ -111,8 +118,9 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def decoder_rate(model, batch_size: int, beam_size: int, repeats: int = 3) -> float:
-    """Images/s of decoding alone (features -> captions, max_length 20), best of `repeats`."""
+def decoder_rate(model, batch_size: int, beam_size: int, repeats: int = 3) -> Rate:
+    """Decoding alone (features -> captions, max_length 20; an untrained model runs all
+    20 steps), `repeats` batches."""
     import numpy as np
     import tensorflow as tf
 
@@ -120,13 +128,7 @@ def decoder_rate(model, batch_size: int, beam_size: int, repeats: int = 3) -> fl
 
     decode = make_decoder(model, 20, beam_size=beam_size)
     feats = tf.constant(np.random.RandomState(0).randn(batch_size, 64, 2048), tf.float32)
-    decode(feats)["token_ids"].numpy()  # trace
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        decode(feats)["token_ids"].numpy()
-        best = min(best, time.perf_counter() - start)
-    return batch_size / best
+    return timed(lambda: decode(feats)["token_ids"].numpy(), batch_size, repeats)
 
 
 def beam_report(model, batch_size: int, job_seconds, images: int) -> None:
@@ -134,7 +136,7 @@ def beam_report(model, batch_size: int, job_seconds, images: int) -> None:
     rates = {1: 0.0, 3: 0.0}
     for _ in range(2):
         for k in rates:
-            rates[k] = max(rates[k], decoder_rate(model, batch_size, k))
+            rates[k] = max(rates[k], decoder_rate(model, batch_size, k).per_second)
     n = max(8, images // 4)
     jobs = {1: 0.0, 3: 0.0}
     for _ in range(2):  # interleaved, best of two: the machine's load drifts

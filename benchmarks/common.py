@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: generated images, the bare-model bound, job rates, peak memory."""
+"""Shared benchmark helpers: generated images, the bare-model bound, job rates, peak memory,
+and where a job's CPU time goes (`Rate`, `report`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -57,24 +59,56 @@ def write_coco(path: str, names: list[str]) -> None:
         json.dump({"images": images, "annotations": anns}, f)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process over all its threads (the jobs run in it: FnApiRunner)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A step's speed: images/s, and CPU milliseconds an image over every core it used."""
+
+    per_second: float
+    cpu_ms: float
+
+
+def timed(call: Callable[[], object], images: int, repeats: int) -> Rate:
+    """`call` (over `images` images) run `repeats` times after one warm-up call."""
+    call()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    for _ in range(repeats):
+        call()
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return Rate(repeats * images / seconds, 1e3 * cpu / (repeats * images))
+
+
 def bare_inception_rate(
     batch_size: int,
     precision: str,
     batches: int = 6,
     runtime: str = "tensorflow",
     calibration: str | None = None,
-) -> float:
-    """Images/s of the extractor alone on preprocessed inputs (the bound for both Beam
-    jobs), on `runtime` (`model.images.runtimes.build_encoder`)."""
+) -> Rate:
+    """The extractor alone on preprocessed inputs (the bound for both Beam jobs), on
+    `runtime` (`model.images.runtimes.build_encoder`)."""
     from model.images.runtimes import build_encoder
 
     encode = build_encoder("none", precision, None, runtime, calibration)
     x = np.random.RandomState(0).randint(0, 256, (batch_size, 299, 299, 3)).astype(np.uint8)
-    encode(x)  # trace and warm up
-    start = time.perf_counter()
-    for _ in range(batches):
-        encode(x)
-    return batches * batch_size / (time.perf_counter() - start)
+    return timed(lambda: encode(x), batch_size, batches)
+
+
+def decoding_cpu_ms(jpegs: list[str]) -> float:
+    """CPU milliseconds an image of reading and preprocessing (JPEG decoding, resizing to
+    299x299: `model.images.preprocess`), on this thread alone."""
+    from model.images.preprocess import preprocess_image
+
+    files = [open(path, "rb").read() for path in jpegs]  # noqa: SIM115 - closed when collected
+    start = time.thread_time()
+    for data in files:
+        preprocess_image(data)
+    return 1e3 * (time.thread_time() - start) / len(files)
 
 
 def encoder_flags(a: argparse.Namespace, tmp: str, jpegs: list[str]) -> list[str]:
@@ -145,33 +179,65 @@ class JobRates:
     seconds: float
     startup_seconds: float  # the fixed part: model build, tracing, pipeline start
     steady: float  # images/s once running: the extra images over the extra seconds
+    steady_cpu_ms: float  # CPU ms an image once running, every thread of the process
 
     @property
     def end_to_end(self) -> float:
         return self.images / self.seconds
 
+    @property
+    def cores(self) -> float:
+        """Cores busy on average once running."""
+        return self.steady * self.steady_cpu_ms / 1e3
+
 
 def job_rates(run_seconds: Callable[[int], float], images: int) -> JobRates:
-    """Times the job at images/8 and at images; separates start-up from per-image cost."""
+    """Times the job at images/8 and at images; separates start-up from per-image cost,
+    in seconds and in CPU time."""
     small = max(1, images // 8)
-    t_small, t_large = run_seconds(small), run_seconds(images)
+    cpu = [cpu_seconds()]
+    t_small = run_seconds(small)
+    cpu.append(cpu_seconds())
+    t_large = run_seconds(images)
+    cpu.append(cpu_seconds())
     if t_large <= t_small:  # too few images for the per-image cost to show over noise
-        return JobRates(images, t_large, float("nan"), float("nan"))
+        return JobRates(images, t_large, float("nan"), float("nan"), float("nan"))
     steady = (images - small) / (t_large - t_small)
-    return JobRates(images, t_large, max(0.0, t_large - images / steady), steady)
+    cpu_ms = 1e3 * ((cpu[2] - cpu[1]) - (cpu[1] - cpu[0])) / (images - small)
+    return JobRates(images, t_large, max(0.0, t_large - images / steady), steady, cpu_ms)
 
 
-def report(name: str, rates: JobRates, bare: float, target: float, detail: str) -> None:
-    """Prints the job's rates next to the bare model's, with their ratios."""
+def report(
+    name: str,
+    rates: JobRates,
+    bare: Rate,
+    target: float,
+    detail: str,
+    parts: dict[str, float],
+) -> None:
+    """Prints the job's rates next to the bare model's, with their ratios, then where the
+    job's CPU time goes: the bare encoder's and each of `parts` (CPU ms an image, measured
+    alone in this run), the rest being the job's own (Beam, reading, writing). The
+    encoder's share of the whole is the ratio a job that kept every core busy would reach."""
     if math.isnan(rates.steady):
         print(f"{name}: too few --images to separate start-up from per-image cost", flush=True)
     print(
-        f"{name}: bare InceptionV3 {bare:.2f} images/s ({detail})\n"
+        f"{name}: bare InceptionV3 {bare.per_second:.2f} images/s ({detail})\n"
         f"{name}: job steady state {rates.steady:.2f} images/s, "
-        f"ratio {rates.steady / bare:.2f} (target >= {target:.2f}); "
+        f"ratio {rates.steady / bare.per_second:.2f} (target >= {target:.2f}); "
         f"start-up {rates.startup_seconds:.1f}s\n"
         f"{name}: job end to end {rates.end_to_end:.2f} images/s over {rates.images} images "
-        f"in {rates.seconds:.1f}s, ratio {rates.end_to_end / bare:.2f}",
+        f"in {rates.seconds:.1f}s, ratio {rates.end_to_end / bare.per_second:.2f}",
+        flush=True,
+    )
+    spent = {"encoder": bare.cpu_ms, **parts}
+    rest = rates.steady_cpu_ms - sum(spent.values())
+    listed = ", ".join(f"{k} {v:.2f}" for k, v in {**spent, "the rest": rest}.items())
+    print(
+        f"{name}: CPU an image at steady state {rates.steady_cpu_ms:.2f} ms on "
+        f"{rates.cores:.2f} of {os.cpu_count()} cores: {listed}\n"
+        f"{name}: the encoder's share of the CPU {bare.cpu_ms / rates.steady_cpu_ms:.2f} "
+        f"(the ratio with every core busy)",
         flush=True,
     )
 

@@ -18,6 +18,7 @@ import tempfile
 
 from benchmarks.common import (
     bare_inception_rate,
+    decoding_cpu_ms,
     encoder_flags,
     job_bench_args,
     job_rates,
@@ -61,7 +62,9 @@ def main() -> None:
 
         bare = bare_inception_rate(a.batch_size, a.precision, 6, a.runtime, a.calibration)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
-        report("extract", rates, bare, 0.85, f"batch {a.batch_size}, {a.runtime} {a.precision}")
+        decoding = decoding_cpu_ms([os.path.join(tmp, "img", n) for n in names[:64]])
+        detail = f"batch {a.batch_size}, {a.runtime} {a.precision}"
+        report("extract", rates, bare, 0.85, detail, {"JPEG decoding": decoding})
         if a.memory_images:
             report_memory("extract", "beam_jobs.extract_features", argv_for, a.memory_images)
 

@@ -32,7 +32,7 @@ def has_bfloat16() -> bool:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    a, b = (x.reshape(len(x), -1).astype(np.float32) for x in (a, b))
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
