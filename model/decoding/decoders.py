@@ -118,7 +118,11 @@ def greedy_decode_graph(
             going = tf.logical_not(done)
             going = tf.where(tf.reduce_sum(tf.cast(going, tf.int32)) >= 2, going, True)
             stay = tf.where(going)[:, 0]
-            state = tuple(tf.gather(x, stay) for x in state)
+            state = tf.cond(  # copies only on the steps where rows leave
+                tf.size(stay) < tf.size(rows),
+                lambda: tuple(tf.gather(x, stay) for x in state),
+                lambda: state,
+            )
         return (t + 1, *state, ended, ids, logps, alphas)
 
     loop_vars = (
