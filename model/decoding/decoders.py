@@ -1,7 +1,8 @@
 """Batched decoding, compiled into one graph call per batch: greedy, or beam search.
 
-Greedy: each row stops at `<end>`; the whole batch stops when every row is done
-or `max_length` tokens were produced. Deterministic (argmax, no sampling).
+Greedy: each row stops at `<end>` and leaves the batch (the steps after cost only the
+rows still decoding); the whole batch stops when every row is done or `max_length`
+tokens were produced. Deterministic (argmax, no sampling).
 Both block repeated n-grams (`block_repeats`, trigrams by default; `model.text.ngrams`).
 Beam search (`model.decoding.beam_search`) keeps K hypotheses per row; beam size 1 is
 greedy decoding.
