@@ -48,6 +48,27 @@ def test_rows_stop_at_end_and_respect_max_length():
     assert out.sequence_log_prob(0) == pytest.approx(float(out.log_probs[0, 0]))
 
 
+def test_rows_that_end_leave_the_batch_and_the_others_keep_their_places():
+    """Ended rows leave the decoding batch; what is written for every row is what it
+    would be if they had stayed: <pad>, 0 and no attention after <end>, each row in
+    its own place."""
+    feats = np.zeros((5, 64, 2048), np.float32)
+    ends = [True, False, True, False, False]
+    for i, end in enumerate(ends):
+        feats[i, :, 0] = 1.0 if end else 0.0
+        feats[i, :, 1] = i  # a channel the model ignores: rows stay distinguishable
+    out = greedy_decode(forced_model(), feats, max_length=6, block_repeats=0)
+    going = greedy_decode(forced_model(), feats[[1, 3, 4]], max_length=6, block_repeats=0)
+    for i, end in enumerate(ends):
+        expected = [END_ID] + [PAD_ID] * 5 if end else [WORD] * 6
+        assert out.token_ids[i].tolist() == expected
+        assert out.hit_max_length[i] == (not end)
+        if end:
+            assert np.all(out.log_probs[i, 1:] == 0) and np.all(out.attention[i, 1:] == 0)
+    np.testing.assert_array_equal(out.log_probs[[1, 3, 4]], going.log_probs)
+    np.testing.assert_array_equal(out.attention[[1, 3, 4]], going.attention)
+
+
 def test_all_rows_done_stops_the_batch():
     feats = np.zeros((3, 64, 2048), np.float32)
     feats[:, :, 0] = 1.0
