@@ -150,7 +150,6 @@ def greedy_decode_graph(
     steps, *_, ended, ids, logps, alphas = tf.while_loop(
         cond, body, loop_vars, shape_invariants=invariants, maximum_iterations=max_length
     )
-    done = ended
 
     def stacked(ta: tf.TensorArray, empty_shape: list) -> tf.Tensor:
         # (steps, B, ...) -> (B, max_length, ...), padded with zeros (= <pad>).
@@ -165,7 +164,7 @@ def greedy_decode_graph(
         "token_ids": token_ids,
         "log_probs": stacked(logps, [0, batch]),
         "lengths": tf.reduce_sum(tf.cast(is_word, tf.int32), axis=1),
-        "hit_max_length": tf.logical_not(done),
+        "hit_max_length": tf.logical_not(ended),
         "attention": stacked(alphas, [0, batch, num_locations]),
     }
 

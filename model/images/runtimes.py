@@ -127,14 +127,20 @@ def converted_encoder(weights: str, variant: str | None) -> str:
         network = ov.convert_model(keras_model, input=[("pixels", shape, ov.Type.u8)])
     aside = f"{folder}.tmp-{os.getpid()}"
     ov.save_model(network, os.path.join(aside, "encoder.xml"), compress_to_fp16=False)
+    move_into_place(aside, folder)
+    return xml
+
+
+def move_into_place(aside: str, folder: str) -> None:
+    """Renames a folder written aside to its cache place, whole or not at all; when
+    another process got there first, its copy (the same files) stays."""
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     try:
         os.rename(aside, folder)
-    except OSError:  # another process got there first: its copy is the same network
+    except OSError:
         import shutil
 
         shutil.rmtree(aside, ignore_errors=True)
-    return xml
 
 
 def int8_encoder(calibration: str, weights: str, variant: str | None) -> str:
@@ -159,12 +165,7 @@ def int8_encoder(calibration: str, weights: str, variant: str | None) -> str:
     os.makedirs(aside, exist_ok=True)
     for name in ("encoder.xml", "encoder.bin"):
         storage.copy_to_local(f"{calibration.rstrip('/')}/{name}", os.path.join(aside, name))
-    try:
-        os.rename(aside, folder)
-    except OSError:  # another process got there first: the same files
-        import shutil
-
-        shutil.rmtree(aside, ignore_errors=True)
+    move_into_place(aside, folder)
     return xml
 
 
