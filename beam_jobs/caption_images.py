@@ -25,25 +25,17 @@ from beam_jobs.flags import add_common_flags, parse_job_flags
 from model.cli import (
     UsageError,
     add_decoding_flags,
+    add_fetch_flags,
     add_runtime_flag,
     check_exists,
     check_writable,
     command_parser,
     non_negative_float,
     non_negative_int,
-    positive_float,
     positive_int,
     run_cli,
 )
-from model.defaults import (
-    CHECKPOINT_SECONDS,
-    COMPACT_ABOVE,
-    FETCH_RETRIES,
-    FETCH_TIMEOUT,
-    MAX_REDIRECTS,
-    PER_HOST,
-    PRECISIONS,
-)
+from model.defaults import CHECKPOINT_SECONDS, COMPACT_ABOVE, PRECISIONS
 from model.images.runtimes import check_runtime
 
 
@@ -120,33 +112,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if not args.input and not args.input_table:
         raise UsageError("give the images as --input PATH and/or --input_table TABLE")
     return args, beam_args
-
-
-def add_fetch_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--fetch_timeout",
-        type=positive_float,
-        default=FETCH_TIMEOUT,
-        help="seconds one attempt at an http(s) input may take, connect to last byte",
-    )
-    p.add_argument(
-        "--fetch_retries",
-        type=non_negative_int,
-        default=FETCH_RETRIES,
-        help="attempts after the first on 429, 5xx, timeouts and broken connections",
-    )
-    p.add_argument(
-        "--max_redirects",
-        type=non_negative_int,
-        default=MAX_REDIRECTS,
-        help="redirects an http(s) input may take",
-    )
-    p.add_argument(
-        "--per_host",
-        type=positive_int,
-        default=PER_HOST,
-        help="http(s) requests in flight to one host, per worker process",
-    )
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -47,7 +47,6 @@ from beam_jobs.caption_steps import (
     plot_one,
     to_loaded,
 )
-from beam_jobs.fetch import FetchSettings
 from beam_jobs.inference import CaptionerHandler
 from beam_jobs.parts import (
     IDENTITY_COLUMNS,
@@ -82,6 +81,7 @@ from beam_jobs.tables import (
     table_files,
 )
 from model.cli import UsageError, decoding_settings, empty_captions_warning
+from model.images.fetch import FetchSettings
 from model.io import formats
 
 
@@ -157,16 +157,6 @@ def input_items(p: beam.Pipeline, args: argparse.Namespace, specs: list[TableSpe
             )
         sources.append(rows)
     return tuple(sources) | "AllInputs" >> beam.Flatten()
-
-
-def fetch_settings(args: argparse.Namespace) -> FetchSettings:
-    return FetchSettings(
-        timeout=args.fetch_timeout,
-        retries=args.fetch_retries,
-        max_redirects=args.max_redirects,
-        per_host=args.per_host,
-        max_bytes=args.max_bytes,
-    )
 
 
 def write_rows(
@@ -290,7 +280,9 @@ def build_pipeline(
         new_inputs = new_inputs | "SpreadMembers" >> beam.Reshuffle()
     fresh = new_inputs | "ToLoad" >> beam.FlatMap(to_loaded).with_outputs(ERRORS_TAG, main="loaded")
     decoded = fresh.loaded | "ReadAndPreprocess" >> beam.ParDo(
-        PreprocessFn.from_flags(NAMESPACE, args, progress_dir, fetch_settings(args))
+        PreprocessFn.from_flags(
+            NAMESPACE, args, progress_dir, FetchSettings.from_flags(args, args.max_bytes)
+        )
     ).with_outputs(ERRORS_TAG, main="pixels")
     precision, runtime, calibration = extractor_settings(args, manifest)
     handler = CaptionerHandler(

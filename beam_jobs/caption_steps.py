@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.fetch import FetchSettings, fetcher_for
 from beam_jobs.inference import CaptionResult
 from beam_jobs.paths import absolute
 from beam_jobs.preprocessing import ERRORS_TAG, Loaded, Meta, error_row
@@ -35,6 +34,7 @@ from beam_jobs.sources import (
     read_uri,
 )
 from model.defaults import MAX_BYTES
+from model.images.fetch import FetchSettings, fetcher_for
 
 NAMESPACE = "caption_images"
 

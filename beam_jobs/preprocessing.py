@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_jobs.fetch import FetchSettings, fetcher_for
 from beam_jobs.progress import ERROR_PREFIX, TallyFn
 from beam_jobs.sources import read_failure, read_input
 from model.defaults import MAX_BYTES, MAX_PIXELS, PENDING_BYTES
+from model.images.fetch import FetchSettings, fetcher_for
 from model.images.preprocess import ImageError, PreprocessedImage, preprocess_image
 
 ERRORS_TAG = "errors"

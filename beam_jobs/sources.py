@@ -29,16 +29,16 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.fetch import HTTP_SCHEMES
 from beam_jobs.paths import absolute, is_local
 from model.defaults import MAX_BYTES
+from model.images.fetch import HTTP_SCHEMES
 from model.images.preprocess import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
 MEMBER_SEPARATOR = "!/"
 # Schemes whose uris are read through Beam's FileSystems; http(s) is fetched
-# (`beam_jobs.fetch`); any other (file://, ftp://, data:...) in a table is refused as a row.
+# (`model.images.fetch`); any other (file://, ftp://, data:...) in a table is refused as a row.
 STORE_SCHEMES = ("gs", "s3", "az", "hdfs")
 
 

@@ -1,11 +1,12 @@
-"""Captions a few image files, local or remote, without Beam: one line per file.
+"""Captions a few image files, local, remote or http(s), without Beam: one line per file.
 
     python -m model.caption --model MODEL_DIR/export IMAGE [IMAGE ...] [--beam_size K] [--plots DIR]
 
 Prints `FILE<TAB>caption` per file, in the order given, each line as soon as its batch is
 captioned, or `FILE<TAB>error: TYPE: message` for a file that cannot be read or decoded
 (a FIFO, device or folder is refused before it is opened); the exit status is 1 if any
-failed.
+failed. An http(s) URL is fetched as `beam_jobs.caption_images` fetches a table's URLs
+(`model.images.fetch`: retries, limits, the same error types, e.g. `http_404`).
 Images go through the same preprocessing, extractor and decoder as
 `beam_jobs.caption_images`, so the captions are the same.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 from model.cli import (
     add_decoding_flags,
+    add_fetch_flags,
     add_runtime_flag,
     check_exists,
     command_parser,
@@ -30,8 +32,21 @@ from model.cli import (
     run_cli,
 )
 from model.defaults import MAX_BYTES, PRECISIONS
+from model.images.fetch import Fetcher, FetchSettings, is_http
 from model.images.runtimes import check_runtime, extractor_settings
 from model.io import storage
+
+
+def read_image(path: str, fetcher: Fetcher) -> bytes:
+    """The bytes of a local, remote (gs://, ...) or http(s) image file; raises ImageError
+    for one refused unread (not a regular file, too large, a failed fetch)."""
+    from model.images.preprocess import ImageError
+
+    if is_http(path):
+        return fetcher.fetch(path)
+    if problem := storage.not_a_readable_file(path, MAX_BYTES):
+        raise ImageError(*problem)
+    return storage.read_bytes(path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,6 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=positive_int, default=16, help="images per model call")
     p.add_argument("--log_prob", action="store_true", help="also print each caption's log-prob")
     add_decoding_flags(p)
+    add_fetch_flags(p)
     p.add_argument("--verbose", action="store_true", help="TensorFlow's start-up log too")
     return p.parse_args(argv)
 
@@ -66,6 +82,7 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     caption_batch = build_caption_fn(
         export, precision, decoding_settings(args), runtime, calibration
     )
+    fetcher = Fetcher(FetchSettings.from_flags(args, MAX_BYTES))
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, Any]] = []  # (row index, pixels)
     shown = 0  # rows handed out so far
@@ -90,9 +107,8 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         row: dict[str, Any] = {"path": path}
         rows.append(row)
         try:
-            if problem := storage.not_a_readable_file(path, MAX_BYTES):
-                raise ImageError(*problem)
-            decoded = preprocess_image(storage.read_bytes(path))
+            data = read_image(path, fetcher)
+            decoded = preprocess_image(data)
         except ImageError as e:
             row.update(error_type=e.kind, message=str(e))
             continue
@@ -103,6 +119,8 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             row.update(error_type="read_error", message=f"{type(e).__name__}: {first_line(e)}")
             continue
         row.update(width=decoded.width, height=decoded.height, pending=True)
+        if args.plots:  # plotted once printed: an http(s) image is not fetched twice
+            row["data"] = data
         ready.append((len(rows) - 1, decoded.pixels))
         if len(ready) == args.batch_size:
             flush()
@@ -114,7 +132,7 @@ def write_plot(row: dict[str, Any], folder: str, index: int) -> str:
     from model.evaluation.plot import plot_attention
     from model.images.preprocess import decode_image
 
-    image, _ = decode_image(storage.read_bytes(row["path"]))
+    image, _ = decode_image(row.pop("data"))
     image.thumbnail((320, 320))
     result = row["result"]
     words = result.caption.split() + ([] if result.hit_max_length else ["<end>"])

@@ -230,6 +230,37 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_fetch_flags(p: argparse.ArgumentParser) -> None:
+    """--fetch_timeout, --fetch_retries, --max_redirects, --per_host: how http(s) inputs
+    are fetched (`model.images.fetch`; beam_jobs.caption_images and model.caption)."""
+    from model.defaults import FETCH_RETRIES, FETCH_TIMEOUT, MAX_REDIRECTS, PER_HOST
+
+    p.add_argument(
+        "--fetch_timeout",
+        type=positive_float,
+        default=FETCH_TIMEOUT,
+        help="seconds one attempt at an http(s) input may take, connect to last byte",
+    )
+    p.add_argument(
+        "--fetch_retries",
+        type=non_negative_int,
+        default=FETCH_RETRIES,
+        help="attempts after the first on 429, 5xx, timeouts and broken connections",
+    )
+    p.add_argument(
+        "--max_redirects",
+        type=non_negative_int,
+        default=MAX_REDIRECTS,
+        help="redirects an http(s) input may take",
+    )
+    p.add_argument(
+        "--per_host",
+        type=positive_int,
+        default=PER_HOST,
+        help="http(s) requests in flight to one host, per worker process",
+    )
+
+
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding flags as keyword arguments of `model.decoding.decoders.make_decoder`."""
     return {

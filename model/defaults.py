@@ -35,7 +35,7 @@ IMAGES_PER_SHARD = 1000
 # Inputs (files and archive members) larger than this are error rows, refused before
 # they are read: a 50 MP JPEG is about 20 MB.
 MAX_BYTES = 64 << 20
-# http(s) inputs (beam_jobs.fetch): seconds an attempt may take from connecting to the
+# http(s) inputs (model.images.fetch): seconds an attempt may take from connecting to the
 # last byte, attempts after the first on 429/5xx/timeouts/resets, redirects followed,
 # and requests in flight to one host per worker process.
 FETCH_TIMEOUT = 30.0

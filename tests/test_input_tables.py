@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs.caption_images import run
-from beam_jobs.fetch import Fetcher, FetchSettings, retry_after
 from model.cli import UsageError
+from model.images.fetch import Fetcher, FetchSettings, retry_after
 from model.images.preprocess import ImageError
 from tests.fixtures import write_tiny_export
 from tests.helpers import encode, noise

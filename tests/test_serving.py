@@ -155,6 +155,32 @@ def test_model_caption_prints_one_line_per_file_in_order(served, tmp_path):
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
 
+def test_model_caption_fetches_http_urls_as_the_bulk_job_does(served, tmp_path):
+    """An http(s) IMAGE is fetched as the Beam job fetches a table's URLs (retries, error
+    kinds, the project's User-Agent): the same caption as the file, one error line for a
+    URL that cannot be had, and its attention plot."""
+    *_, bulk, images, export = served
+    from model.caption import run
+    from tests.http_faults import FaultServer
+
+    jpeg = (images / "photo_640.jpg").read_bytes()
+    with FaultServer({"a.jpg": jpeg}) as server:
+        urls = [server.url("flaky/a.jpg"), server.url("status/404"), server.url("html/a.jpg")]
+        rows = run(
+            ["--model", export, *urls, str(images / "rgb.jpg")]
+            + ["--plots", str(tmp_path / "plots"), "--fetch_retries", "1"]
+        )
+        agents = set(server.agents)
+    assert [row["path"] for row in rows] == [*urls, str(images / "rgb.jpg")]
+    assert rows[0]["caption"] == bulk["photo_640.jpg"]["caption"]
+    assert (rows[0]["width"], rows[0]["height"]) == (640, 480)
+    assert rows[1]["error_type"] == "http_404"
+    assert rows[2]["error_type"] == "not_an_image"
+    assert rows[3]["caption"] == bulk["rgb.jpg"]["caption"]
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 2
+    assert len(agents) == 1 and agents.pop().startswith("show-attend-tell")
+
+
 def test_model_caption_beam_search_equals_the_bulk_jobs(served, tmp_path):
     """Beam search through model.caption gives caption_images' beam-search captions."""
     *_, images, export = served

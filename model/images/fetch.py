@@ -27,7 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from model.defaults import FETCH_RETRIES, FETCH_TIMEOUT, MAX_BYTES, MAX_REDIRECTS, PER_HOST
@@ -54,6 +54,22 @@ class FetchSettings:
     max_bytes: int = MAX_BYTES
     backoff: float = 0.5  # seconds before the first retry; doubles each time
     max_wait: float = 60.0  # a longer Retry-After is not waited for: the row is transient
+
+    @classmethod
+    def from_flags(cls, args: Any, max_bytes: int) -> FetchSettings:
+        """From the flags of `model.cli.add_fetch_flags`."""
+        return cls(
+            timeout=args.fetch_timeout,
+            retries=args.fetch_retries,
+            max_redirects=args.max_redirects,
+            per_host=args.per_host,
+            max_bytes=max_bytes,
+        )
+
+
+def is_http(uri: str) -> bool:
+    """An http:// or https:// URL (fetched, not read through a file system)."""
+    return urlsplit(uri).scheme.lower() in HTTP_SCHEMES
 
 
 class RetryableError(Exception):
