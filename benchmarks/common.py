@@ -35,6 +35,21 @@ def make_jpegs(
     return names
 
 
+def job_jpegs(folder: str, count: int, photos: str | None) -> list[str]:
+    """`count` JPEGs in `folder`, named img_000000.jpg, ...: generated (`make_jpegs`), or
+    the first of `photos` (a folder of your own JPEGs, linked, not copied)."""
+    if photos is None:
+        return make_jpegs(folder, count)
+    found = sorted(n for n in os.listdir(photos) if n.lower().endswith((".jpg", ".jpeg")))[:count]
+    if len(found) < count:
+        sys.exit(f"--photos {photos}: {len(found)} JPEGs, the benchmark needs {count}")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"img_{i:06d}.jpg" for i in range(count)]
+    for name, photo in zip(names, found, strict=True):
+        os.symlink(os.path.abspath(os.path.join(photos, photo)), os.path.join(folder, name))
+    return names
+
+
 def tutorial_export(path: str, precision: str, weights: str = "none") -> tuple[str, object]:
     """An export of a tutorial-size model (embedding 256, units 512, vocabulary 5000) on
     `weights` (random-init InceptionV3 by default): the size whose cost the job benchmarks
@@ -90,12 +105,14 @@ def bare_inception_rate(
     batches: int = 6,
     runtime: str = "tensorflow",
     calibration: str | None = None,
+    weights: str = "none",
+    variant: str | None = None,
 ) -> Rate:
     """The extractor alone on preprocessed inputs (the bound for both Beam jobs), on
     `runtime` (`model.images.runtimes.build_encoder`)."""
     from model.images.runtimes import build_encoder
 
-    encode = build_encoder("none", precision, None, runtime, calibration)
+    encode = build_encoder(weights, precision, variant, runtime, calibration)
     x = np.random.RandomState(0).randint(0, 256, (batch_size, 299, 299, 3)).astype(np.uint8)
     return timed(lambda: encode(x), batch_size, batches)
 
@@ -112,16 +129,22 @@ def decoding_cpu_ms(jpegs: list[str]) -> float:
     return 1e3 * (time.thread_time() - start) / len(files)
 
 
-def encoder_flags(a: argparse.Namespace, tmp: str, jpegs: list[str]) -> list[str]:
-    """The job flags of --runtime and --precision; for int8, an encoder calibrated on 64 of
-    the benchmark's JPEGs first (`a.calibration` is set to it)."""
+def encoder_flags(
+    a: argparse.Namespace,
+    tmp: str,
+    jpegs: list[str],
+    weights: str = "none",
+    variant: str | None = None,
+) -> list[str]:
+    """The job flags of --runtime and --precision; for int8, an encoder of `weights`
+    calibrated on 64 of the benchmark's JPEGs first (`a.calibration` is set to it)."""
     flags = ["--runtime", a.runtime, "--precision", a.precision]
     a.calibration = None
     if a.precision == "int8":
         from model.images.calibrate import calibrate
 
         a.calibration = os.path.join(tmp, "int8")
-        calibrate("none", jpegs[:64], a.calibration)
+        calibrate(weights, jpegs[:64], a.calibration, variant)
         flags += ["--calibration", a.calibration]
     return flags
 
@@ -155,8 +178,8 @@ def peak_rss_mb(module: str, argv: list[str]) -> tuple[float, dict]:
     return int(peak.split()[1]) / 1024, json.loads(summary.split(" ", 1)[1])
 
 
-def job_bench_args(doc: str | None) -> argparse.Namespace:
-    """The flags both Beam-job benchmarks take."""
+def job_bench_args(doc: str | None, model_flag: bool = False) -> argparse.Namespace:
+    """The flags both Beam-job benchmarks take (and the caption job's --model)."""
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=32)
@@ -165,6 +188,13 @@ def job_bench_args(doc: str | None) -> argparse.Namespace:
     p.add_argument(
         "--memory_images", type=int, default=40, help="N for the N vs 10N memory check (0: skip)"
     )
+    p.add_argument(
+        "--photos",
+        help="a folder of your own JPEGs to run on (the first --images of them, and 10x "
+        "--memory_images); default: generated 640x480 JPEGs",
+    )
+    if model_flag:
+        p.add_argument("--model", help="MODEL_DIR/export of a trained model (default: untrained)")
     args = p.parse_args()
     from model.quiet import import_tensorflow
 

@@ -1,8 +1,9 @@
 """Benchmark: feature-extraction job images/s vs the bare InceptionV3 forward pass.
 
     python -m benchmarks.extract [--images 1024] [--batch_size 32] [--precision float32]
+        [--runtime openvino] [--photos FOLDER]
 
-Runs the job on 640x480 JPEGs at images/8 and at images, and prints, next to
+Runs the job on 640x480 JPEGs (or the first of --photos) at images/8 and at images, and prints, next to
 the bare model's rate at the same batch and precision:
 - the steady-state rate (extra images over extra seconds), target >= 0.85 of bare;
 - the fixed start-up (model build, tracing, pipeline start, 2-4 s here) and the
@@ -21,8 +22,8 @@ from benchmarks.common import (
     decoding_cpu_ms,
     encoder_flags,
     job_bench_args,
+    job_jpegs,
     job_rates,
-    make_jpegs,
     report,
     report_memory,
     write_coco,
@@ -34,7 +35,8 @@ def main() -> None:
     from beam_jobs.extract_features import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        names = make_jpegs(os.path.join(tmp, "img"), max(a.images, 10 * a.memory_images))
+        count = max(a.images, 10 * a.memory_images)
+        names = job_jpegs(os.path.join(tmp, "img"), count, a.photos)
         encoder = encoder_flags(a, tmp, [os.path.join(tmp, "img", n) for n in names])
 
         def argv_for(n: int) -> list[str]:

@@ -155,7 +155,8 @@ def int8_encoder(calibration: str, weights: str, variant: str | None) -> str:
     if (record["weights_hash"], record["variant"]) != mine:
         raise UsageError(
             f"--calibration {calibration}: calibrated for weights {record['weights']} "
-            f"({record['weights_hash']}), not these ({mine[0]})"
+            f"({record['weights_hash']}, variant {record['variant']}), not these "
+            f"({mine[0]}, variant {mine[1]})"
         )
     folder = os.path.join(weights_cache_dir(), "openvino-int8", record["id"])
     xml = os.path.join(folder, "encoder.xml")
