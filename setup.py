@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "google-crc32c>=1.5",  # TFRecord checksums (beam_jobs.tfrecord_sink)
     "isal>=1.6",  # ISA-L gzip for feature shards, 20x faster than zlib's default level
     "deltalake>=1.6.6,<1.7",  # the caption table (delta-rs: commits, stats, vacuum; no JVM)
+    "urllib3>=2.2",  # http(s) inputs (model.images.fetch): pooled, read1 for the deadline
 ]
 
 # Workers (Dataflow installs install_requires through --setup_file) need neither.

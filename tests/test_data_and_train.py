@@ -184,6 +184,7 @@ def test_train_loss_falls_exports_and_decodes(tmp_path):
             "0",
             "--patience",
             "0",
+            "--no_serving_export",  # built and checked by test_serving and test_gcs
         ]
     )
     history = summary["history"]
@@ -482,7 +483,8 @@ def test_per_replica_batch_size_sets_the_global_batch(tmp_path):
 
     write_features_dir(str(tmp_path / "f"), {"train": 8})  # 12 captions
     argv = ["--data_dir", str(tmp_path / "f"), "--model_dir", str(tmp_path / "m")]
-    summary = run([*argv, "--preset", "tiny", "--epochs", "1", "--per_replica_batch_size", "5"])
+    flags = ["--preset", "tiny", "--epochs", "1", "--per_replica_batch_size", "5"]
+    summary = run([*argv, *flags, "--no_serving_export"])
     assert summary["global_batch"] == 5 * summary["replicas"] == 5  # one replica in-process
     assert summary["steps"] == 3 and summary["history"][0]["pairs"] == 12
     with pytest.raises(SystemExit):  # one or the other

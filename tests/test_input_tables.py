@@ -55,11 +55,17 @@ def fetcher(**kw) -> Fetcher:
     ],
 )
 def test_each_fault_is_one_named_error(server, path, kind):
+    import time
+
+    start = time.monotonic()
     with pytest.raises(ImageError) as e:
         fetcher().fetch(server.url(path))
     assert e.value.kind == kind
     retried = kind in ("http_503", "http_timeout", "http_connection")
     assert server.hits[path] == (2 if retried else 1)  # --fetch_retries 1
+    # Two attempts of at most --fetch_timeout 1 s each and a 0.5 s backoff: a server that
+    # trickles its body (64 bytes every 0.3 s) holds the thread no longer than that.
+    assert time.monotonic() - start < 5
 
 
 def test_retries_redirects_and_the_user_agent(server):

@@ -196,7 +196,9 @@ class Fetcher:
         try:
             if declared and declared.isdigit() and int(declared) > limit:
                 raise ImageError("too_large", f"Content-Length {declared} > --max_bytes {limit}")
-            for chunk in response.stream(CHUNK):
+            # read1: whatever has arrived, up to CHUNK (stream() waits for whole chunks,
+            # so a body trickling in held the thread until it ended, deadline or not).
+            while chunk := response.read1(CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise ImageError("too_large", f"the body passed --max_bytes {limit}")
