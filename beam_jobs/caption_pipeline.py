@@ -267,7 +267,7 @@ def build_pipeline(
         | "KeyInputs" >> beam.ParDo(KeyInputsFn(progress_dir)),
         **done_and_retried(p, plan, args.output_dir),
     }
-    new_inputs_fn = NewInputsFn(progress_dir, args.max_bytes, keep_list(args.keep_columns))
+    new_inputs_fn = NewInputsFn(progress_dir, args.max_bytes, list(plan.keep))
     # Grouping by key dedupes overlapping inputs and skips finished ones; files and
     # archives are read after it, so their bytes stream rather than being grouped.
     grouped = (
@@ -406,17 +406,12 @@ def _run_job(args: argparse.Namespace, beam_args: Sequence[str]) -> dict[str, An
                 )
         if not match_input(spec):
             raise UsageError(f"--input matches nothing: {spec}")
-    specs = describe_tables(
-        args.input_table,
-        args.uri_column,
-        args.key_column,
-        args.keep_columns,
-        formats.CAPTION_TABLE_SCHEMA.names,
-    )
+    keep = keep_list(args.keep_columns, formats.CAPTION_TABLE_SCHEMA.names)
+    specs = describe_tables(args.input_table, args.uri_column, args.key_column, keep)
     if args.attention_dir and not FileSystems.exists(args.attention_dir):
         FileSystems.mkdirs(args.attention_dir)  # a no-op on object stores
     options = pipeline_options(beam_args)
-    plan = plan_run(args, manifest, specs)
+    plan = plan_run(args, manifest, specs, keep)
     print(
         f"caption_images: {len(args.input) + len(specs)} input(s) -> {args.output_dir} "
         f"(model {manifest['model_id']}, batch {args.batch_size}, "

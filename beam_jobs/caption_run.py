@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs import caption_table
 from beam_jobs.parts import read_parquet, without_overlaps
 from beam_jobs.paths import absolute, is_local
-from beam_jobs.tables import TableSpec, keep_list, kept_fields
+from beam_jobs.tables import TableSpec, kept_fields
 from model.cli import UsageError, decoding_settings
 from model.io import formats
 
@@ -136,6 +136,7 @@ class RunPlan:
     table_files: dict[str, int] = field(default_factory=dict)  # uri -> size, when appending
     adopted: list[str] = field(default_factory=list)  # a killed attempt's parts (names)
     tables: tuple[TableSpec, ...] = ()  # the --input_table flags, as found at launch
+    keep: tuple[tuple[str, str], ...] = ()  # --keep_columns: (input column, table column)
     schema: Any = formats.CAPTION_TABLE_SCHEMA  # of this run's data files (kept columns last)
 
     @property
@@ -165,13 +166,16 @@ def adoptable_parts(output_dir: str, family: str) -> tuple[list[str], bool]:
 
 
 def plan_run(
-    args: argparse.Namespace, manifest: dict[str, Any], tables: Sequence[TableSpec] = ()
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    tables: Sequence[TableSpec] = (),
+    keep: Sequence[tuple[str, str]] = (),
 ) -> RunPlan:
     """Reads the table (if any), checks that this run may add to it, and resumes the
-    killed attempt of this very command when --skip_existing asks."""
+    killed attempt of this very command when --skip_existing asks. `keep`: the kept
+    columns (`beam_jobs.tables.keep_list`)."""
     table = caption_table.open_table(args.output_dir)
     version = None if table is None else table.version()
-    keep = keep_list(args.keep_columns, formats.CAPTION_TABLE_SCHEMA.names)
     schema = formats.caption_table_schema(kept_fields(tables, keep))
     if table is not None:
         caption_table.check_columns(table, schema, args.output_dir)
@@ -198,6 +202,7 @@ def plan_run(
         {} if replace else caption_table.data_files(table),
         adopted,
         tuple(tables),
+        tuple(keep),
         schema,
     )
 

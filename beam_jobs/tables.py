@@ -85,12 +85,9 @@ def describe_tables(
     patterns: Sequence[str],
     uri_column: str | None,
     key_column: str | None,
-    keep_columns: str | None,
-    reserved: Sequence[str],
+    keep: Sequence[tuple[str, str]],
 ) -> list[TableSpec]:
-    """Every --input_table of a run, checked (`describe_table`); `reserved` are the caption
-    table's own column names, which a kept column may not take."""
-    keep = keep_list(keep_columns, reserved)
+    """Every --input_table of a run, checked (`describe_table`); `keep` as `keep_list`."""
     return [describe_table(t, uri_column, key_column, keep) for t in patterns]
 
 
