@@ -39,12 +39,13 @@ from model.io import storage
 
 def read_image(path: str, fetcher: Fetcher) -> bytes:
     """The bytes of a local, remote (gs://, ...) or http(s) image file; raises ImageError
-    for one refused unread (not a regular file, too large, a failed fetch)."""
+    for one refused unread (not a regular file, over the fetcher's `max_bytes`, a failed
+    fetch)."""
     from model.images.preprocess import ImageError
 
     if is_http(path):
         return fetcher.fetch(path)
-    if problem := storage.not_a_readable_file(path, MAX_BYTES):
+    if problem := storage.not_a_readable_file(path, fetcher.settings.max_bytes):
         raise ImageError(*problem)
     return storage.read_bytes(path)
 
@@ -59,6 +60,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_runtime_flag(p, "the one the model's features were extracted with")
     p.add_argument("--batch_size", type=positive_int, default=16, help="images per model call")
+    p.add_argument(
+        "--max_bytes",
+        type=positive_int,
+        default=MAX_BYTES,
+        help="files larger than this are refused unread (an error line)",
+    )
     p.add_argument("--log_prob", action="store_true", help="also print each caption's log-prob")
     add_decoding_flags(p)
     add_fetch_flags(p)
@@ -82,7 +89,7 @@ def caption_files(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     caption_batch = build_caption_fn(
         export, precision, decoding_settings(args), runtime, calibration
     )
-    fetcher = Fetcher(FetchSettings.from_flags(args, MAX_BYTES))
+    fetcher = Fetcher(FetchSettings.from_flags(args, args.max_bytes))
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, Any]] = []  # (row index, pixels)
     shown = 0  # rows handed out so far

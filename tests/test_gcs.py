@@ -215,6 +215,16 @@ def test_every_stage_with_every_path_on_gcs(gcs, tmp_path):
     beam_features = predictions(f"{gs}/eval_beam/predictions.json")
     assert {name: beam_bulk[name] for name in beam_features} == beam_features
 
+    # model.caption reads gs:// too, and refuses an object by its size before reading it.
+    from model.caption import run as caption_files
+
+    one = f"{gs}/data/val/{val_names[0]}"
+    refused, read = caption_files(
+        ["--model", export, f"{gs}/big/huge.jpg", one, "--max_bytes", "200000"]
+    )
+    assert refused["error_type"] == "too_large", refused
+    assert read["caption"] == bulk[val_names[0]]
+
     # Quiet: progress lines and our own, nothing from Java's tokenizer or TF's start-up.
     for err in stderr:
         assert "PTBTokenizer" not in err and "cuInit" not in err and "absl" not in err, err

@@ -80,17 +80,18 @@ def copy_from_local(local: str, path: str) -> None:
 
 
 def not_a_readable_file(path: str, max_bytes: int) -> tuple[str, str] | None:
-    """(error type, message) for a local path that must not be read: not a regular file
-    (a FIFO would block the reader forever; a device, socket or folder), or larger than
-    `max_bytes`. None when it may be read (and for remote paths, which their read checks)."""
+    """(error type, message) for a path that must not be read: larger than `max_bytes` (an
+    object's size from the store's metadata), or locally not a regular file (a FIFO would
+    block the reader forever; a device, socket or folder). None when it may be read."""
     import stat
 
-    if is_remote(path):
-        return None
     try:
+        if is_remote(path):
+            size = gfile().stat(path).length
+            return ("too_large", f"{size} bytes > {max_bytes}") if size > max_bytes else None
         st = os.stat(path)
-    except OSError:
-        return None  # the read says why
+    except Exception:  # noqa: BLE001 - missing or unreachable: the read says why
+        return None
     if stat.S_ISDIR(st.st_mode):
         return "not_a_file", "a folder, not an image file"
     if not stat.S_ISREG(st.st_mode):
