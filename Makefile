@@ -28,7 +28,7 @@ $(WEIGHTS_FILE): $(STAMP)
 
 weights: $(WEIGHTS_FILE) ## Real ImageNet InceptionV3 offline, for --weights inception-2015
 
-test: $(STAMP) $(WEIGHTS_FILE) ## Run the test suite (about 20 minutes on 2 cores, plus a one-time 81 MB weights download; pytest -m "not slow" skips the multi-process ones)
+test: $(STAMP) $(WEIGHTS_FILE) ## Run the test suite (about 15 minutes on 2 cores, plus a one-time 81 MB weights download; pytest -m "not slow" skips the multi-process ones)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: $(STAMP) ## ruff check + format check
