@@ -111,14 +111,16 @@ def main() -> None:
 
 
 def memory_inputs(folder: str, n: int, jpegs: str) -> list[str]:
-    """n inputs: n/10 JPEGs (linked from `jpegs`) in a folder, the rest members of a .tar.gz
-    and a .zip; at n >= 1000 one member of each archive is 48 MB of zeros."""
+    """n inputs: n/10 JPEGs (at least one; linked from `jpegs`) in a folder, the rest
+    members of a .tar.gz and a .zip; at n >= 1000 one member of each archive is 48 MB of
+    zeros."""
     images = os.path.join(folder, "images")
     os.makedirs(images)
-    for name in sorted(os.listdir(jpegs))[: n // 10]:
+    photos = max(1, n // 10)  # an empty folder is an input that matches nothing
+    for name in sorted(os.listdir(jpegs))[:photos]:
         os.link(os.path.join(jpegs, name), os.path.join(images, name), follow_symlinks=False)
     big = n >= 1000
-    members = n - n // 10 - 2 * big
+    members = n - photos - 2 * big
     with tarfile.open(os.path.join(folder, "a.tar.gz"), "w:gz", compresslevel=1) as tar:
         for i in range(members // 2):
             add_member(tar, f"noise_{i:05d}.jpg", os.urandom(128 << 10))
