@@ -85,7 +85,7 @@ def main() -> None:
         )
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
         parts = {
-            "JPEG decoding": decoding_cpu_ms([os.path.join(tmp, "img", n) for n in names[:64]]),
+            "JPEG decoding": decoding_cpu_ms(jpegs[:64]),
             "greedy decoder": decoder_rate(model, a.batch_size, 1, features=features).cpu_ms,
         }
         detail = f"batch {a.batch_size}, {a.runtime} {a.precision}"

@@ -3,8 +3,8 @@
     python -m benchmarks.extract [--images 1024] [--batch_size 32] [--precision float32]
         [--runtime openvino] [--photos FOLDER]
 
-Runs the job on 640x480 JPEGs (or the first of --photos) at images/8 and at images, and prints, next to
-the bare model's rate at the same batch and precision:
+Runs the job on 640x480 JPEGs (or the first of --photos) at images/8 and at images, and
+prints, next to the bare model's rate at the same batch and precision:
 - the steady-state rate (extra images over extra seconds), target >= 0.85 of bare;
 - the fixed start-up (model build, tracing, pipeline start, 2-4 s here) and the
   end-to-end rate, which approaches the steady state as the corpus grows;
@@ -37,7 +37,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         count = max(a.images, 10 * a.memory_images)
         names = job_jpegs(os.path.join(tmp, "img"), count, a.photos)
-        encoder = encoder_flags(a, tmp, [os.path.join(tmp, "img", n) for n in names])
+        jpegs = [os.path.join(tmp, "img", n) for n in names]
+        encoder = encoder_flags(a, tmp, jpegs)
 
         def argv_for(n: int) -> list[str]:
             ann = os.path.join(tmp, f"ann{n}.json")
@@ -64,7 +65,7 @@ def main() -> None:
 
         bare = bare_inception_rate(a.batch_size, a.precision, 6, a.runtime, a.calibration)
         rates = job_rates(lambda n: run(argv_for(n))["seconds"], a.images)
-        decoding = decoding_cpu_ms([os.path.join(tmp, "img", n) for n in names[:64]])
+        decoding = decoding_cpu_ms(jpegs[:64])
         detail = f"batch {a.batch_size}, {a.runtime} {a.precision}"
         report("extract", rates, bare, 0.85, detail, {"JPEG decoding": decoding})
         if a.memory_images:
