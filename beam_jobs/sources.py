@@ -33,6 +33,7 @@ from beam_jobs.paths import absolute, is_local
 from model.defaults import MAX_BYTES
 from model.images.fetch import HTTP_SCHEMES
 from model.images.preprocess import ImageError
+from model.io.storage import uri_scheme
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -440,12 +441,6 @@ def read_path(
         yield Item(path, error_type=e.kind, message=str(e))
     except OSError as e:
         yield Item(path, error_type="read_error", message=describe(e))
-
-
-def uri_scheme(uri: str) -> str:
-    """`gs` of gs://b/x, `https` of https://..., "" of a local path."""
-    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
-    return found.group(1).lower() if found else ""
 
 
 def archive_of(uri: str) -> str | None:

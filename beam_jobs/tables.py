@@ -27,8 +27,9 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.paths import absolute, is_local
-from beam_jobs.sources import Item, uri_scheme
+from beam_jobs.sources import Item
 from model.cli import UsageError
+from model.io.storage import uri_scheme
 
 FORMATS = {
     ".parquet": "parquet",

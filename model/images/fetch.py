@@ -32,6 +32,7 @@ from urllib.parse import urljoin, urlsplit
 
 from model.defaults import FETCH_RETRIES, FETCH_TIMEOUT, MAX_BYTES, MAX_REDIRECTS, PER_HOST
 from model.images.preprocess import ImageError
+from model.io.storage import uri_scheme
 
 if TYPE_CHECKING:
     from urllib3 import BaseHTTPResponse
@@ -69,7 +70,7 @@ class FetchSettings:
 
 def is_http(uri: str) -> bool:
     """An http:// or https:// URL (fetched, not read through a file system)."""
-    return urlsplit(uri).scheme.lower() in HTTP_SCHEMES
+    return uri_scheme(uri) in HTTP_SCHEMES
 
 
 class RetryableError(Exception):

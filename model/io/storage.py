@@ -13,6 +13,7 @@ check local paths before it loads.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import IO, Any
 
@@ -21,6 +22,12 @@ def gfile() -> Any:
     from model.quiet import import_tensorflow
 
     return import_tensorflow().io.gfile
+
+
+def uri_scheme(uri: str) -> str:
+    """`gs` of gs://b/x, `https` of https://..., "" of a local path."""
+    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    return found.group(1).lower() if found else ""
 
 
 def is_remote(path: str) -> bool:
